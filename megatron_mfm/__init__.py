@@ -1,0 +1,1 @@
+"""megatron_mfm: pretraining the Many-for-Many (MfM) video DiT on megatron-core."""

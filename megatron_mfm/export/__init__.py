@@ -1,0 +1,1 @@
+"""Conversion between megatron_mfm checkpoints and the official MfM layout."""

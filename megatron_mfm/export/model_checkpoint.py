@@ -1,0 +1,125 @@
+"""Model-only megatron dist checkpoints: save, load (any TP layout) and global-tensor access.
+
+A checkpoint directory holds megatron ``dist_checkpointing`` files plus ``mfm_config.json``
+(the architecture), so tools can rebuild the model without other inputs. Directories are written
+under a temporary name and renamed when every rank has finished: a half-written checkpoint never
+carries the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+from megatron_mfm.model.config import MfMConfig, architecture_of, make_config
+from megatron_mfm.model.dit import MfMDiT
+
+CONFIG_FILE = "mfm_config.json"
+
+
+def _sharded_tensors(model: MfMDiT) -> dict[str, ShardedTensor]:
+    """Model state as ShardedTensors keyed by their global checkpoint key."""
+    return {
+        sh.key: sh
+        for sh in model.sharded_state_dict().values()
+        if isinstance(sh, ShardedTensor)
+    }
+
+
+def save_model(model: MfMDiT, path: str | Path) -> Path:
+    """Collective: every rank writes its shards; rank 0 publishes the directory."""
+    path = Path(path)
+    rank = dist.get_rank()
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; choose a new --save path or remove it")
+    tmp = path.with_name(f".{path.name}.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
+    dist.barrier()
+    if rank == 0:
+        (tmp / CONFIG_FILE).write_text(json.dumps(architecture_of(model.config), indent=2) + "\n")
+        os.replace(tmp, path)
+    dist.barrier()
+    return path
+
+
+def read_config(path: str | Path, **overrides) -> MfMConfig:
+    """The architecture saved with a checkpoint, with megatron overrides (TP, SP, dtype...)."""
+    config_path = Path(path) / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: {path} is not a megatron_mfm checkpoint")
+    return make_config(**{**json.loads(config_path.read_text()), **overrides})
+
+
+def check_shapes(model: MfMDiT, path: str | Path) -> None:
+    """Fail, naming the first mismatching keys, unless the checkpoint matches the model."""
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    expected = _sharded_tensors(model)
+    problems = []
+    for key, sh in expected.items():
+        if key not in saved:
+            problems.append(f"{key}: missing from checkpoint (model expects {tuple(sh.global_shape)})")
+        elif tuple(saved[key].global_shape) != tuple(sh.global_shape):
+            problems.append(
+                f"{key}: checkpoint {tuple(saved[key].global_shape)} vs model {tuple(sh.global_shape)}"
+            )
+    problems += [f"{key}: in checkpoint but not in the model" for key in sorted(set(saved) - set(expected))]
+    if problems:
+        shown = "\n  ".join(problems[:8])
+        raise ValueError(
+            f"checkpoint {path} does not match the model config ({len(problems)} problems):\n  {shown}"
+        )
+
+
+def load_model(model: MfMDiT, path: str | Path) -> None:
+    """Load a checkpoint saved at any TP layout into ``model`` (collective)."""
+    path = Path(path)
+    if not (path / "metadata.json").is_file():
+        raise FileNotFoundError(f"{path} is not a complete dist checkpoint (no metadata.json)")
+    check_shapes(model, path)
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(path))
+    model.load_state_dict(_local_keys(model, state))
+
+
+def _local_keys(model: MfMDiT, state: dict) -> dict:
+    """Map the (global-layer-index) sharded keys back to this stage's module names."""
+    renamed = {}
+    for layer_index, layer in enumerate(model.layers):
+        old, new = f"layers.{layer.layer_number - 1}.", f"layers.{layer_index}."
+        for key in [k for k in state if k.startswith(old)]:
+            renamed[new + key[len(old):]] = state.pop(key)
+    renamed.update(state)
+    return renamed
+
+
+@torch.no_grad()
+def fill_from_global(model: MfMDiT, state: dict[str, torch.Tensor]) -> None:
+    """Copy this rank's shard of every parameter from global (unsharded) tensors."""
+    missing = []
+    for name, sh in model.sharded_state_dict().items():
+        if not isinstance(sh, ShardedTensor):
+            continue
+        if sh.key not in state:
+            missing.append(sh.key)
+            continue
+        full = state[sh.key]
+        if tuple(full.shape) != tuple(sh.global_shape):
+            raise ValueError(f"{sh.key}: given {tuple(full.shape)}, model expects {tuple(sh.global_shape)}")
+        sh.data.copy_(full[sh.global_slice()])
+    if missing:
+        raise KeyError(f"{len(missing)} model tensors missing from the given state, e.g. {missing[:5]}")
+
+
+def global_state(model: MfMDiT) -> dict[str, torch.Tensor]:
+    """Unsharded tensors of a single-process (TP=1, PP=1) model, keyed by checkpoint key."""
+    return {key: sh.data.detach().clone() for key, sh in _sharded_tensors(model).items()}

@@ -1,0 +1,178 @@
+"""Self- and cross-attention of the MfM block, and core attentions (SDPA, Transformer Engine).
+
+Tensors are megatron-shaped: tokens (S, B, hidden). Under TP each rank owns a contiguous slice of
+heads; the fused projections are laid out per head ([q_h, k_h, v_h] for ``linear_qkv``,
+[k_h, v_h] for ``linear_kv``) so a rank's shard is exactly its heads' rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from megatron_mfm.model.config import MfMConfig
+from megatron_mfm.model.norms import ShardedRMSNorm
+from megatron_mfm.model.rope import apply_rope
+
+
+def xavier_uniform(fan_in: int, fan_out: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Xavier-uniform init with explicit fans, so fused or TP-sharded weights draw from the same
+    distribution as the official separate ``nn.Linear`` layers."""
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    return lambda weight: torch.nn.init.uniform_(weight, -bound, bound)
+
+
+def without_sequence_parallel(config: MfMConfig) -> MfMConfig:
+    """Config for linears whose input is not split along the sequence (text, timestep)."""
+    if not config.sequence_parallel:
+        return config
+    return dataclasses.replace(config, sequence_parallel=False)
+
+
+class SDPACoreAttention(torch.nn.Module):
+    """Bidirectional attention through ``F.scaled_dot_product_attention`` (no score matrix is
+    materialised by the fused backends). Inputs (S, B, heads, D) -> output (S, B, heads*D)."""
+
+    def __init__(self, config: MfMConfig, cross_attention: bool):
+        super().__init__()
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # (B, heads, S, D)
+        mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.permute(2, 0, 1, 3).flatten(2)
+
+
+class TECoreAttention(torch.nn.Module):
+    """Transformer Engine's fused attention (cuDNN / flash) in sbhd layout, same interface."""
+
+    def __init__(self, config: MfMConfig, cross_attention: bool):
+        super().__init__()
+        import transformer_engine.pytorch as te
+
+        self.attention = te.DotProductAttention(
+            num_attention_heads=config.num_attention_heads,
+            kv_channels=config.kv_channels,
+            attention_dropout=0.0,
+            qkv_format="sbhd",
+            attn_mask_type="padding" if cross_attention else "no_mask",
+            tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+            tp_group=parallel_state.get_tensor_model_parallel_group(check_initialized=False),
+        )
+
+    def forward(self, query, key, value, key_padding_mask=None):
+        mask = None
+        if key_padding_mask is not None:
+            # TE masks where True; a query-side mask that keeps every video token.
+            q_mask = torch.zeros(query.shape[1], 1, 1, query.shape[0], dtype=torch.bool, device=query.device)
+            mask = (q_mask, ~key_padding_mask[:, None, None, :])
+        out = self.attention(query, key, value, attention_mask=mask)
+        return out.flatten(2) if out.dim() == 4 else out
+
+
+@dataclass
+class SelfAttentionSubmodules:
+    linear_qkv: ModuleSpec | type
+    core_attention: ModuleSpec | type
+    linear_proj: ModuleSpec | type
+
+
+@dataclass
+class CrossAttentionSubmodules:
+    linear_q: ModuleSpec | type
+    linear_kv: ModuleSpec | type
+    core_attention: ModuleSpec | type
+    linear_proj: ModuleSpec | type
+
+
+def _heads_per_rank(config: MfMConfig) -> int:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if config.num_attention_heads % tp != 0:
+        raise ValueError(
+            f"num_attention_heads={config.num_attention_heads} is not divisible by "
+            f"tensor_model_parallel_size={tp}"
+        )
+    return config.num_attention_heads // tp
+
+
+def _row_parallel(spec, config: MfMConfig, size: int, bias: bool):
+    return build_module(
+        spec, size, size, config=config, init_method=xavier_uniform(size, size), bias=bias,
+        input_is_parallel=True, skip_bias_add=False, is_expert=False,
+    )
+
+
+def _column_parallel(spec, config: MfMConfig, fan_in: int, out: int, fan_out: int, bias: bool):
+    return build_module(
+        spec, fan_in, out, config=config, init_method=xavier_uniform(fan_in, fan_out), bias=bias,
+        gather_output=False, skip_bias_add=False, is_expert=False,
+    )
+
+
+class SelfAttention(MegatronModule):
+    """3D full self-attention: fused qkv, whole-vector QK RMSNorm, 3D RoPE on q and k."""
+
+    def __init__(self, config: MfMConfig, submodules: SelfAttentionSubmodules):
+        super().__init__(config)
+        dim, bias = config.hidden_size, config.attention_bias
+        self.heads = _heads_per_rank(config)
+        self.linear_qkv = _column_parallel(submodules.linear_qkv, config, dim, 3 * dim, dim, bias)
+        self.q_norm = ShardedRMSNorm(config, dim)
+        self.k_norm = ShardedRMSNorm(config, dim)
+        self.core_attention = build_module(submodules.core_attention, config=config, cross_attention=False)
+        self.linear_proj = _row_parallel(submodules.linear_proj, config, dim, bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        qkv, _ = self.linear_qkv(x)  # (S, B, 3*hidden/tp), full sequence under SP
+        q, k, v = qkv.unflatten(-1, (self.heads, 3, -1)).unbind(dim=3)  # (S, B, heads, D) each
+        q = self.q_norm(q.flatten(2)).view_as(v)
+        k = self.k_norm(k.flatten(2)).view_as(v)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out, _ = self.linear_proj(self.core_attention(q, k, v))
+        return out
+
+
+class CrossAttention(MegatronModule):
+    """Attention from video tokens to text tokens: RoPE on q only, key padding mask."""
+
+    def __init__(self, config: MfMConfig, submodules: CrossAttentionSubmodules):
+        super().__init__(config)
+        dim, bias, text_dim = config.hidden_size, config.attention_bias, config.text_hidden_size
+        self.heads = _heads_per_rank(config)
+        self.linear_q = _column_parallel(submodules.linear_q, config, dim, dim, dim, bias)
+        self.linear_kv = _column_parallel(
+            submodules.linear_kv, without_sequence_parallel(config), text_dim, 2 * dim, dim, bias
+        )
+        self.q_norm = ShardedRMSNorm(config, dim)
+        self.k_norm = ShardedRMSNorm(config, dim)
+        self.core_attention = build_module(submodules.core_attention, config=config, cross_attention=True)
+        self.linear_proj = _row_parallel(submodules.linear_proj, config, dim, bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        q, _ = self.linear_q(x)  # (S, B, hidden/tp)
+        kv, _ = self.linear_kv(text)  # (L, B, 2*hidden/tp)
+        k, v = kv.unflatten(-1, (self.heads, 2, -1)).unbind(dim=3)  # (L, B, heads, D) each
+        q = apply_rope(self.q_norm(q).unflatten(-1, (self.heads, -1)), *rope)
+        k = self.k_norm(k.flatten(2)).view_as(v)
+        out, _ = self.linear_proj(self.core_attention(q, k, v, text_mask))
+        return out

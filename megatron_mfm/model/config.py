@@ -1,0 +1,221 @@
+"""The MfM DiT configuration: a megatron ``TransformerConfig`` plus the DiT's own fields.
+
+Presets follow ../shared/docs/mfm-model.md; ``from_official_config`` reads the official
+``transformer/config.json`` and refuses settings the official inference model never uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+
+gelu_tanh = functools.partial(F.gelu, approximate="tanh")
+
+# Channels of the official pixel-space condition adapter (hard-coded in the official model).
+ADAPTER_CHANNELS = (16, 32, 96, 256, 512)
+
+
+@dataclass
+class MfMConfig(TransformerConfig):
+    """Megatron TransformerConfig extended with what the MfM DiT needs."""
+
+    in_channels: int = 16
+    """Latent channels of the CogVideoX VAE."""
+
+    out_channels: int = 16
+    """Channels the head predicts (the velocity has as many as the latent)."""
+
+    patch_size: int = 2
+    """Spatial patch size; the temporal patch size is 1 (one latent frame per token row)."""
+
+    text_hidden_size: int = 4096
+    """Width of the frozen text encoder output (the official ``cross_attention_dim``)."""
+
+    attention_bias: bool = False
+    """Biases on the q/k/v/o projections of both attentions (official ``attention_bias``)."""
+
+    use_depth_condition: bool = True
+    """Condition adapter takes 5 channels (RGB*mask, depth, mask) instead of 4 (no depth)."""
+
+    use_motion_score: bool = True
+    """Add the motion-score embedding to the timestep embedding."""
+
+    rope_theta: float = 10000.0
+    """Base of the 3D rotary embedding."""
+
+    sample_size: int = 64
+    """Official ``sample_size``; unused by the math, written back on export."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        head_dim = self.kv_channels
+        if head_dim % 8 != 0 or (head_dim // 8 * 3) % 2 != 0:
+            raise ValueError(
+                f"MfMConfig.kv_channels={head_dim}: 3D RoPE splits the head into D/4, 3D/8, 3D/8 "
+                "rotary pairs, so the head dim must be a multiple of 16"
+            )
+        if self.hidden_size != self.num_attention_heads * head_dim:
+            raise ValueError(
+                f"MfMConfig.hidden_size={self.hidden_size} must equal num_attention_heads * "
+                f"kv_channels = {self.num_attention_heads} * {head_dim}"
+            )
+
+    @property
+    def condition_channels(self) -> int:
+        """Pixel channels of the adapter input: RGB (+ depth) + mask."""
+        return 5 if self.use_depth_condition else 4
+
+
+# Megatron settings every MfM model shares: bidirectional attention, no dropout, no fusions that
+# need apex/TE, fp32 adaLN math, GELU(tanh) MLP.
+_COMMON: dict[str, Any] = dict(
+    layernorm_epsilon=1e-6,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    add_bias_linear=True,
+    gated_linear_unit=False,
+    activation_func=gelu_tanh,
+    bias_activation_fusion=False,
+    bias_dropout_fusion=False,
+    masked_softmax_fusion=False,
+    apply_rope_fusion=False,
+    persist_layer_norm=False,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(num_layers=2, hidden_size=128, num_attention_heads=4, text_hidden_size=64),
+    "mfm-2b": dict(num_layers=28, hidden_size=1792, num_attention_heads=28, text_hidden_size=2048),
+    "mfm-8b": dict(num_layers=40, hidden_size=3072, num_attention_heads=48, text_hidden_size=2048),
+}
+
+
+def make_config(**fields: Any) -> MfMConfig:
+    """Build an MfMConfig with the MfM defaults (4x MLP, head dim from hidden/heads)."""
+    values = dict(_COMMON)
+    values.update(fields)
+    values.setdefault("kv_channels", values["hidden_size"] // values["num_attention_heads"])
+    values.setdefault("ffn_hidden_size", 4 * values["hidden_size"])
+    values.setdefault("use_cpu_initialization", not torch.cuda.is_available())
+    return MfMConfig(**values)
+
+
+def preset_config(name: str, **overrides: Any) -> MfMConfig:
+    """One of ``tiny``, ``mfm-2b``, ``mfm-8b``, with megatron overrides (parallelism, dtype...)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return make_config(**{**PRESETS[name], **overrides})
+
+
+# Official config.json values we can represent; anything else is refused with its key named.
+_OFFICIAL_REQUIRED = {
+    "use_rope": True,
+    "condition_type": "inpaint_mask",
+    "activation_fn": "gelu-approximate",
+}
+_OFFICIAL_ALLOWED = {
+    "norm_type": {"ada_norm_zero", "ada_norm_zero_nolabel"},
+    "adaln_norm_type": {"legacy", "layernorm"},
+    "num_block_chunks": {1, None},
+    "patch_size_t": {1, None},
+    "use_navit": {False, None},
+}
+
+
+def from_official_config(official: dict[str, Any], **overrides: Any) -> MfMConfig:
+    """Config from the official ``transformer/config.json`` (a parsed dict)."""
+    for key, value in _OFFICIAL_REQUIRED.items():
+        if official.get(key) != value:
+            raise ValueError(
+                f"official config: {key}={official.get(key)!r} is not supported (need {value!r})"
+            )
+    for key, allowed in _OFFICIAL_ALLOWED.items():
+        if official.get(key) not in allowed:
+            raise ValueError(
+                f"official config: {key}={official.get(key)!r} is not supported "
+                f"(supported: {sorted(map(str, allowed))})"
+            )
+    text_dim = official["cross_attention_dim"]
+    if isinstance(text_dim, list):
+        if len(set(text_dim)) != 1:
+            raise ValueError(
+                f"official config: cross_attention_dim={text_dim} alternates text encoders; "
+                "only one text encoder is supported"
+            )
+        text_dim = text_dim[0]
+    heads, head_dim = official["num_attention_heads"], official["attention_head_dim"]
+    in_channels = official["in_channels"]
+    fields = dict(
+        num_layers=official["num_layers"],
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        kv_channels=head_dim,
+        in_channels=in_channels,
+        out_channels=official.get("out_channels") or in_channels,
+        patch_size=official.get("patch_size", 2),
+        text_hidden_size=text_dim,
+        attention_bias=bool(official.get("attention_bias", False)),
+        use_depth_condition=bool(official.get("use_depth_cond", False)),
+        use_motion_score=bool(official.get("add_motion_score", False)),
+        sample_size=official.get("sample_size", 64),
+    )
+    fields.update(overrides)
+    return make_config(**fields)
+
+
+def to_official_config(config: MfMConfig) -> dict[str, Any]:
+    """The official ``transformer/config.json`` describing ``config``."""
+    return {
+        "_class_name": "Transformer3DModel",
+        "num_attention_heads": config.num_attention_heads,
+        "attention_head_dim": config.kv_channels,
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "num_layers": config.num_layers,
+        "cross_attention_dim": config.text_hidden_size,
+        "attention_bias": config.attention_bias,
+        "sample_size": config.sample_size,
+        "patch_size": config.patch_size,
+        "patch_size_t": 1,
+        "activation_fn": "gelu-approximate",
+        "norm_type": "ada_norm_zero_nolabel",
+        "adaln_norm_type": "legacy",
+        "norm_elementwise_affine": False,
+        "norm_eps": 1e-6,
+        "use_rope": True,
+        "add_motion_score": config.use_motion_score,
+        "condition_type": "inpaint_mask",
+        "use_depth_cond": config.use_depth_condition,
+        "num_block_chunks": 1,
+        "sequence_parallel_size": 0,
+        "dropout": 0.0,
+    }
+
+
+# Fields of MfMConfig that define the architecture; saved with checkpoints to rebuild the model.
+ARCHITECTURE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "kv_channels",
+    "ffn_hidden_size",
+    "in_channels",
+    "out_channels",
+    "patch_size",
+    "text_hidden_size",
+    "attention_bias",
+    "use_depth_condition",
+    "use_motion_score",
+    "rope_theta",
+    "sample_size",
+)
+
+
+def architecture_of(config: MfMConfig) -> dict[str, Any]:
+    """The architecture fields of ``config`` as a JSON-able dict."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in ARCHITECTURE_FIELDS}

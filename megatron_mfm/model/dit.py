@@ -1,0 +1,168 @@
+"""The MfM diffusion transformer as a megatron ``MegatronModule``.
+
+    latents (B, C, T, H, W) --patchify--> (B, D, T, H/2, W/2) + adapter(condition pixels)
+    --flatten t,h,w--> tokens (S, B, D) [split over TP ranks under SP]
+    --N x TransformerLayer(c = t-embed + motion-embed, text, 3D RoPE)-->
+    --adaLN head--> (S, B, 2*2*C) --unpatchify--> velocity (B, C, T, H, W)
+
+Pipeline stages: ``pre_process`` owns the patch embedding and adapter, ``post_process`` the head;
+every stage embeds the timestep (its layers need ``c``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.transformer.utils import sharded_state_dict_default
+from megatron.core.utils import make_viewless_tensor
+
+from megatron_mfm.model.config import MfMConfig
+from megatron_mfm.model.embeddings import ConditionAdapter, PatchEmbed, TimestepMLP
+from megatron_mfm.model.norms import layer_norm
+from megatron_mfm.model.rope import rope_cos_sin
+
+
+class MfMDiT(MegatronModule):
+    """Many-for-Many video DiT (official ``Transformer3DModel`` numerics) on megatron-core."""
+
+    def __init__(
+        self,
+        config: MfMConfig,
+        layer_spec: ModuleSpec,
+        pre_process: bool = True,
+        post_process: bool = True,
+    ):
+        super().__init__(config)
+        self.pre_process, self.post_process = pre_process, post_process
+        dim, patch = config.hidden_size, config.patch_size
+        if pre_process:
+            self.patch_embed = PatchEmbed(config.in_channels, dim, patch)
+            self.cond_adapter = ConditionAdapter(config.condition_channels, dim)
+        self.timestep_embedder = TimestepMLP(dim)
+        self.motion_embedder = TimestepMLP(dim) if config.use_motion_score else None
+        offset = get_transformer_layer_offset(config)
+        self.layers = torch.nn.ModuleList(
+            build_module(layer_spec, config=config, layer_number=offset + i + 1)
+            for i in range(get_num_layers_to_build(config))
+        )
+        if post_process:
+            self.head_modulation = torch.nn.Linear(dim, 2 * dim)
+            self.head_proj = torch.nn.Linear(dim, patch * patch * config.out_channels)
+            for linear in (self.head_modulation, self.head_proj):
+                torch.nn.init.zeros_(linear.weight)
+                torch.nn.init.zeros_(linear.bias)
+        self.input_tensor: torch.Tensor | None = None
+        if config.params_dtype != torch.float32:
+            self.to(config.params_dtype)
+
+    def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor]) -> None:
+        """Pipeline hook: the activation received from the previous stage."""
+        if isinstance(input_tensor, list):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    def embed_conditioning(self, timestep: torch.Tensor, motion_score: torch.Tensor | None, dtype) -> torch.Tensor:
+        """c (B, D): timestep embedding plus motion-score embedding."""
+        c = self.timestep_embedder(timestep, dtype)
+        if self.motion_embedder is not None:
+            if motion_score is None:
+                raise ValueError("this model was built with use_motion_score=True: pass motion_score")
+            c = c + self.motion_embedder(motion_score, dtype)
+        return c
+
+    def embed_tokens(self, latents: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        """Patch tokens plus condition-adapter features, (S, B, D) in t, h, w order."""
+        x = self.patch_embed(latents)  # (B, D, T, h, w)
+        if condition is None:  # text-to-image/video: the official pipeline feeds zeros
+            b, _, t, h, w = latents.shape
+            condition = latents.new_zeros(b, self.config.condition_channels, 4 * (t - 1) + 1, 8 * h, 8 * w)
+        features = self.cond_adapter(condition)
+        if features.shape != x.shape:
+            raise ValueError(
+                f"condition of shape {tuple(condition.shape)} gives adapter features "
+                f"{tuple(features.shape)}, but the latents give patch tokens {tuple(x.shape)}: the "
+                "condition must be the full-resolution clip (4*(T-1)+1 frames, 8x the latent size)"
+            )
+        return rearrange(x + features, "b d t h w -> (t h w) b d")
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        condition: torch.Tensor | None = None,
+        motion_score: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow-matching velocity.
+
+        Args:
+            latents: noisy VAE latents (B, C, T, H, W); images have T = 1.
+            timestep: sigma * 1000, (B,).
+            text: text-encoder states (B, L, C_text).
+            text_mask: (B, L), True/1 for real tokens.
+            condition: (B, 4|5, F, 8H, 8W) = RGB*mask, [depth,] mask; None means all zeros.
+            motion_score: (B,), required when the model embeds it.
+
+        Returns:
+            velocity (B, C, T, H, W) on the last pipeline stage, else hidden tokens (S/sp, B, D).
+        """
+        _, _, frames, height, width = latents.shape
+        p = self.config.patch_size
+        grid = (frames, height // p, width // p)
+        if self.pre_process:
+            x = self.embed_tokens(latents, condition)
+            if self.config.sequence_parallel:
+                x = tensor_parallel.scatter_to_sequence_parallel_region(x)
+        else:
+            x = self.input_tensor
+        c = self.embed_conditioning(timestep, motion_score, latents.dtype)
+        cos, sin = (t.to(latents.device) for t in rope_cos_sin(grid, self.config.kv_channels, self.config.rope_theta))
+        text_sbh = text.transpose(0, 1)
+        mask = None if text_mask is None else text_mask.bool()
+        for layer in self.layers:
+            x = layer(x, c, text_sbh, mask, (cos, sin))
+        if not self.post_process:
+            return make_viewless_tensor(x, requires_grad=True, keep_graph=True)
+        return self.head(x, c, grid)
+
+    def head(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """adaLN output head and unpatchify: (S/sp, B, D) -> (B, C, T, H, W)."""
+        if self.config.sequence_parallel:
+            x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
+        shift, scale = self.head_modulation(F.silu(c)).float().chunk(2, dim=-1)
+        x = (layer_norm(x).float() * (1 + scale[None]) + shift[None]).to(x.dtype)
+        x = self.head_proj(x)  # (S, B, p*p*C)
+        t, h, w = grid
+        p = self.config.patch_size
+        return rearrange(x, "(t h w) b (p q c) -> b c t (h p) (w q)", t=t, h=h, w=w, p=p, q=p)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Layers are keyed by their global index so checkpoints reshard across PP layouts."""
+        state = {}
+        for name, module in self.named_children():
+            if name == "layers":
+                continue
+            state.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
+        for layer in self.layers:
+            key = f"{prefix}layers.{layer.layer_number - 1}."
+            state.update(layer.sharded_state_dict(prefix=key, sharded_offsets=sharded_offsets, metadata=metadata))
+        return state
+
+
+def build_model(config: MfMConfig, layer_spec: ModuleSpec | None = None) -> MfMDiT:
+    """The DiT for this rank's pipeline stage (megatron's parallel_state must be initialised)."""
+    from megatron_mfm.model.specs import default_layer_spec
+
+    return MfMDiT(
+        config,
+        layer_spec or default_layer_spec(),
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )

@@ -1,0 +1,109 @@
+"""One MfM DiT block: adaLN-modulated self-attention, cross-attention to text, modulated MLP.
+
+    c (B, D) -> adaLN linear -> shift/scale/gate for attention and MLP (fp32)
+    x = x + gate_msa * SelfAttn(modulate(LayerNorm(x)))
+    x = x + CrossAttn(RMSNorm(x), text)
+    x = x + gate_mlp * MLP(modulate(RMSNorm(x)))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from megatron_mfm.model.attention import without_sequence_parallel, xavier_uniform
+from megatron_mfm.model.config import MfMConfig
+from megatron_mfm.model.norms import RMSNorm, layer_norm
+
+
+@dataclass
+class MLPSubmodules:
+    linear_fc1: ModuleSpec | type
+    linear_fc2: ModuleSpec | type
+
+
+class MLP(MegatronModule):
+    """fc1 -> GELU(tanh) -> fc2, column- then row-parallel."""
+
+    def __init__(self, config: MfMConfig, submodules: MLPSubmodules):
+        super().__init__(config)
+        dim, ffn = config.hidden_size, config.ffn_hidden_size
+        self.linear_fc1 = build_module(
+            submodules.linear_fc1, dim, ffn, config=config, init_method=xavier_uniform(dim, ffn),
+            bias=True, gather_output=False, skip_bias_add=False, is_expert=False,
+        )
+        self.linear_fc2 = build_module(
+            submodules.linear_fc2, ffn, dim, config=config, init_method=xavier_uniform(ffn, dim),
+            bias=True, input_is_parallel=True, skip_bias_add=False, is_expert=False,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.linear_fc1(x)
+        out, _ = self.linear_fc2(self.config.activation_func(h))
+        return out
+
+
+@dataclass
+class LayerSubmodules:
+    adaln: ModuleSpec | type
+    self_attention: ModuleSpec
+    cross_attention: ModuleSpec
+    mlp: ModuleSpec
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x * (1 + scale) + shift in fp32, back to x's dtype (shift/scale: (1, B, D) fp32)."""
+    return (x.float() * (1 + scale) + shift).to(x.dtype)
+
+
+def gated(gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """gate * x in fp32, back to x's dtype."""
+    return (gate * x.float()).to(x.dtype)
+
+
+class TransformerLayer(MegatronModule):
+    """The MfM block; ``layer_number`` is 1-based and global (across pipeline stages)."""
+
+    def __init__(self, config: MfMConfig, submodules: LayerSubmodules, layer_number: int = 1):
+        super().__init__(config)
+        self.layer_number = layer_number
+        dim = config.hidden_size
+        # Column-parallel with the output gathered: every rank needs all 6*D modulation values.
+        self.adaln = build_module(
+            submodules.adaln, dim, 6 * dim, config=without_sequence_parallel(config),
+            init_method=torch.nn.init.zeros_, bias=True, gather_output=True,
+        )
+        self.self_attention = build_module(submodules.self_attention, config=config)
+        self.cross_norm = RMSNorm(config, dim)
+        self.cross_attention = build_module(submodules.cross_attention, config=config)
+        self.mlp_norm = RMSNorm(config, dim)
+        self.mlp = build_module(submodules.mlp, config=config)
+
+    def modulation(self, c: torch.Tensor) -> list[torch.Tensor]:
+        """Six (1, B, D) fp32 tensors: shift/scale/gate for attention, then for the MLP."""
+        emb, _ = self.adaln(F.silu(c))
+        if self.config.sequence_parallel:
+            # Each rank modulates only its tokens, so gradients must be summed over TP ranks.
+            emb = copy_to_tensor_model_parallel_region(emb)
+        return [m[None] for m in emb.float().chunk(6, dim=-1)]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """x (S/sp, B, D), c (B, D), text (L, B, C_text), text_mask (B, L) True = keep."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
+        attn = self.self_attention(modulate(layer_norm(x), shift_msa, scale_msa), rope)
+        x = gated(gate_msa, attn) + x
+        x = x + self.cross_attention(self.cross_norm(x), text, text_mask, rope)
+        mlp = self.mlp(modulate(self.mlp_norm(x), shift_mlp, scale_mlp))
+        return gated(gate_mlp, mlp) + x

@@ -1,0 +1,1 @@
+"""Process groups, the CPU compatibility layer and (later) context-parallel splitting."""

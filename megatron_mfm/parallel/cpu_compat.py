@@ -1,0 +1,123 @@
+"""Make megatron-core 0.16.1 run on a CPU-only machine over gloo.
+
+megatron-core assumes CUDA in a handful of places (RNG state, ``torch.cuda.current_device()``,
+tensors created with ``device='cuda'``, optimizer type assertions). This module patches exactly
+those places so that the same parallel code (TP/SP/PP/CP, distributed optimizer, dist
+checkpointing) is exercised by CPU tests. It is applied only when CUDA is unavailable; a GPU run
+never imports it. Each patch checks that its target still exists, so a megatron-core upgrade that
+moves one fails loudly here instead of silently running on CUDA code paths.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+SUPPORTED_MEGATRON_CORE = "0.16.1"
+
+_applied = False
+
+
+class CpuCompatError(RuntimeError):
+    """A patch target vanished: megatron-core changed under us."""
+
+
+def _replace(owner: Any, name: str, new: Callable) -> None:
+    if not hasattr(owner, name):
+        raise CpuCompatError(
+            f"cpu_compat: {getattr(owner, '__name__', owner)}.{name} no longer exists; "
+            f"megatron_mfm's CPU layer supports megatron-core {SUPPORTED_MEGATRON_CORE}"
+        )
+    setattr(owner, name, new)
+
+
+def _to_cpu_device(device: Any) -> Any:
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    if isinstance(device, str) and device.startswith("cuda"):
+        return "cpu"
+    if isinstance(device, int) and not isinstance(device, bool):
+        return "cpu"
+    return device
+
+
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+    "torch.DoubleTensor": "torch.cuda.DoubleTensor",
+    "torch.LongTensor": "torch.cuda.LongTensor",
+    "torch.IntTensor": "torch.cuda.IntTensor",
+}
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Redirects ``device='cuda'``, ``.cuda()`` and ``.to('cuda')`` to the CPU.
+
+    ``Tensor.type()`` (no argument) reports ``torch.cuda.*`` names because megatron's optimizers
+    assert ``param.type() == 'torch.cuda.FloatTensor'``.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to:
+            args = tuple(_to_cpu_device(a) for a in args)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        return func(*args, **kwargs)
+
+
+def _patch_torch_cuda() -> None:
+    cpu = torch.device("cpu")
+    _replace(torch.cuda, "current_device", lambda: cpu)
+    _replace(torch.cuda, "synchronize", lambda *a, **k: None)
+    _replace(torch.cuda, "empty_cache", lambda: None)
+    _replace(torch.cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state())
+    _replace(torch.cuda, "set_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all, so seed the CPU generator directly.
+    _replace(torch.cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)))
+
+
+def _patch_megatron_rng() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    _replace(mrandom, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
+    _replace(mrandom, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
+
+
+def _check_version() -> None:
+    import megatron.core
+
+    version = megatron.core.__version__
+    if version != SUPPORTED_MEGATRON_CORE:
+        raise CpuCompatError(
+            f"cpu_compat supports megatron-core {SUPPORTED_MEGATRON_CORE}, found {version}"
+        )
+
+
+def apply() -> None:
+    """Install every patch once. Refuses to run where CUDA is available."""
+    global _applied
+    if _applied:
+        return
+    if torch.cuda.is_available():
+        raise CpuCompatError("cpu_compat must not be applied on a machine with CUDA")
+    _check_version()
+    _patch_torch_cuda()
+    _patch_megatron_rng()
+    _CudaToCpuMode().__enter__()  # process-wide: megatron creates cuda tensors anywhere
+    _applied = True
+
+
+def apply_if_cpu() -> bool:
+    """Apply the patches when no GPU is present; returns whether they are active."""
+    if not torch.cuda.is_available():
+        apply()
+    return _applied

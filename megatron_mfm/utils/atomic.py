@@ -1,0 +1,30 @@
+"""Directories that appear complete or not at all: write into a temp sibling, then rename."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``target``; rename it to ``target`` on success.
+
+    An existing ``target`` is refused (never half-overwritten); on error the temp dir is removed.
+    """
+    target = Path(target)
+    if target.exists():
+        raise FileExistsError(f"{target} already exists; choose a new path or remove it first")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

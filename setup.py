@@ -1,0 +1,27 @@
+"""megatron_mfm: Many-for-Many video DiT pretraining on megatron-core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_mfm",
+    version="0.1.0",
+    description="Megatron-Core pretraining of the Many-for-Many (MfM) video diffusion transformer",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_mfm", "megatron_mfm.*"]),
+    install_requires=[
+        # torch is deliberately unpinned here: the Makefile installs the CPU build on CPU
+        # machines, GPU machines bring their own CUDA build.
+        "torch>=2.5",
+        "megatron-core==0.16.1",
+        "psutil",  # megatron-core 0.16.1 needs it to save checkpoints but does not declare it
+        "safetensors>=0.4",
+        "numpy",
+        "einops",
+        "pyyaml",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]==2.20.2"],
+        "dali": ["nvidia-dali-cuda130"],
+        "dev": ["pytest>=8", "pytest-timeout"],
+    },
+)

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Convert MfM checkpoints between the official diffusers layout and megatron dist checkpoints.
+
+  import-official  official transformer/ folder -> megatron_mfm dist checkpoint
+  export-official  megatron_mfm dist checkpoint -> official transformer/ folder
+  forward          one forward pass of a checkpoint on saved inputs (the parity check)
+
+Multi-process runs use torchrun (gloo on CPU, NCCL on GPU), e.g.
+  torchrun --nproc-per-node 2 tools/convert_checkpoint.py forward --tp 2 --load CKPT ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_mfm.export.key_map import from_official, to_official  # noqa: E402
+from megatron_mfm.export.model_checkpoint import (  # noqa: E402
+    fill_from_global,
+    global_state,
+    load_model,
+    read_config,
+    save_model,
+)
+from megatron_mfm.export.official_io import read_official, write_official  # noqa: E402
+from megatron_mfm.model.config import from_official_config, to_official_config  # noqa: E402
+from megatron_mfm.model.dit import build_model  # noqa: E402
+from megatron_mfm.model.specs import default_layer_spec  # noqa: E402
+from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel  # noqa: E402
+
+# Names of the official forward's arguments, as the inputs file must spell them.
+FORWARD_INPUTS = (
+    "hidden_states",
+    "conditional_pixel_values",
+    "conditional_masks",
+    "encoder_hidden_states",
+    "encoder_attention_mask",
+    "timestep",
+    "motion_score",
+)
+
+
+def import_official(args: argparse.Namespace) -> None:
+    official_config, official_state = read_official(args.official)
+    initialize_parallel(tensor_parallel_size=args.tp)
+    config = from_official_config(official_config, tensor_model_parallel_size=args.tp)
+    model = build_model(config, default_layer_spec(args.backend))
+    fill_from_global(model, from_official(official_state, config))
+    save_model(model, args.save)
+    _log(f"imported {args.official} -> {args.save} (tp={args.tp})")
+
+
+def export_official(args: argparse.Namespace) -> None:
+    initialize_parallel()
+    config = read_config(args.load)
+    model = build_model(config, default_layer_spec("local"))
+    load_model(model, args.load)
+    state = to_official(global_state(model), config)
+    if args.dtype != "fp32":
+        state = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    write_official(args.output, to_official_config(config), state)
+    _log(f"exported {args.load} -> {args.output} ({len(state)} tensors, {args.dtype})")
+
+
+def forward(args: argparse.Namespace) -> None:
+    from safetensors.torch import load_file, save_file
+
+    initialize_parallel(tensor_parallel_size=args.tp)
+    config = read_config(
+        args.load, tensor_model_parallel_size=args.tp, sequence_parallel=args.sequence_parallel and args.tp > 1
+    )
+    model = build_model(config, default_layer_spec(args.backend))
+    load_model(model, args.load)
+    model.eval()
+    inputs = load_file(args.inputs)
+    unknown = sorted(set(inputs) - set(FORWARD_INPUTS))
+    if unknown or "hidden_states" not in inputs:
+        raise SystemExit(
+            f"{args.inputs}: expected tensors named {FORWARD_INPUTS} (hidden_states required), "
+            f"unknown: {unknown}"
+        )
+    condition = inputs.get("conditional_pixel_values")
+    if condition is not None and "conditional_masks" in inputs:
+        condition = torch.cat([condition, inputs["conditional_masks"]], dim=1)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    model.to(device)
+    with torch.no_grad():
+        sample = model(
+            latents=to(inputs["hidden_states"]),
+            timestep=to(inputs["timestep"]),
+            text=to(inputs["encoder_hidden_states"]),
+            text_mask=to(inputs.get("encoder_attention_mask")),
+            condition=to(condition),
+            motion_score=to(inputs.get("motion_score")),
+        )
+    if torch.distributed.get_rank() == 0:
+        save_file({"sample": sample.float().cpu().contiguous()}, args.output)
+    _log(f"forward of {args.load} on {args.inputs} -> {args.output} (tp={args.tp})")
+
+
+def _log(message: str) -> None:
+    if torch.distributed.get_rank() == 0:
+        print(message, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import-official", help="official transformer/ folder -> dist checkpoint")
+    p.add_argument("--official", required=True, help="folder with config.json and diffusion_pytorch_model*.safetensors")
+    p.add_argument("--save", required=True, help="new checkpoint directory (must not exist)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the writing ranks (run with torchrun)")
+    p.add_argument("--backend", default="local", choices=["auto", "te", "local"], help="layer spec used to build the model")
+    p.set_defaults(run=import_official)
+
+    p = sub.add_parser("export-official", help="dist checkpoint -> official transformer/ folder")
+    p.add_argument("--load", required=True, help="megatron_mfm checkpoint directory")
+    p.add_argument("--output", required=True, help="new folder for config.json + safetensors (must not exist)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the written tensors")
+    p.set_defaults(run=export_official)
+
+    p = sub.add_parser("forward", help="one forward pass on inputs named as the official forward's arguments")
+    p.add_argument("--load", required=True, help="megatron_mfm checkpoint directory")
+    p.add_argument("--inputs", required=True, help=f"safetensors with {', '.join(FORWARD_INPUTS)}")
+    p.add_argument("--output", required=True, help="safetensors file to write ('sample')")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (world size under torchrun)")
+    p.add_argument("--sequence-parallel", action="store_true", help="also split tokens across TP ranks")
+    p.add_argument("--backend", default="auto", choices=["auto", "te", "local"], help="layer spec")
+    p.set_defaults(run=forward)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        args.run(args)
+    finally:
+        destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()
