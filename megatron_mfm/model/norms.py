@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
@@ -19,6 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from megatron_mfm.model.config import MfMConfig
+from megatron_mfm.parallel.collectives import all_reduce_sum
 
 
 def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -57,7 +57,7 @@ class ShardedRMSNorm(MegatronModule):
         x32 = x.float()
         sum_sq = x32.pow(2).sum(-1, keepdim=True)
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
-            sum_sq = dist_fn.all_reduce(sum_sq, group=parallel_state.get_tensor_model_parallel_group())
+            sum_sq = all_reduce_sum(sum_sq, parallel_state.get_tensor_model_parallel_group())
         x32 = x32 * torch.rsqrt(sum_sq / self.hidden_size + self.eps)
         return (self.weight * x32).to(x.dtype)
 
