@@ -146,10 +146,13 @@ class MfMDiT(MegatronModule):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Layers are keyed by their global index so checkpoints reshard across PP layouts."""
         state = {}
+        tp_group = parallel_state.get_tensor_model_parallel_group()
         for name, module in self.named_children():
             if name == "layers":
                 continue
-            state.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
+            state.update(
+                sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=tp_group)
+            )
         for layer in self.layers:
             key = f"{prefix}layers.{layer.layer_number - 1}."
             state.update(layer.sharded_state_dict(prefix=key, sharded_offsets=sharded_offsets, metadata=metadata))

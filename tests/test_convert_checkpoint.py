@@ -1,0 +1,168 @@
+"""tools/convert_checkpoint.py end to end: official -> dist checkpoint -> official, and forward."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mfm_cases import TINY, make_inputs, make_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = str(ROOT / "tools" / "convert_checkpoint.py")
+
+OFFICIAL_CONFIG = {
+    "_class_name": "Transformer3DModel",
+    "num_attention_heads": TINY["heads"],
+    "attention_head_dim": TINY["head_dim"],
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": TINY["layers"],
+    "cross_attention_dim": TINY["text_dim"],
+    "attention_bias": TINY["bias"],
+    "sample_size": 64,
+    "patch_size": 2,
+    "patch_size_t": 1,
+    "activation_fn": "gelu-approximate",
+    "norm_type": "ada_norm_zero",
+    "adaln_norm_type": "legacy",
+    "use_rope": True,
+    "add_motion_score": True,
+    "condition_type": "inpaint_mask",
+    "use_depth_cond": True,
+    "num_block_chunks": 1,
+}
+
+
+def run_tool(*args: str, ranks: int = 1) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, TOOL] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+        "--master-port", str(_port()), TOOL,
+    ]
+    return subprocess.run(launcher + list(args), capture_output=True, text=True, timeout=600)
+
+
+def _port() -> int:
+    from conftest import free_port
+
+    return free_port()
+
+
+def check(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor], torch.nn.Module]:
+    """An official-layout folder with weights split over two safetensors shards + index."""
+    folder = tmp_path_factory.mktemp("official")
+    reference = make_reference(seed=3)
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for shard, names in shards.items():
+        save_file({k: state[k] for k in names}, folder / shard)
+    weight_map = {k: shard for shard, names in shards.items() for k in names}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(OFFICIAL_CONFIG))
+    return folder, state, reference
+
+
+@pytest.fixture(scope="module")
+def checkpoint(official, tmp_path_factory) -> Path:
+    ckpt = tmp_path_factory.mktemp("ckpt") / "tp1"
+    check(run_tool("import-official", "--official", str(official[0]), "--save", str(ckpt)))
+    return ckpt
+
+
+def assert_bitwise_equal(folder: Path, state: dict[str, torch.Tensor]) -> None:
+    exported = load_file(folder / "diffusion_pytorch_model.safetensors")
+    assert sorted(exported) == sorted(state)
+    for key, tensor in state.items():
+        assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("num_attention_heads", "attention_head_dim", "num_layers", "cross_attention_dim",
+                "attention_bias", "use_depth_cond", "add_motion_score", "in_channels"):
+        assert config[key] == OFFICIAL_CONFIG[key], key
+
+
+def test_import_then_export_is_bitwise(official, checkpoint, tmp_path):
+    check(run_tool("export-official", "--load", str(checkpoint), "--output", str(tmp_path / "out")))
+    assert_bitwise_equal(tmp_path / "out", official[1])
+    assert not list(tmp_path.glob(".*tmp*")), "temporary directory left behind"
+
+
+def test_import_at_tp2_then_export_is_bitwise(official, tmp_path):
+    ckpt = tmp_path / "tp2"
+    check(run_tool("import-official", "--official", str(official[0]), "--save", str(ckpt), "--tp", "2", ranks=2))
+    check(run_tool("export-official", "--load", str(ckpt), "--output", str(tmp_path / "out")))
+    assert_bitwise_equal(tmp_path / "out", official[1])
+
+
+@pytest.fixture(scope="module")
+def forward_case(official, tmp_path_factory):
+    """Inputs named as the official forward's arguments, and the reference output."""
+    inputs = make_inputs(frames=3)
+    official_inputs = {
+        "hidden_states": inputs["latents"],
+        "conditional_pixel_values": inputs["condition"][:, :4].contiguous(),
+        "conditional_masks": inputs["condition"][:, 4:].contiguous(),
+        "encoder_hidden_states": inputs["text"],
+        "encoder_attention_mask": inputs["text_mask"],
+        "timestep": inputs["timestep"],
+        "motion_score": inputs["motion_score"],
+    }
+    path = tmp_path_factory.mktemp("io") / "inputs.safetensors"
+    save_file(official_inputs, path)
+    with torch.no_grad():
+        expected = official[2](**inputs)
+    return path, expected
+
+
+@pytest.mark.parametrize("layout", [[], ["--tp", "2"], ["--tp", "2", "--sequence-parallel"]],
+                         ids=["tp1", "tp2", "tp2-sp"])
+def test_forward_matches_reference(checkpoint, forward_case, tmp_path, layout):
+    inputs, expected = forward_case
+    out = tmp_path / "out.safetensors"
+    ranks = 2 if layout else 1
+    check(run_tool("forward", "--load", str(checkpoint), "--inputs", str(inputs), "--output", str(out),
+                   *layout, ranks=ranks))
+    sample = load_file(out)["sample"]
+    assert ((sample - expected).norm() / expected.norm()).item() < 1e-5
+
+
+def test_mismatched_checkpoint_names_keys_and_shapes(checkpoint, forward_case, tmp_path):
+    wrong = tmp_path / "wrong"
+    subprocess.run(["cp", "-r", str(checkpoint), str(wrong)], check=True)
+    config = json.loads((wrong / "mfm_config.json").read_text())
+    config["text_hidden_size"] = 32
+    (wrong / "mfm_config.json").write_text(json.dumps(config))
+    result = run_tool("forward", "--load", str(wrong), "--inputs", str(forward_case[0]),
+                      "--output", str(tmp_path / "o.safetensors"))
+    assert result.returncode != 0
+    assert "cross_attention.linear_kv.weight: checkpoint (256, 48) vs model (256, 32)" in result.stderr
+
+
+def test_incomplete_checkpoint_is_refused(checkpoint, tmp_path):
+    partial = tmp_path / "partial"
+    subprocess.run(["cp", "-r", str(checkpoint), str(partial)], check=True)
+    (partial / "metadata.json").unlink()
+    result = run_tool("export-official", "--load", str(partial), "--output", str(tmp_path / "out"))
+    assert result.returncode != 0 and "not a complete dist checkpoint" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_never_overwritten(checkpoint, official):
+    result = run_tool("import-official", "--official", str(official[0]), "--save", str(checkpoint))
+    assert result.returncode != 0 and "already exists" in result.stderr
+
+
+def test_every_subcommand_has_help():
+    for command in ("import-official", "export-official", "forward"):
+        result = run_tool(command, "--help")
+        assert result.returncode == 0 and "--" in result.stdout
