@@ -18,7 +18,8 @@ def make_reference(seed: int = 0, **overrides) -> ReferenceMfM:
     model = ReferenceMfM(spec["layers"], spec["heads"], spec["head_dim"], spec["text_dim"], bias=spec["bias"])
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn_like(p) * (0.5 / p.shape[-1] ** 0.5 if p.dim() > 1 else 0.1))
+            fan_in = p[0].numel() if p.dim() > 1 else 0
+            p.copy_(torch.randn_like(p) * (fan_in**-0.5 if fan_in else 0.1))
         for block in model.transformer_blocks:
             for norm in (block.norm2, block.norm3, block.attn1.q_norm, block.attn1.k_norm,
                          block.attn2.q_norm, block.attn2.k_norm):

@@ -92,3 +92,18 @@ def test_official_init(single_process_world):
     qkv = model.layers[0].self_attention.linear_qkv.weight
     bound = (6.0 / (2 * config.hidden_size)) ** 0.5
     assert qkv.abs().max() <= bound and qkv.abs().max() > 0.9 * bound
+
+
+def test_parity_cases_exercise_every_block_part(single_process_world):
+    """Guard against a blunt yardstick: with the test weights, perturbing any attention or MLP
+    projection moves the output by far more than the 1e-5 parity tolerance."""
+    reference = make_reference()
+    inputs = make_inputs(3)
+    with torch.no_grad():
+        base = reference(**inputs)
+        block = reference.transformer_blocks[0]
+        for linear in (block.attn1.q_proj, block.attn1.k_proj, block.attn2.k_proj, block.attn2.v_proj, block.ff.fc1):
+            saved = linear.weight.clone()
+            linear.weight.add_(0.01 * torch.randn_like(saved))
+            assert relative_error(reference(**inputs), base) > 1e-3
+            linear.weight.copy_(saved)
