@@ -1,0 +1,1 @@
+"""Flow matching: training noise/targets/loss and the Euler sampler with guidance."""
