@@ -1,0 +1,1 @@
+"""Data: the sample interface, the built-in synthetic dataset, frozen encoders and the loader."""

@@ -1,0 +1,54 @@
+"""The synthetic dataset and the built-in stand-in encoders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_mfm.data.builtin_encoders import HashedTextEncoder, LowFrequencyVideoCodec, _low_frequency_basis
+from megatron_mfm.data.synthetic import SyntheticConfig, SyntheticVideoDataset
+
+
+def test_synthetic_samples_are_deterministic_and_described():
+    data = SyntheticVideoDataset(SyntheticConfig(frames=9, height=32, width=48, image_fraction=0.5, seed=3))
+    a, b = data[7], data[7]
+    assert torch.equal(a.pixels, b.pixels) and a.caption == b.caption
+    kinds = {data[i].pixels.shape[1] for i in range(30)}
+    assert kinds == {1, 9}
+    video = next(data[i] for i in range(30) if not data[i].is_image)
+    assert video.pixels.shape == (3, 9, 32, 48) and video.pixels.min() >= -1 and video.pixels.max() <= 1
+    assert "moving" in video.caption and "background" in video.caption
+    assert not torch.equal(video.pixels[:, 0], video.pixels[:, -1]), "shapes move"
+    assert video.depth.shape == (1, 9, 32, 48) and video.depth.max() > 0.1, "shapes are nearer than the background"
+    assert video.edit_source.shape == video.pixels.shape
+    with pytest.raises(ValueError, match="4k\\+1"):
+        SyntheticConfig(frames=8)
+
+
+def test_codec_basis_is_orthonormal_and_roundtrips_its_range():
+    basis = _low_frequency_basis()
+    assert torch.allclose(basis @ basis.T, torch.eye(16), atol=1e-6)
+    codec = LowFrequencyVideoCodec()
+    latents = torch.randn(2, 16, 3, 4, 5) * 0.1
+    pixels = codec.decode(latents)
+    assert pixels.shape == (2, 3, 9, 32, 40)
+    assert torch.allclose(codec.encode(pixels), latents, atol=1e-5)
+
+
+def test_codec_keeps_low_frequencies_of_real_frames():
+    clip = SyntheticVideoDataset(SyntheticConfig(frames=5, height=64, width=64, image_fraction=0.0))[0]
+    codec = LowFrequencyVideoCodec()
+    latents = codec.encode(clip.pixels[None])
+    assert latents.shape == (1, 16, 2, 8, 8)
+    recon = codec.decode(latents)[0]
+    assert (recon[:, 0] - clip.pixels[:, 0]).abs().mean() < 0.25  # a blurred, recognisable first frame
+
+
+def test_text_encoder_masks_padding_and_separates_prompts():
+    encode = HashedTextEncoder(width=32)
+    states, mask = encode(["a red circle", "a blue square moving left"])
+    assert states.shape == (2, 77, 32) and mask[0].sum() == 4 and mask[1].sum() == 6
+    assert states[0, 4:].abs().sum() == 0
+    again, _ = encode(["a red circle"])
+    assert torch.equal(again[0], states[0])
+    assert not torch.allclose(states[0, 1], states[1, 1]), "red and blue differ"
