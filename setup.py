@@ -18,6 +18,10 @@ setup(
         "numpy",
         "einops",
         "pyyaml",
+        "av",  # PyAV: mp4 writing (samples) and CPU video decoding
+        "pillow",
+        "tensorboard",
+        "wandb",  # offline unless configured
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]==2.20.2"],

@@ -23,9 +23,6 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def single_process_world():
     """World size 1, TP=PP=CP=1 (with the CPU compatibility layer)."""
-    import os
-
-    os.environ["MASTER_PORT"] = str(free_port())
     initialize_parallel(seed=1234)
     yield
 

@@ -82,11 +82,15 @@ class SyntheticVideoDataset:
         return self.config.num_samples
 
     def __getitem__(self, index: int) -> Clip:
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + index % self.config.num_samples)
+        return self.clip(index, is_image=torch.rand(1, generator=g).item() < self.config.image_fraction)
+
+    def clip(self, index: int, is_image: bool) -> Clip:
+        """Sample ``index`` rendered as an image or a video (the loader picks per micro-batch)."""
         cfg = self.config
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index % cfg.num_samples)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index % cfg.num_samples + 7)
         pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=g))]  # noqa: E731
         rand = lambda: torch.rand(1, generator=g).item()  # noqa: E731
-        is_image = rand() < cfg.image_fraction
         frames = 1 if is_image else cfg.frames
         names = list(COLORS)
         bg_kind, bg_name, bg_other = pick(BACKGROUNDS), pick(names), pick(names)

@@ -28,16 +28,17 @@ def initialize_parallel(
     if not on_gpu:
         cpu_compat.apply()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
         rank = int(os.environ.get("RANK", "0"))
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # A single process outside torchrun needs no TCP rendezvous (and no free port).
+        store = dist.HashStore() if world_size == 1 and "MASTER_PORT" not in os.environ else None
         dist.init_process_group(
             backend="nccl" if on_gpu else "gloo",
             rank=rank,
             world_size=world_size,
+            store=store,
             timeout=timedelta(minutes=timeout_minutes),
         )
     world_size = dist.get_world_size()

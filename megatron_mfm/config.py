@@ -1,0 +1,263 @@
+"""Run configuration: nested dataclasses, loaded from YAML with ``section.field=value`` overrides.
+
+One schema serves the command line, YAML files and checkpoints. Every field is checked before
+any process group or GPU is touched; an error names the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_mfm.data.synthetic import SyntheticConfig
+from megatron_mfm.diffusion.flow_matching import FlowMatchingConfig
+from megatron_mfm.model.config import PRESETS
+from megatron_mfm.tasks.mixture import TaskMixtureConfig
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    """tiny, mfm-2b or mfm-8b."""
+    backend: str = "auto"
+    """Layer spec: auto (TE on GPU when installed), te or local."""
+    recompute: bool = False
+    """Recompute each block's activations in backward (full activation checkpointing)."""
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"model.preset={self.preset!r}: choose one of {sorted(PRESETS)}")
+        if self.backend not in ("auto", "te", "local"):
+            raise ConfigError(f"model.backend={self.backend!r}: choose auto, te or local")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    sequence_parallel: bool = False
+    """Split tokens across TP ranks outside attention/MLP GEMMs (needs tensor_parallel > 1)."""
+    distributed_optimizer: bool = False
+    """Shard optimizer state across data-parallel ranks (megatron DistributedOptimizer)."""
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel < 1:
+            raise ConfigError(f"parallel.tensor_parallel={self.tensor_parallel} must be >= 1")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    warmup_iterations: int = 0
+    decay_style: str = "constant"
+    """constant or cosine (from lr to min_lr over the iterations after warm-up)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"optimizer.lr={self.lr} / min_lr={self.min_lr}: need 0 <= min_lr <= lr, lr > 0")
+        if self.decay_style not in ("constant", "cosine"):
+            raise ConfigError(f"optimizer.decay_style={self.decay_style!r}: choose constant or cosine")
+        if self.warmup_iterations < 0:
+            raise ConfigError("optimizer.warmup_iterations must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 100
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    """Samples per optimizer step over all data-parallel ranks and micro-batches."""
+    seed: int = 1234
+    precision: str = "fp32"
+    """fp32 or bf16 (bf16 keeps fp32 master weights in the optimizer)."""
+    ema_decay: float = 0.999
+    """EMA of the weights (0 disables)."""
+    max_skipped_steps: int = 10
+    """Stop after this many steps skipped for non-finite loss or gradients."""
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.micro_batch_size < 1 or self.global_batch_size < 1:
+            raise ConfigError("train.iterations, micro_batch_size and global_batch_size must be >= 1")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"train.precision={self.precision!r}: choose fp32 or bf16")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay={self.ema_decay} must be within [0, 1)")
+
+
+@dataclass
+class CheckpointConfig:
+    save: str = ""
+    """Directory for iter_XXXXXXX checkpoints ('' disables saving)."""
+    load: str = ""
+    """Directory to resume from (its 'latest'); '' starts fresh."""
+    interval: int = 0
+    """Save every N iterations (0: only at the end and on SIGTERM)."""
+    keep_last: int = 3
+    """Checkpoints kept (older ones are deleted once a newer one is complete); 0 keeps all."""
+    async_save: bool = False
+    """Write checkpoint files in the background while training continues."""
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 1
+    """Iterations between log lines."""
+    tensorboard_dir: str = ""
+    wandb_project: str = ""
+    """'' disables wandb; runs are offline unless wandb_mode is online."""
+    wandb_mode: str = "offline"
+    sample_interval: int = 0
+    """Sample validation clips every N iterations (0: never)."""
+    sample_dir: str = ""
+    sample_steps: int = 10
+    guidance_scale: float = 5.0
+    peak_tflops: float = 0.0
+    """Per-GPU dense peak for MFU (0: H100 989 on GPU; no MFU on CPU)."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        if self.source != "synthetic":
+            raise ConfigError(f"data.source={self.source!r}: only 'synthetic' is available so far")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tasks: TaskMixtureConfig = field(default_factory=TaskMixtureConfig)
+    flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+
+    def check_world(self, world_size: int) -> None:
+        """Checks that need the number of processes."""
+        tp = self.parallel.tensor_parallel
+        if world_size % tp:
+            raise ConfigError(f"parallel.tensor_parallel={tp} does not divide the world size {world_size}")
+        dp = world_size // tp
+        if self.train.global_batch_size % (self.train.micro_batch_size * dp):
+            raise ConfigError(
+                f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
+                f"micro_batch_size * data-parallel size = {self.train.micro_batch_size} * {dp}"
+            )
+        heads = PRESETS[self.model.preset]["num_attention_heads"]
+        if heads % tp:
+            raise ConfigError(f"parallel.tensor_parallel={tp} does not divide the {heads} heads of {self.model.preset}")
+
+
+def _build(cls: type, values: Any, path: str) -> Any:
+    """Instantiate dataclass ``cls`` from a dict, recursively, naming unknown or mistyped fields."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{path}.{key}" if path else key
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown field{hint}")
+        kwargs[key] = _coerce(hints[key], value, where)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{path or 'config'}: {error}") from error
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    origin = typing.get_origin(hint)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}") from None
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return number
+    if hint is str:
+        return str(value)
+    return value
+
+
+def _set_path(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {key} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Config from an optional YAML file plus ``section.field=value`` overrides."""
+    tree: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        tree = yaml.safe_load(path.read_text()) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.field=value")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), raw)
+    return _build(RunConfig, tree, "")
+
+
+def config_to_dict(config: RunConfig) -> dict:
+    """Plain nested dict (for checkpoints and logs)."""
+    return dataclasses.asdict(config)

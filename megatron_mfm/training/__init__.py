@@ -1,0 +1,1 @@
+"""The training loop around megatron-core: steps, optimizer, checkpoints, EMA, logging, FLOPs."""

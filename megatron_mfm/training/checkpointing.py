@@ -1,0 +1,192 @@
+"""Training checkpoints with megatron dist_checkpointing.
+
+Layout of ``save`` dir::
+
+    iter_0000010/   model, optimizer, EMA shards + common state (scheduler, iteration, data
+                    state, RNG states, run config) + mfm_config.json
+    latest          the name of the newest COMPLETE checkpoint
+
+A checkpoint is written under ``iter_XXXXXXX.tmp`` and renamed, then ``latest`` is replaced
+atomically; so an interrupted save (crash, SIGKILL, full disk) leaves ``latest`` pointing at the
+previous complete checkpoint, and the stray ``.tmp`` is removed by the next save. Model keys are
+the same as the model-only checkpoints of ``export/model_checkpoint.py``, so the converter reads
+training checkpoints directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+from megatron_mfm.export.model_checkpoint import CONFIG_FILE, _local_keys
+from megatron_mfm.model.config import architecture_of
+from megatron_mfm.model.dit import MfMDiT
+from megatron_mfm.training.ema import EMA, EMA_PREFIX
+
+LATEST = "latest"
+_ITER = re.compile(r"^iter_(\d{7})$")
+# Fault injection for tests of interrupted saves: exit after the shards are written, before the
+# checkpoint is published.
+CRASH_ENV = "MFM_CRASH_BEFORE_PUBLISH"
+
+
+def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
+    return Path(save_dir) / f"iter_{iteration:07d}"
+
+
+def latest_checkpoint(save_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    pointer = Path(save_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(save_dir) / pointer.read_text().strip()
+    if not (path / "metadata.json").is_file():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
+    return path
+
+
+@dataclass
+class TrainingState:
+    """Everything besides tensors that a resumed run needs."""
+
+    iteration: int = 0
+    skipped_steps: int = 0
+
+
+def _rng_object() -> ShardedObject:
+    """This rank's RNG states, keyed by world size: they are restored only on the same layout
+    (training randomness is derived from sample ids, so a new layout loses nothing)."""
+    states = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    world, rank = dist.get_world_size(), dist.get_rank()
+    return ShardedObject(f"rng_state_world{world}", states, (world,), (rank,), replica_id=0)
+
+
+def _restore_rng(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(states["tracker"])
+
+
+def _state(model: MfMDiT, optimizer, ema: EMA | None, distributed_optimizer: bool, loading: bool) -> dict:
+    sharded = model.sharded_state_dict()
+    kwargs = {"sharding_type": "dp_reshardable"} if distributed_optimizer else {}
+    state: dict[str, Any] = dict(sharded)
+    state["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=loading, **kwargs)
+    if ema is not None:
+        state.update(ema.sharded_state_dict(sharded))
+    if not loading:
+        state["rng_state"] = _rng_object()
+    return state
+
+
+class Checkpointer:
+    """Saves (optionally asynchronously), publishes, prunes and loads training checkpoints."""
+
+    def __init__(self, save_dir: str, keep_last: int, async_save: bool, distributed_optimizer: bool):
+        self.save_dir = Path(save_dir) if save_dir else None
+        self.keep_last, self.async_save = keep_last, async_save
+        self.distributed_optimizer = distributed_optimizer
+        self.queue = AsyncCallsQueue() if async_save else None
+
+    def save(self, iteration: int, model: MfMDiT, optimizer, scheduler, ema: EMA | None, data_state: dict,
+             training: TrainingState, run_config: dict) -> None:
+        """Collective. Returns once the files are written (or queued, with async_save)."""
+        if self.save_dir is None:
+            return
+        self.wait()  # one checkpoint in flight at a time
+        final = iteration_dir(self.save_dir, iteration)
+        tmp = final.with_name(final.name + ".tmp")
+        if dist.get_rank() == 0:
+            for stale in self.save_dir.glob("iter_*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        state = _state(model, optimizer, ema, self.distributed_optimizer, loading=False)
+        state.update(
+            scheduler=scheduler.state_dict(), data=data_state, iteration=iteration,
+            training=training.__dict__.copy(), run_config=run_config,
+        )
+        architecture = architecture_of(model.config)
+
+        def publish() -> None:
+            if os.environ.get(CRASH_ENV) == str(iteration):
+                os._exit(17)
+            if dist.get_rank() == 0:
+                (tmp / CONFIG_FILE).write_text(json.dumps(architecture, indent=2) + "\n")
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                pointer = self.save_dir / (LATEST + ".tmp")
+                pointer.write_text(final.name + "\n")
+                os.replace(pointer, self.save_dir / LATEST)
+                self._prune()
+
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=self.async_save)
+        if self.async_save:
+            request.add_finalize_fn(publish)
+            self.queue.schedule_async_request(request)
+        else:
+            dist.barrier()
+            publish()
+            dist.barrier()
+
+    def poll(self) -> None:
+        """Publish finished asynchronous saves (call once per iteration; collective)."""
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Block until every queued save is published (collective)."""
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=True)
+
+    def _prune(self) -> None:
+        if self.keep_last <= 0:
+            return
+        done = sorted(p for p in self.save_dir.iterdir() if _ITER.match(p.name))
+        for old in done[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, load_dir: str, model: MfMDiT, optimizer, scheduler, ema: EMA | None, data,
+             training: TrainingState) -> int:
+        """Resume from ``load_dir``'s latest checkpoint; returns its iteration (0 if none)."""
+        path = latest_checkpoint(load_dir)
+        if path is None:
+            return 0
+        state = _state(model, optimizer, ema, self.distributed_optimizer, loading=True)
+        loaded = dist_checkpointing.load(state, str(path))
+        model_state = {k: v for k, v in loaded.items() if k in model.sharded_state_dict()}
+        model.load_state_dict(_local_keys(model, model_state))
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        if ema is not None:
+            ema.load_state_dict({k: v for k, v in loaded.items() if k.startswith(EMA_PREFIX)})
+        common = dist_checkpointing.load_common_state_dict(str(path))
+        scheduler.load_state_dict(common["scheduler"])
+        data.load_state_dict(common["data"])
+        training.__dict__.update(common["training"])
+        rng = _rng_object()
+        if any(key.startswith(rng.key) for key in _saved_object_keys(path)):
+            _restore_rng(dist_checkpointing.load({"rng": rng}, str(path))["rng"])
+        return int(common["iteration"])
+
+
+def _saved_object_keys(path: Path) -> set[str]:
+    """Keys of the ShardedObjects stored in a checkpoint (one file each)."""
+    return {p.name for p in path.iterdir() if p.is_dir() or p.suffix == ""}

@@ -1,0 +1,86 @@
+"""Megatron-style iteration lines on the console, plus TensorBoard and wandb (rank 0 only)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch.distributed as dist
+
+from megatron_mfm.config import LoggingConfig
+
+
+class MetricsLogger:
+    """Writes one line per logged iteration and scalars to TensorBoard/wandb when enabled."""
+
+    def __init__(self, config: LoggingConfig, run_config: dict, total_iterations: int):
+        self.total = total_iterations
+        self.active = dist.get_rank() == 0
+        self.tensorboard = None
+        self.wandb = None
+        if not self.active:
+            return
+        if config.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(config.tensorboard_dir)
+        if config.wandb_project:
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", config.wandb_mode)
+            self.wandb = wandb.init(project=config.wandb_project, config=run_config,
+                                    dir=config.tensorboard_dir or None, mode=os.environ["WANDB_MODE"])
+
+    def print(self, message: str) -> None:
+        if self.active:
+            print(message, flush=True)
+
+    def log(self, iteration: int, metrics: dict[str, Any]) -> None:
+        """``metrics``: scalars; keys in ``LINE_ORDER`` go to the console line in that order."""
+        if not self.active:
+            return
+        parts = [f" iteration {iteration:8d}/{self.total:8d}"]
+        for key, fmt in LINE_FORMAT.items():
+            if key in metrics and metrics[key] is not None:
+                parts.append(f"{key}: {metrics[key]:{fmt}}")
+        task_losses = " ".join(f"{k[5:]}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("loss/"))
+        if task_losses:
+            parts.append(f"task losses: {task_losses}")
+        print(" | ".join(parts), flush=True)
+        for key, value in metrics.items():
+            if value is None:
+                continue
+            if self.tensorboard is not None:
+                self.tensorboard.add_scalar(key, value, iteration)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if v is not None}, step=iteration)
+
+    def log_image(self, tag: str, image, iteration: int) -> None:
+        """An HWC uint8 image (e.g. a contact sheet of samples)."""
+        if self.tensorboard is not None:
+            self.tensorboard.add_image(tag, image, iteration, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Image(image)}, step=iteration)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+LINE_FORMAT = {
+    "consumed samples": "12d",
+    "elapsed time per iteration (ms)": ".1f",
+    "learning rate": ".3E",
+    "global batch size": "5d",
+    "loss": ".6E",
+    "grad norm": ".4f",
+    "samples/s": ".2f",
+    "tokens/s": ".1f",
+    "TFLOP/s": ".2f",
+    "MFU": ".2%",
+    "skipped steps": "d",
+}

@@ -1,0 +1,59 @@
+"""One micro-batch: encode, noise, predict the velocity, and the loss megatron schedules call."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Iterator
+
+import torch
+
+from megatron_mfm.data.loader import MicroBatch, sample_generator
+from megatron_mfm.diffusion.flow_matching import FlowMatchingConfig, add_noise, per_sample_mse, sample_sigma
+from megatron_mfm.tasks.builders import TASKS
+from megatron_mfm.training.encoders import FrozenEncoders
+
+NOISE_STREAM, SIGMA_STREAM = 2, 3
+
+
+def noise_and_sigma(latents: torch.Tensor, sample_ids: torch.Tensor, seed: int, flow: FlowMatchingConfig,
+                    tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample noise and sigma from the sample's own generators (layout-independent)."""
+    noise = torch.stack([
+        torch.randn(latents.shape[1:], generator=sample_generator(seed, int(i), NOISE_STREAM)) for i in sample_ids
+    ])
+    sigma = torch.cat([sample_sigma(flow, 1, tokens, sample_generator(seed, int(i), SIGMA_STREAM)) for i in sample_ids])
+    return noise.to(latents.device), sigma.to(latents.device)
+
+
+def task_loss_report(per_sample: torch.Tensor, tasks: list[str]) -> torch.Tensor:
+    """(2, num_tasks): summed loss and sample count per task, in TASKS order."""
+    report = torch.zeros(2, len(TASKS), device=per_sample.device)
+    for loss, task in zip(per_sample.detach().float(), tasks):
+        report[0, TASKS.index(task)] += loss
+        report[1, TASKS.index(task)] += 1
+    return report
+
+
+def _loss(target: torch.Tensor, tasks: list[str], output: torch.Tensor):
+    per_sample = per_sample_mse(output, target)
+    return per_sample.mean(), {"task_loss": task_loss_report(per_sample, tasks)}
+
+
+def make_forward_step(encoders: FrozenEncoders, flow: FlowMatchingConfig, seed: int, patch_size: int,
+                      dtype: torch.dtype, device: torch.device) -> Callable:
+    """The ``forward_step_func`` for megatron's ``get_forward_backward_func``."""
+
+    def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
+        batch = next(data_iterator)
+        latents = encoders.encode_video(batch.pixels.to(device))
+        text, text_mask = encoders.encode_text(batch.prompts, device)
+        t, h, w = latents.shape[2:]
+        noise, sigma = noise_and_sigma(latents, batch.sample_ids, seed, flow, t * (h // patch_size) * (w // patch_size))
+        noisy, target = add_noise(latents, noise, sigma)
+        output = model(
+            noisy.to(dtype), sigma * 1000.0, text.to(dtype), text_mask,
+            batch.condition.to(device, dtype), batch.motion_score.to(device),
+        )
+        return output, partial(_loss, target, batch.tasks)
+
+    return forward_step
