@@ -127,6 +127,8 @@ class LoggingConfig:
     interval: int = 1
     """Iterations between log lines."""
     tensorboard_dir: str = ""
+    metrics_file: str = ""
+    """JSON lines of every logged iteration's metrics ('' disables)."""
     wandb_project: str = ""
     """'' disables wandb; runs are offline unless wandb_mode is online."""
     wandb_mode: str = "offline"

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
@@ -30,6 +31,8 @@ from megatron_mfm.model.rope import rope_cos_sin
 
 class MfMDiT(MegatronModule):
     """Many-for-Many video DiT (official ``Transformer3DModel`` numerics) on megatron-core."""
+
+    model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
 
     def __init__(
         self,
@@ -126,8 +129,14 @@ class MfMDiT(MegatronModule):
         cos, sin = (t.to(latents.device) for t in rope_cos_sin(grid, self.config.kv_channels, self.config.rope_theta))
         text_sbh = text.transpose(0, 1)
         mask = None if text_mask is None else text_mask.bool()
+        recompute = self.training and self.config.recompute_granularity == "full"
         for layer in self.layers:
-            x = layer(x, c, text_sbh, mask, (cos, sin))
+            if recompute:
+                # Keep only the block input; recompute the block in backward.
+                run = lambda h, layer=layer: layer(h, c, text_sbh, mask, (cos, sin))  # noqa: E731
+                x = tensor_parallel.checkpoint(run, False, x)
+            else:
+                x = layer(x, c, text_sbh, mask, (cos, sin))
         if not self.post_process:
             return make_viewless_tensor(x, requires_grad=True, keep_graph=True)
         return self.head(x, c, grid)

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
 from megatron_mfm.export.model_checkpoint import CONFIG_FILE, _local_keys
@@ -188,5 +189,5 @@ class Checkpointer:
 
 
 def _saved_object_keys(path: Path) -> set[str]:
-    """Keys of the ShardedObjects stored in a checkpoint (one file each)."""
-    return {p.name for p in path.iterdir() if p.is_dir() or p.suffix == ""}
+    """Keys of everything sharded in a checkpoint (objects appear as ``key/shard_...``)."""
+    return set(load_sharded_metadata(str(path)))

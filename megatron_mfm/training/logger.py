@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
@@ -18,8 +20,12 @@ class MetricsLogger:
         self.active = dist.get_rank() == 0
         self.tensorboard = None
         self.wandb = None
+        self.metrics_file = None
         if not self.active:
             return
+        if config.metrics_file:
+            Path(config.metrics_file).parent.mkdir(parents=True, exist_ok=True)
+            self.metrics_file = open(config.metrics_file, "a")
         if config.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -36,7 +42,7 @@ class MetricsLogger:
             print(message, flush=True)
 
     def log(self, iteration: int, metrics: dict[str, Any]) -> None:
-        """``metrics``: scalars; keys in ``LINE_ORDER`` go to the console line in that order."""
+        """``metrics``: scalars; keys of ``LINE_FORMAT`` go to the console line in that order."""
         if not self.active:
             return
         parts = [f" iteration {iteration:8d}/{self.total:8d}"]
@@ -47,10 +53,11 @@ class MetricsLogger:
         if task_losses:
             parts.append(f"task losses: {task_losses}")
         print(" | ".join(parts), flush=True)
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
+            self.metrics_file.flush()
         for key, value in metrics.items():
-            if value is None:
-                continue
-            if self.tensorboard is not None:
+            if value is not None and self.tensorboard is not None:
                 self.tensorboard.add_scalar(key, value, iteration)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in metrics.items() if v is not None}, step=iteration)
@@ -65,6 +72,8 @@ class MetricsLogger:
             self.wandb.log({tag: wandb.Image(image)}, step=iteration)
 
     def close(self) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:

@@ -10,7 +10,7 @@ import torch
 from megatron_mfm.data.loader import MicroBatch, sample_generator
 from megatron_mfm.diffusion.flow_matching import FlowMatchingConfig, add_noise, per_sample_mse, sample_sigma
 from megatron_mfm.tasks.builders import TASKS
-from megatron_mfm.training.encoders import FrozenEncoders
+from megatron_mfm.data.encoders import FrozenEncoders
 
 NOISE_STREAM, SIGMA_STREAM = 2, 3
 

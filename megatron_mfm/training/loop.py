@@ -1,0 +1,319 @@
+"""The pretraining loop: megatron-core schedules, optimizer and DDP around the MfM DiT.
+
+    validate config -> process groups -> model (DDP) -> optimizer + LR schedule -> EMA
+    -> resume -> for each iteration: micro-batches -> forward/backward (megatron schedule)
+       -> finite check -> optimizer step -> EMA -> log / sample / save
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_mfm.config import RunConfig, config_to_dict
+from megatron_mfm.data.encoders import FrozenEncoders, builtin_encoders
+from megatron_mfm.data.loader import SyntheticLoader
+from megatron_mfm.data.synthetic import SyntheticVideoDataset
+from megatron_mfm.diffusion.pipeline import SamplingConfig, generate, task_sample_for
+from megatron_mfm.model.config import MfMConfig, preset_config
+from megatron_mfm.model.dit import MfMDiT, build_model
+from megatron_mfm.model.specs import default_layer_spec
+from megatron_mfm.parallel.initialize import initialize_parallel
+from megatron_mfm.tasks.builders import TASKS
+from megatron_mfm.tasks.mixture import TaskMixture
+from megatron_mfm.training.checkpointing import Checkpointer, TrainingState
+from megatron_mfm.training.ema import EMA
+from megatron_mfm.training.flops import training_flops
+from megatron_mfm.training.logger import MetricsLogger
+from megatron_mfm.utils.media import contact_sheet, write_mp4, write_png
+
+H100_BF16_PEAK_TFLOPS = 989.0
+
+
+class TooManySkippedSteps(RuntimeError):
+    """Loss or gradients were non-finite more often than ``train.max_skipped_steps``."""
+
+
+@dataclass
+class Trainer:
+    """Everything one run holds; built by ``setup``."""
+
+    config: RunConfig
+    model_config: MfMConfig
+    model: MfMDiT
+    ddp: DistributedDataParallel
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+    ema: EMA | None
+    loader: SyntheticLoader
+    encoders: FrozenEncoders
+    checkpointer: Checkpointer
+    logger: MetricsLogger
+    state: TrainingState
+    device: torch.device
+    dtype: torch.dtype
+
+
+def model_config_for(config: RunConfig) -> MfMConfig:
+    bf16 = config.train.precision == "bf16"
+    return preset_config(
+        config.model.preset,
+        tensor_model_parallel_size=config.parallel.tensor_parallel,
+        sequence_parallel=config.parallel.sequence_parallel,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        recompute_granularity="full" if config.model.recompute else None,
+        recompute_method="uniform" if config.model.recompute else None,
+        recompute_num_layers=1 if config.model.recompute else None,
+    )
+
+
+def setup(config: RunConfig) -> Trainer:
+    """Validate, create process groups, build every component, resume if asked."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    config.check_world(world_size)
+    initialize_parallel(tensor_parallel_size=config.parallel.tensor_parallel, seed=config.train.seed)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model_config = model_config_for(config)
+    model = build_model(model_config, default_layer_spec(config.model.backend)).to(device)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=config.parallel.distributed_optimizer
+    )
+    ddp = DistributedDataParallel(model_config, ddp_config, model)
+    model_config.finalize_model_grads_func = finalize_model_grads
+    opt = config.optimizer
+    optimizer = get_megatron_optimizer(
+        MegatronOptimizerConfig(
+            optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
+            adam_beta1=opt.beta1, adam_beta2=opt.beta2, adam_eps=opt.eps, clip_grad=opt.clip_grad,
+            bf16=model_config.bf16, params_dtype=model_config.params_dtype,
+            use_distributed_optimizer=config.parallel.distributed_optimizer,
+        ),
+        [ddp],
+    )
+    gbs, iterations = config.train.global_batch_size, config.train.iterations
+    warmup = opt.warmup_iterations * gbs
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if warmup else opt.lr, max_lr=opt.lr, min_lr=opt.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=max(iterations * gbs, warmup + 1), lr_decay_style=opt.decay_style,
+        start_wd=opt.weight_decay, end_wd=opt.weight_decay, wd_incr_steps=iterations * gbs, wd_incr_style="constant",
+    )
+    loader = SyntheticLoader(
+        SyntheticVideoDataset(config.data.synthetic), TaskMixture(config.tasks), config.train.micro_batch_size, gbs,
+        parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(), config.train.seed,
+    )
+    trainer = Trainer(
+        config=config, model_config=model_config, model=model, ddp=ddp, optimizer=optimizer, scheduler=scheduler,
+        ema=EMA(model, config.train.ema_decay) if config.train.ema_decay > 0 else None, loader=loader,
+        encoders=builtin_encoders(model_config.text_hidden_size),
+        checkpointer=Checkpointer(config.checkpoint.save, config.checkpoint.keep_last, config.checkpoint.async_save,
+                                  config.parallel.distributed_optimizer),
+        logger=MetricsLogger(config.logging, config_to_dict(config), iterations),
+        state=TrainingState(), device=device,
+        dtype=torch.bfloat16 if model_config.bf16 else torch.float32,
+    )
+    if config.checkpoint.load:
+        iteration = trainer.checkpointer.load(config.checkpoint.load, model, optimizer, scheduler, trainer.ema,
+                                              loader, trainer.state)
+        trainer.state.iteration = iteration
+        trainer.logger.print(f"resumed from {config.checkpoint.load} at iteration {iteration}")
+    return trainer
+
+
+def _grads_finite(ddp: DistributedDataParallel) -> bool:
+    """All gradient buckets finite on every rank."""
+    finite = all(torch.isfinite(buffer.grad_data).all() for buffer in ddp.buffers)
+    flag = torch.tensor([1.0 if finite else 0.0], device=ddp.buffers[0].grad_data.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _reduce_task_losses(reports: list[dict]) -> torch.Tensor:
+    """(2, tasks) loss sums and counts over micro-batches and data-parallel ranks."""
+    total = torch.zeros(2, len(TASKS))
+    for report in reports:
+        total += report["task_loss"].float().cpu()
+    if parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return total
+
+
+def train_step(trainer: Trainer) -> tuple[torch.Tensor, float | None, bool, int, int]:
+    """One optimizer step: (task loss report, grad norm, whether it was applied, FLOPs and video
+    tokens of this DP rank's samples)."""
+    from megatron_mfm.training.step import make_forward_step
+
+    config, ddp = trainer.config, trainer.ddp
+    micro_batches = trainer.loader.next_global_batch()
+    ddp.zero_grad_buffer()
+    trainer.optimizer.zero_grad()
+    forward_step = make_forward_step(trainer.encoders, config.flow_matching, config.train.seed,
+                                     trainer.model_config.patch_size, trainer.dtype, trainer.device)
+    latent_frames = [(mb.pixels.shape[2] - 1) // 4 + 1 for mb in micro_batches]
+    seq = max(t * mb.pixels.shape[3] * mb.pixels.shape[4] // 256 for t, mb in zip(latent_frames, micro_batches))
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[ddp],
+        num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=config.train.micro_batch_size,
+        forward_only=False,
+    )
+    flops = sum(
+        training_flops(trainer.model_config, (t, mb.pixels.shape[3] // 8, mb.pixels.shape[4] // 8), 77) * len(mb.prompts)
+        for t, mb in zip(latent_frames, micro_batches)
+    )
+    tokens = sum(t * mb.pixels.shape[3] * mb.pixels.shape[4] // 256 * len(mb.prompts)
+                 for t, mb in zip(latent_frames, micro_batches))
+    task_losses = _reduce_task_losses(reports)
+    if not (torch.isfinite(task_losses).all() and _grads_finite(ddp)):
+        trainer.state.skipped_steps += 1
+        if trainer.state.skipped_steps > config.train.max_skipped_steps:
+            raise TooManySkippedSteps(
+                f"{trainer.state.skipped_steps} steps had non-finite loss or gradients "
+                f"(train.max_skipped_steps={config.train.max_skipped_steps})"
+            )
+        trainer.scheduler.step(increment=config.train.global_batch_size)
+        return task_losses, None, False, flops, tokens
+    _, grad_norm, _ = trainer.optimizer.step()
+    trainer.scheduler.step(increment=config.train.global_batch_size)
+    if trainer.ema is not None:
+        trainer.ema.update()
+    return task_losses, grad_norm, True, flops, tokens
+
+
+def _metrics(trainer: Trainer, task_losses: torch.Tensor, grad_norm, seconds: float, flops: int,
+             tokens: int) -> dict:
+    config = trainer.config
+    sums, counts = task_losses
+    world = dist.get_world_size()
+    samples = config.train.global_batch_size
+    # FLOPs were counted for this DP rank's share; every DP rank does the same amount.
+    total_flops = flops * parallel_state.get_data_parallel_world_size()
+    peak = config.logging.peak_tflops or (H100_BF16_PEAK_TFLOPS if torch.cuda.is_available() else 0.0)
+    tflops_per_gpu = total_flops / seconds / world / 1e12
+    metrics = {
+        "consumed samples": trainer.loader.consumed_samples,
+        "elapsed time per iteration (ms)": seconds * 1000,
+        "learning rate": trainer.optimizer.param_groups[0]["lr"],
+        "global batch size": samples,
+        "loss": (sums.sum() / counts.sum()).item(),
+        "grad norm": grad_norm,
+        "samples/s": samples / seconds,
+        "tokens/s": tokens * parallel_state.get_data_parallel_world_size() / seconds,
+        "TFLOP/s": tflops_per_gpu,
+        "MFU": tflops_per_gpu / peak if peak else None,
+        "skipped steps": trainer.state.skipped_steps,
+    }
+    for task, s, n in zip(TASKS, sums.tolist(), counts.tolist()):
+        if n:
+            metrics[f"loss/{task}"] = s / n
+    return metrics
+
+
+def sample_validation(trainer: Trainer, iteration: int) -> list[Path]:
+    """Fixed t2v and i2v samples (EMA weights when kept) written as mp4 + a contact sheet."""
+    config = trainer.config
+    out_dir = Path(config.logging.sample_dir or Path(config.checkpoint.save or ".") / "samples")
+    dataset = SyntheticVideoDataset(config.data.synthetic)
+    reference = dataset.clip(10**6, is_image=False)  # outside the training indices' usual range
+    model = trainer.model
+    saved = None
+    if trainer.ema is not None:
+        saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trainer.ema.copy_to(model)
+    model.eval()
+    sampling = SamplingConfig(steps=config.logging.sample_steps, guidance_scale=config.logging.guidance_scale)
+    clips, paths = [], []
+    try:
+        for task in ("t2v", "i2v"):
+            clip = generate(model, trainer.encoders, task_sample_for(reference, task), sampling, trainer.dtype)
+            clips.append(clip)
+            if dist.get_rank() == 0:
+                paths.append(write_mp4(out_dir / f"iter_{iteration:07d}_{task}.mp4", clip, reference.fps))
+    finally:
+        model.train()
+        if saved is not None:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    param.copy_(saved[name])
+    if dist.get_rank() == 0:
+        sheet = contact_sheet([reference.pixels] + clips)
+        paths.append(write_png(out_dir / f"iter_{iteration:07d}_sheet.png", sheet))
+        trainer.logger.log_image("samples (reference, t2v, i2v)", sheet, iteration)
+    return paths
+
+
+class _StopFlag:
+    """Set by SIGTERM (a scheduler's pre-emption notice): save and stop at the next boundary."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+
+def _any_rank(flag: bool) -> bool:
+    value = torch.tensor([1.0 if flag else 0.0])
+    if torch.cuda.is_available():
+        value = value.cuda()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def save(trainer: Trainer) -> None:
+    trainer.checkpointer.save(
+        trainer.state.iteration, trainer.model, trainer.optimizer, trainer.scheduler, trainer.ema,
+        trainer.loader.state_dict(), trainer.state, config_to_dict(trainer.config),
+    )
+
+
+def train(config: RunConfig) -> Trainer:
+    """Run (or resume) training to ``train.iterations``; returns the trainer."""
+    trainer = setup(config)
+    stop = _StopFlag()
+    log, ckpt = config.logging, config.checkpoint
+    trainer.logger.print(
+        f"training {config.model.preset}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters on this "
+        f"rank, world size {dist.get_world_size()}, tp {config.parallel.tensor_parallel}, "
+        f"dp {parallel_state.get_data_parallel_world_size()}"
+    )
+    trainer.ddp.train()
+    first_iteration = trainer.state.iteration
+    while trainer.state.iteration < config.train.iterations:
+        start = time.perf_counter()
+        task_losses, grad_norm, _, flops, tokens = train_step(trainer)
+        trainer.state.iteration += 1
+        iteration = trainer.state.iteration
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        trainer.checkpointer.poll()
+        if iteration % log.interval == 0:
+            trainer.logger.log(iteration, _metrics(trainer, task_losses, grad_norm, seconds, flops, tokens))
+        if log.sample_interval and iteration % log.sample_interval == 0:
+            sample_validation(trainer, iteration)
+        stopping = _any_rank(stop.requested)
+        if ckpt.save and (stopping or (ckpt.interval and iteration % ckpt.interval == 0)):
+            save(trainer)
+        if stopping:
+            trainer.logger.print(f"SIGTERM: saved iteration {iteration} and stopped")
+            break
+    else:
+        saved_already = ckpt.interval and trainer.state.iteration % ckpt.interval == 0
+        if ckpt.save and trainer.state.iteration > first_iteration and not saved_already:
+            save(trainer)
+    trainer.checkpointer.wait()
+    trainer.logger.close()
+    return trainer
