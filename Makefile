@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed-$(shell cat setup.py | sha1sum | cut -c1-12)
 
-.PHONY: venv test clean
+.PHONY: venv test demo clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ venv: $(STAMP)
 
 test: venv
 	$(PY) -m pytest -q tests
+
+demo: venv
+	bash examples/demo.sh $(PY) outputs/demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info

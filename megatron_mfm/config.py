@@ -91,6 +91,9 @@ class TrainConfig:
     """fp32 or bf16 (bf16 keeps fp32 master weights in the optimizer)."""
     ema_decay: float = 0.999
     """EMA of the weights (0 disables)."""
+    stop_iteration: int = 0
+    """Stop (and save) once this iteration is done, keeping the LR schedule of ``iterations``
+    (for job time limits); 0 runs to ``iterations``."""
     max_skipped_steps: int = 10
     """Stop after this many steps skipped for non-finite loss or gradients."""
 

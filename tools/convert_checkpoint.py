@@ -23,6 +23,7 @@ from megatron_mfm.export.key_map import from_official, to_official  # noqa: E402
 from megatron_mfm.export.model_checkpoint import (  # noqa: E402
     fill_from_global,
     global_state,
+    load_ema_weights,
     load_model,
     read_config,
     save_model,
@@ -60,11 +61,13 @@ def export_official(args: argparse.Namespace) -> None:
     config = read_config(args.load)
     model = build_model(config, default_layer_spec("local"))
     load_model(model, args.load)
+    if args.weights == "ema":
+        load_ema_weights(model, args.load)
     state = to_official(global_state(model), config)
     if args.dtype != "fp32":
         state = {k: v.to(torch.bfloat16) for k, v in state.items()}
     write_official(args.output, to_official_config(config), state)
-    _log(f"exported {args.load} -> {args.output} ({len(state)} tensors, {args.dtype})")
+    _log(f"exported {args.load} -> {args.output} ({len(state)} tensors, {args.weights} weights, {args.dtype})")
 
 
 def forward(args: argparse.Namespace) -> None:
@@ -124,6 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load", required=True, help="megatron_mfm checkpoint directory")
     p.add_argument("--output", required=True, help="new folder for config.json + safetensors (must not exist)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the written tensors")
+    p.add_argument("--weights", default="raw", choices=["raw", "ema"], help="raw weights or the EMA of a training checkpoint")
     p.set_defaults(run=export_official)
 
     p = sub.add_parser("forward", help="one forward pass on inputs named as the official forward's arguments")

@@ -91,6 +91,21 @@ def load_model(model: MfMDiT, path: str | Path) -> None:
     model.load_state_dict(_local_keys(model, state))
 
 
+@torch.no_grad()
+def load_ema_weights(model: MfMDiT, path: str | Path) -> None:
+    """Replace the model's weights by the EMA saved in a training checkpoint (collective)."""
+    from megatron_mfm.training.ema import EMA
+
+    ema = EMA(model, decay=0.0)
+    request = ema.sharded_state_dict(model.sharded_state_dict())
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    missing = [sh.key for sh in request.values() if sh.key not in saved]
+    if missing:
+        raise KeyError(f"{path} has no EMA weights (e.g. {missing[0]}); export the raw weights instead")
+    ema.load_state_dict(dist_checkpointing.load(request, str(path)))
+    ema.copy_to(model)
+
+
 def _local_keys(model: MfMDiT, state: dict) -> dict:
     """Map the (global-layer-index) sharded keys back to this stage's module names."""
     renamed = {}

@@ -291,7 +291,8 @@ def train(config: RunConfig) -> Trainer:
     )
     trainer.ddp.train()
     first_iteration = trainer.state.iteration
-    while trainer.state.iteration < config.train.iterations:
+    last_iteration = min(config.train.iterations, config.train.stop_iteration or config.train.iterations)
+    while trainer.state.iteration < last_iteration:
         start = time.perf_counter()
         task_losses, grad_norm, _, flops, tokens = train_step(trainer)
         trainer.state.iteration += 1

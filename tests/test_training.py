@@ -1,0 +1,178 @@
+"""End-to-end training on CPU: the loss falls, resume is exact (also after a crash mid-save and
+after SIGTERM), TP=2 / TP=2+SP / DP=2 (with the distributed optimizer) match one process, and
+bad configs fail naming the field."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small and fast: 5-frame 32x32 clips, 4 samples a step (2 micro-batches of 2).
+BASE = [
+    "model.preset=tiny", "model.backend=local", "train.micro_batch_size=2", "train.global_batch_size=4",
+    "train.ema_decay=0.9", "optimizer.lr=1e-3", "optimizer.warmup_iterations=2", "optimizer.decay_style=cosine",
+    "data.synthetic.frames=5", "data.synthetic.height=32", "data.synthetic.width=32", "logging.interval=1",
+    "flow_matching.tokens_base=16", "flow_matching.tokens_max=256",
+]
+
+
+def train(tmp: Path, *overrides: str, ranks: int = 1, env: dict | None = None, check: bool = True,
+          background: bool = False):
+    """Run pretrain_mfm.py in its own process group; metrics go to tmp/metrics.jsonl and the
+    console to tmp/output.log (files, not pipes: helper processes that a crashed run leaves
+    behind would hold a pipe open)."""
+    args = [*BASE, f"logging.metrics_file={tmp / 'metrics.jsonl'}", *overrides]
+    launcher = [sys.executable, str(ROOT / "pretrain_mfm.py")]
+    if ranks > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+                    "--master-port", str(free_port()), str(ROOT / "pretrain_mfm.py")]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    log = open(tmp / "output.log", "w")
+    process = subprocess.Popen(launcher + args, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    if background:
+        return process
+    try:
+        process.wait(timeout=900)
+    finally:
+        _kill_group(process)
+        log.close()
+    result = subprocess.CompletedProcess(process.args, process.returncode, (tmp / "output.log").read_text(), "")
+    if check:
+        assert result.returncode == 0, result.stdout[-5000:]
+    return result
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def losses(tmp: Path) -> dict[int, float]:
+    """iteration -> loss (the last record wins, as a resumed run rewrites iterations)."""
+    records = [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: r["loss"] for r in records}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> dict[int, float]:
+    """12 uninterrupted iterations, one process."""
+    tmp = tmp_path_factory.mktemp("reference")
+    train(tmp, "train.iterations=12")
+    return losses(tmp)
+
+
+def test_loss_falls(tmp_path):
+    train(tmp_path, "train.iterations=80", "optimizer.lr=2e-3", "optimizer.warmup_iterations=5")
+    curve = losses(tmp_path)
+    first = sum(curve[i] for i in range(1, 11)) / 10
+    last = sum(curve[i] for i in range(71, 81)) / 10
+    assert last < 0.75 * first, (first, last)
+
+
+def test_resume_is_exact(tmp_path, reference_run):
+    ckpt = tmp_path / "ckpt"
+    train(tmp_path, "train.iterations=12", "train.stop_iteration=8", f"checkpoint.save={ckpt}", "checkpoint.interval=4")
+    assert (ckpt / "latest").read_text().strip() == "iter_0000008"
+    train(tmp_path, "train.iterations=12", f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}")
+    resumed = losses(tmp_path)
+    for i in range(1, 13):
+        assert abs(resumed[i] - reference_run[i]) <= 1e-6 * abs(reference_run[i]), i
+
+
+def test_crash_during_save_resumes_from_previous_checkpoint(tmp_path, reference_run):
+    ckpt = tmp_path / "ckpt"
+    result = train(tmp_path, "train.iterations=12", f"checkpoint.save={ckpt}", "checkpoint.interval=4",
+                   env={"MFM_CRASH_BEFORE_PUBLISH": "8"}, check=False)
+    assert result.returncode != 0
+    assert (ckpt / "latest").read_text().strip() == "iter_0000004"
+    assert (ckpt / "iter_0000008.tmp").is_dir() and not (ckpt / "iter_0000008").exists()
+    train(tmp_path, "train.iterations=12", f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}",
+          "checkpoint.interval=4", "checkpoint.keep_last=2")
+    resumed = losses(tmp_path)
+    for i in range(5, 13):
+        assert abs(resumed[i] - reference_run[i]) <= 1e-6 * abs(reference_run[i]), i
+    assert not (ckpt / "iter_0000008.tmp").exists(), "the stray partial save is cleaned up"
+    kept = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_"))
+    assert kept == ["iter_0000008", "iter_0000012"], "keep_last=2 prunes older checkpoints"
+
+
+def test_sigterm_saves_and_resume_continues(tmp_path, reference_run):
+    ckpt, interrupted = tmp_path / "ckpt", tmp_path / "interrupted"
+    interrupted.mkdir()
+    process = train(interrupted, "train.iterations=400", f"checkpoint.save={ckpt}", background=True)
+    metrics = interrupted / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=300)
+    _kill_group(process)
+    output = (interrupted / "output.log").read_text()
+    assert process.returncode == 0, output[-3000:]
+    assert "SIGTERM: saved iteration" in output
+    stopped = int((ckpt / "latest").read_text().strip().split("_")[1])
+    assert 3 <= stopped < 400
+    end = f"train.stop_iteration={stopped + 2}"
+    train(interrupted, "train.iterations=400", end, f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}")
+    uninterrupted = tmp_path / "uninterrupted"
+    uninterrupted.mkdir()
+    train(uninterrupted, "train.iterations=400", end)
+    expected, resumed = losses(uninterrupted), losses(interrupted)
+    assert sorted(expected) == list(range(1, stopped + 3))
+    for i in expected:
+        assert abs(resumed[i] - expected[i]) <= 1e-6 * abs(expected[i]), i
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [["parallel.tensor_parallel=2"], ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
+     [], ["parallel.distributed_optimizer=true"]],
+    ids=["tp2", "tp2-sp", "dp2", "dp2-distopt"],
+)
+def test_two_rank_layouts_match_one_process(tmp_path, reference_run, layout):
+    train(tmp_path, "train.iterations=12", "train.stop_iteration=6", *layout, ranks=2)
+    parallel = losses(tmp_path)
+    for i in range(1, 7):
+        assert abs(parallel[i] - reference_run[i]) <= 1e-5 * abs(reference_run[i]), (i, parallel[i], reference_run[i])
+
+
+def test_distributed_optimizer_checkpoint_resumes_exactly(tmp_path, reference_run):
+    ckpt = tmp_path / "ckpt"
+    opts = ["parallel.distributed_optimizer=true", f"checkpoint.save={ckpt}"]
+    train(tmp_path, "train.iterations=12", "train.stop_iteration=8", "checkpoint.interval=4", *opts, ranks=2)
+    train(tmp_path, "train.iterations=12", f"checkpoint.load={ckpt}", *opts, ranks=2)
+    resumed = losses(tmp_path)
+    for i in range(9, 13):
+        assert abs(resumed[i] - reference_run[i]) <= 1e-5 * abs(reference_run[i]), i
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.iteratons=5", "train.iteratons: unknown field (did you mean 'iterations'?)"),
+        ("model.preset=mfm-3b", "model.preset='mfm-3b'"),
+        ("train.global_batch_size=5", "train.global_batch_size=5 is not a multiple of train.micro_batch_size=2"),
+        ("optimizer.lr=fast", "optimizer.lr: expected float, got 'fast'"),
+        ("data.synthetic.frames=8", "frames=8 must be 4k+1"),
+        ("tasks.weights={t2x: 1.0}", "unknown tasks ['t2x']"),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path, override, message):
+    result = train(tmp_path, override, check=False)
+    assert result.returncode != 0
+    assert message in result.stdout, result.stdout[-2000:]
+    assert "Traceback" not in result.stdout
