@@ -233,7 +233,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return number
     if hint is str:
-        return str(value)
+        return "" if value is None else str(value)
     return value
 
 
@@ -244,7 +244,7 @@ def _set_path(tree: dict, dotted: str, raw: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{dotted}: {key} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""  # "key=" means empty
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:

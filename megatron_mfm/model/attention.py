@@ -70,6 +70,7 @@ class TECoreAttention(torch.nn.Module):
             attention_dropout=0.0,
             qkv_format="sbhd",
             attn_mask_type="padding" if cross_attention else "no_mask",
+            attention_type="cross" if cross_attention else "self",
             tp_size=parallel_state.get_tensor_model_parallel_world_size(),
             tp_group=parallel_state.get_tensor_model_parallel_group(check_initialized=False),
         )

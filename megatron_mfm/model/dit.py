@@ -132,9 +132,9 @@ class MfMDiT(MegatronModule):
         recompute = self.training and self.config.recompute_granularity == "full"
         for layer in self.layers:
             if recompute:
-                # Keep only the block input; recompute the block in backward.
-                run = lambda h, layer=layer: layer(h, c, text_sbh, mask, (cos, sin))  # noqa: E731
-                x = tensor_parallel.checkpoint(run, False, x)
+                # Keep only the block inputs; recompute the block in backward. c goes in as an
+                # argument so its gradient is returned, not recomputed through the embedder.
+                x = tensor_parallel.checkpoint(_run_layer(layer), False, x, c, text_sbh, mask, cos, sin)
             else:
                 x = layer(x, c, text_sbh, mask, (cos, sin))
         if not self.post_process:
@@ -166,6 +166,15 @@ class MfMDiT(MegatronModule):
             key = f"{prefix}layers.{layer.layer_number - 1}."
             state.update(layer.sharded_state_dict(prefix=key, sharded_offsets=sharded_offsets, metadata=metadata))
         return state
+
+
+def _run_layer(layer: torch.nn.Module):
+    """``layer`` with flat tensor arguments, as megatron's checkpoint function passes them."""
+
+    def run(x, c, text, mask, cos, sin):
+        return layer(x, c, text, mask, (cos, sin))
+
+    return run
 
 
 def build_model(config: MfMConfig, layer_spec: ModuleSpec | None = None) -> MfMDiT:

@@ -92,6 +92,47 @@ def _patch_megatron_rng() -> None:
     _replace(mrandom, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
 
 
+def _patch_distributed_optimizer() -> None:
+    """Two fixes for megatron's DistributedOptimizer over torch's Adam (no apex/TE).
+
+    Its state dict reads Adam's ``step`` from torch's
+    optimizer state to build its state dict, which fails before the first step, i.e. exactly
+    when a checkpoint is being loaded. Before the first step the step count is 0."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.state_dict
+
+    def state_dict(self):
+        if self.optimizer.state:
+            return original(self)
+        groups = []
+        for group in self.optimizer.state_dict()["param_groups"]:
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "step": 0})
+        result = {"optimizer": {"param_groups": groups}}
+        if self.grad_scaler:
+            result["grad_scaler"] = self.grad_scaler.state_dict()
+        return result
+
+    _replace(DistributedOptimizer, "state_dict", state_dict)
+
+    # On load, the per-parameter ``step`` ends up as the placeholder of the parameter-state
+    # shards (0), or as ONE tensor shared by every parameter (which torch's Adam then increments
+    # once per parameter). Either breaks Adam's bias correction after a resume; the saved step
+    # count is the one in the param groups.
+    original_load = DistributedOptimizer.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        original_load(self, state_dict)
+        for group in self.optimizer.param_groups:
+            if group.get("step") is None:
+                continue
+            for param in group["params"]:
+                if param in self.optimizer.state:
+                    self.optimizer.state[param]["step"] = torch.tensor(float(group["step"]))
+
+    _replace(DistributedOptimizer, "load_state_dict", load_state_dict)
+
+
 def _check_version() -> None:
     import megatron.core
 
@@ -112,6 +153,7 @@ def apply() -> None:
     _check_version()
     _patch_torch_cuda()
     _patch_megatron_rng()
+    _patch_distributed_optimizer()
     _CudaToCpuMode().__enter__()  # process-wide: megatron creates cuda tensors anywhere
     _applied = True
 

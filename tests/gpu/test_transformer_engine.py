@@ -61,7 +61,7 @@ def test_te_spec_matches_local_spec(world, dtype):
         for n, p in te.named_parameters()
     )
     print(f"{dtype}: output rel err {err:.2e}, worst gradient rel err {worst:.2e}")
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    tol = 1e-3 if dtype == torch.float32 else 3e-2  # TE's fp32 GEMMs run in TF32 by default
     assert err < tol and worst < 10 * tol
 
 
