@@ -13,7 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_mfm.config import ConfigError, load_config
+from megatron_mfm.utils.warnings_filter import quiet_known_warnings
+
+quiet_known_warnings()  # before megatron is imported: it warns at import time
+
+from megatron_mfm.config import ConfigError, load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -176,3 +176,21 @@ def test_bad_config_names_the_field(tmp_path, override, message):
     assert result.returncode != 0
     assert message in result.stdout, result.stdout[-2000:]
     assert "Traceback" not in result.stdout
+
+
+def test_training_checkpoint_exports_raw_and_ema_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "ckpt"
+    train(tmp_path, "train.iterations=3", f"checkpoint.save={ckpt}")
+    latest = ckpt / (ckpt / "latest").read_text().strip()
+    tool = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "export-official", "--load", str(latest)]
+    exported = {}
+    for weights in ("raw", "ema"):
+        out = tmp_path / weights
+        result = subprocess.run(tool + ["--output", str(out), "--weights", weights], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        exported[weights] = load_file(out / "diffusion_pytorch_model.safetensors")
+    key = "proj_out_2.weight"  # the first weights to move (adaLN and head start at zero)
+    assert exported["raw"].keys() == exported["ema"].keys()
+    assert not torch.equal(exported["raw"][key], exported["ema"][key]), "EMA (decay 0.9) lags the raw weights"

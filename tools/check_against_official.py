@@ -20,6 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_mfm.utils.warnings_filter import quiet_known_warnings  # noqa: E402
+
+quiet_known_warnings()
+
 from megatron_mfm.export.key_map import to_official  # noqa: E402
 from megatron_mfm.export.model_checkpoint import global_state, load_model, read_config  # noqa: E402
 from megatron_mfm.export.official_io import write_official  # noqa: E402

@@ -19,6 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_mfm.utils.warnings_filter import quiet_known_warnings  # noqa: E402
+
+quiet_known_warnings()
+
 from megatron_mfm.export.key_map import from_official, to_official  # noqa: E402
 from megatron_mfm.export.model_checkpoint import (  # noqa: E402
     fill_from_global,

@@ -17,6 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_mfm.utils.warnings_filter import quiet_known_warnings  # noqa: E402
+
+quiet_known_warnings()
+
 from megatron_mfm.data.encoders import builtin_encoders  # noqa: E402
 from megatron_mfm.data.synthetic import SyntheticConfig, SyntheticVideoDataset  # noqa: E402
 from megatron_mfm.diffusion.pipeline import SamplingConfig, generate, task_sample_for  # noqa: E402

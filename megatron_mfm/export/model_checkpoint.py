@@ -22,6 +22,8 @@ from megatron_mfm.model.config import MfMConfig, architecture_of, make_config
 from megatron_mfm.model.dit import MfMDiT
 
 CONFIG_FILE = "mfm_config.json"
+# Tensors a training checkpoint holds besides the model's (see training/checkpointing.py).
+TRAINING_STATE_PREFIXES = ("ema.", "optimizer.", "rng_state")
 
 
 def _sharded_tensors(model: MfMDiT) -> dict[str, ShardedTensor]:
@@ -73,7 +75,8 @@ def check_shapes(model: MfMDiT, path: str | Path) -> None:
             problems.append(
                 f"{key}: checkpoint {tuple(saved[key].global_shape)} vs model {tuple(sh.global_shape)}"
             )
-    problems += [f"{key}: in checkpoint but not in the model" for key in sorted(set(saved) - set(expected))]
+    unexpected = [k for k in sorted(set(saved) - set(expected)) if not k.startswith(TRAINING_STATE_PREFIXES)]
+    problems += [f"{key}: in checkpoint but not in the model" for key in unexpected]
     if problems:
         shown = "\n  ".join(problems[:8])
         raise ValueError(
@@ -87,8 +90,10 @@ def load_model(model: MfMDiT, path: str | Path) -> None:
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{path} is not a complete dist checkpoint (no metadata.json)")
     check_shapes(model, path)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(path))
-    model.load_state_dict(_local_keys(model, state))
+    request = model.sharded_state_dict()
+    loaded = dist_checkpointing.load(request, str(path))
+    # A training checkpoint also returns its common (non-tensor) state: keep the model's part.
+    model.load_state_dict(_local_keys(model, {k: v for k, v in loaded.items() if k in request}))
 
 
 @torch.no_grad()
