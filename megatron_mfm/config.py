@@ -140,6 +140,10 @@ class LoggingConfig:
     sample_dir: str = ""
     sample_steps: int = 10
     guidance_scale: float = 5.0
+    sample_schedule: str = "official"
+    """Sigma schedule of validation samples: official (MfM time warp) or shifted."""
+    sample_shift: float = 3.0
+    """Shift of the ``shifted`` schedule (match the training shift of small runs)."""
     peak_tflops: float = 0.0
     """Per-GPU dense peak for MFU (0: H100 989 on GPU; no MFU on CPU)."""
 

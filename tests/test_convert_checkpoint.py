@@ -166,3 +166,17 @@ def test_every_subcommand_has_help():
     for command in ("import-official", "export-official", "forward"):
         result = run_tool(command, "--help")
         assert result.returncode == 0 and "--" in result.stdout
+
+
+def test_inspect_summarises_and_diffs(official, checkpoint, tmp_path):
+    inspect = [sys.executable, str(ROOT / "tools" / "inspect_checkpoint.py")]
+    result = subprocess.run(inspect + [str(checkpoint)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    total = sum(v.numel() for v in official[1].values())
+    assert f'"parameters": {total}' in result.stdout
+    assert "layers.1.self_attention.linear_qkv.weight" in result.stdout
+
+    other = tmp_path / "other"
+    check(run_tool("import-official", "--official", str(official[0]), "--save", str(other), "--tp", "2", ranks=2))
+    same = subprocess.run(inspect + [str(checkpoint), "--diff", str(other)], capture_output=True, text=True)
+    assert same.returncode == 0 and "0 of" in same.stdout, same.stdout[-2000:]

@@ -83,11 +83,18 @@ def test_loss_falls(tmp_path):
     assert last < 0.75 * first, (first, last)
 
 
-def test_resume_is_exact(tmp_path, reference_run):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync-save", "async-save+wandb"])
+def test_resume_is_exact(tmp_path, reference_run, async_save):
     ckpt = tmp_path / "ckpt"
-    train(tmp_path, "train.iterations=12", "train.stop_iteration=8", f"checkpoint.save={ckpt}", "checkpoint.interval=4")
+    extra = [f"checkpoint.async_save={async_save}"]
+    if async_save:  # also exercise wandb, offline, in this run
+        extra += ["logging.wandb_project=mfm-test", f"logging.tensorboard_dir={tmp_path / 'tb'}"]
+    train(tmp_path, "train.iterations=12", "train.stop_iteration=8", f"checkpoint.save={ckpt}", "checkpoint.interval=4",
+          *extra, env={"WANDB_DIR": str(tmp_path)})
     assert (ckpt / "latest").read_text().strip() == "iter_0000008"
-    train(tmp_path, "train.iterations=12", f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}")
+    if async_save:
+        assert list((tmp_path / "tb" / "wandb").glob("offline-run-*")), "wandb writes an offline run"
+    train(tmp_path, "train.iterations=12", f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}", *extra)
     resumed = losses(tmp_path)
     for i in range(1, 13):
         assert abs(resumed[i] - reference_run[i]) <= 1e-6 * abs(reference_run[i]), i
@@ -178,11 +185,18 @@ def test_bad_config_names_the_field(tmp_path, override, message):
     assert "Traceback" not in result.stdout
 
 
-def test_training_checkpoint_exports_raw_and_ema_weights(tmp_path):
+def test_training_checkpoint_exports_and_samples(tmp_path):
+    """Raw and EMA exports of a training checkpoint, validation samples during training, and
+    tools/sample.py writing playable mp4s for an image task and a video task."""
     from safetensors.torch import load_file
 
+    from megatron_mfm.utils.media import read_video
+
     ckpt = tmp_path / "ckpt"
-    train(tmp_path, "train.iterations=3", f"checkpoint.save={ckpt}")
+    train(tmp_path, "train.iterations=3", f"checkpoint.save={ckpt}", "logging.sample_interval=3",
+          f"logging.sample_dir={tmp_path / 'validation'}", "logging.sample_steps=2")
+    assert {p.name for p in (tmp_path / "validation").iterdir()} == {
+        "iter_0000003_t2v.mp4", "iter_0000003_i2v.mp4", "iter_0000003_sheet.png"}
     latest = ckpt / (ckpt / "latest").read_text().strip()
     tool = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "export-official", "--load", str(latest)]
     exported = {}
@@ -194,3 +208,13 @@ def test_training_checkpoint_exports_raw_and_ema_weights(tmp_path):
     key = "proj_out_2.weight"  # the first weights to move (adaLN and head start at zero)
     assert exported["raw"].keys() == exported["ema"].keys()
     assert not torch.equal(exported["raw"][key], exported["ema"][key]), "EMA (decay 0.9) lags the raw weights"
+
+    out = tmp_path / "samples"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "sample.py"), "--load", str(latest), "--tasks", "t2i", "vinp",
+         "--output", str(out), "--steps", "2", "--frames", "5", "--height", "32", "--width", "48"],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_video(out / "t2i.mp4").shape == (1, 32, 48, 3)
+    assert read_video(out / "vinp.mp4").shape == (5, 32, 48, 3)
+    assert (out / "contact_sheet.png").stat().st_size > 0

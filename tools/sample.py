@@ -63,7 +63,9 @@ def main() -> None:
     parser.add_argument("--fps", type=float, default=16.0)
     parser.add_argument("--steps", type=int, default=30, help="Euler steps")
     parser.add_argument("--guidance-scale", type=float, default=5.0)
-    parser.add_argument("--schedule", default="official", choices=["official", "shifted"])
+    parser.add_argument("--schedule", default="official", choices=["official", "shifted"],
+                        help="official: the MfM time warp; shifted: linear sigmas with --shift")
+    parser.add_argument("--shift", type=float, default=3.0, help="shift of the shifted schedule")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -77,7 +79,8 @@ def main() -> None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         model.to(device).eval()
         encoders = builtin_encoders(config.text_hidden_size)
-        sampling = SamplingConfig(steps=args.steps, guidance_scale=args.guidance_scale, schedule=args.schedule, seed=args.seed)
+        sampling = SamplingConfig(steps=args.steps, guidance_scale=args.guidance_scale, schedule=args.schedule,
+                                  shift=args.shift, seed=args.seed)
         out = Path(args.output)
         references, clips = [], []
         for task in args.tasks:

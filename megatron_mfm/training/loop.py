@@ -213,6 +213,7 @@ def _metrics(trainer: Trainer, task_losses: torch.Tensor, grad_norm, seconds: fl
         "TFLOP/s": tflops_per_gpu,
         "MFU": tflops_per_gpu / peak if peak else None,
         "skipped steps": trainer.state.skipped_steps,
+        "flops per step": total_flops,
     }
     for task, s, n in zip(TASKS, sums.tolist(), counts.tolist()):
         if n:
@@ -232,7 +233,8 @@ def sample_validation(trainer: Trainer, iteration: int) -> list[Path]:
         saved = {n: p.detach().clone() for n, p in model.named_parameters()}
         trainer.ema.copy_to(model)
     model.eval()
-    sampling = SamplingConfig(steps=config.logging.sample_steps, guidance_scale=config.logging.guidance_scale)
+    sampling = SamplingConfig(steps=config.logging.sample_steps, guidance_scale=config.logging.guidance_scale,
+                              schedule=config.logging.sample_schedule, shift=config.logging.sample_shift)
     clips, paths = [], []
     try:
         for task in ("t2v", "i2v"):

@@ -12,6 +12,7 @@ _KNOWN = (
     r".*all_gather_into_tensor.*is deprecated.*",
     r".*torch.jit.script_method.*is deprecated.*",
     r".*Detected a Jax installation.*",
+    r".*`load_state_dict` is deprecated.*",  # inside megatron dist_checkpointing
 )
 
 
