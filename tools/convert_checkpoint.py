@@ -30,6 +30,7 @@ from megatron_mfm.export.model_checkpoint import (  # noqa: E402
     load_ema_weights,
     load_model,
     read_config,
+    resolve_checkpoint,
     save_model,
 )
 from megatron_mfm.export.official_io import read_official, write_official  # noqa: E402
@@ -62,11 +63,12 @@ def import_official(args: argparse.Namespace) -> None:
 
 def export_official(args: argparse.Namespace) -> None:
     initialize_parallel()
-    config = read_config(args.load)
+    path = resolve_checkpoint(args.load)
+    config = read_config(path)
     model = build_model(config, default_layer_spec("local"))
-    load_model(model, args.load)
+    load_model(model, path)
     if args.weights == "ema":
-        load_ema_weights(model, args.load)
+        load_ema_weights(model, path)
     state = to_official(global_state(model), config)
     if args.dtype != "fp32":
         state = {k: v.to(torch.bfloat16) for k, v in state.items()}
@@ -78,11 +80,10 @@ def forward(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file, save_file
 
     initialize_parallel(tensor_parallel_size=args.tp)
-    config = read_config(
-        args.load, tensor_model_parallel_size=args.tp, sequence_parallel=args.sequence_parallel and args.tp > 1
-    )
+    path = resolve_checkpoint(args.load)
+    config = read_config(path, tensor_model_parallel_size=args.tp, sequence_parallel=args.sequence_parallel and args.tp > 1)
     model = build_model(config, default_layer_spec(args.backend))
-    load_model(model, args.load)
+    load_model(model, path)
     model.eval()
     inputs = load_file(args.inputs)
     unknown = sorted(set(inputs) - set(FORWARD_INPUTS))

@@ -26,16 +26,17 @@ quiet_known_warnings()
 from megatron.core import dist_checkpointing  # noqa: E402
 from megatron.core.dist_checkpointing.serialization import load_plain_tensors  # noqa: E402
 
-from megatron_mfm.export.model_checkpoint import CONFIG_FILE, TRAINING_STATE_PREFIXES  # noqa: E402
+from megatron_mfm.export.model_checkpoint import (  # noqa: E402
+    CONFIG_FILE,
+    TRAINING_STATE_PREFIXES,
+    resolve_checkpoint,
+)
 from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel  # noqa: E402
-from megatron_mfm.training.checkpointing import latest_checkpoint  # noqa: E402
 
 
 def resolve(path: str) -> Path:
     """A checkpoint directory from a checkpoint or a save directory."""
-    path = Path(path)
-    if (path / "latest").is_file():
-        return latest_checkpoint(path)
+    path = resolve_checkpoint(path)
     if not (path / "metadata.json").is_file():
         raise SystemExit(f"{path}: not a checkpoint (no metadata.json) nor a save directory (no latest)")
     return path

@@ -24,7 +24,12 @@ quiet_known_warnings()
 from megatron_mfm.data.encoders import builtin_encoders  # noqa: E402
 from megatron_mfm.data.synthetic import SyntheticConfig, SyntheticVideoDataset  # noqa: E402
 from megatron_mfm.diffusion.pipeline import SamplingConfig, generate, task_sample_for  # noqa: E402
-from megatron_mfm.export.model_checkpoint import load_ema_weights, load_model, read_config  # noqa: E402
+from megatron_mfm.export.model_checkpoint import (  # noqa: E402
+    load_ema_weights,
+    load_model,
+    read_config,
+    resolve_checkpoint,
+)
 from megatron_mfm.model.dit import build_model  # noqa: E402
 from megatron_mfm.model.specs import default_layer_spec  # noqa: E402
 from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel  # noqa: E402
@@ -50,7 +55,7 @@ def reference_clip(args: argparse.Namespace, image: bool) -> Clip:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--load", required=True, help="megatron_mfm checkpoint (training or converted)")
+    parser.add_argument("--load", required=True, help="checkpoint (training or converted) or a save directory")
     parser.add_argument("--tasks", nargs="+", default=["t2v", "i2v"], choices=TASKS, help="tasks to sample")
     parser.add_argument("--output", required=True, help="folder for mp4 and PNG files")
     parser.add_argument("--weights", default="ema", choices=["raw", "ema"], help="EMA (training checkpoints) or raw")
@@ -71,11 +76,12 @@ def main() -> None:
 
     initialize_parallel()
     try:
-        config = read_config(args.load)
+        path = resolve_checkpoint(args.load)
+        config = read_config(path)
         model = build_model(config, default_layer_spec("auto"))
-        load_model(model, args.load)
+        load_model(model, path)
         if args.weights == "ema":
-            load_ema_weights(model, args.load)
+            load_ema_weights(model, path)
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         model.to(device).eval()
         encoders = builtin_encoders(config.text_hidden_size)

@@ -35,6 +35,25 @@ def _sharded_tensors(model: MfMDiT) -> dict[str, ShardedTensor]:
     }
 
 
+LATEST = "latest"
+
+
+def latest_checkpoint(save_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a training save directory, or None."""
+    pointer = Path(save_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(save_dir) / pointer.read_text().strip()
+    if not (path / "metadata.json").is_file():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
+    return path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory given either itself or a save directory with ``latest``."""
+    return latest_checkpoint(path) or Path(path)
+
+
 def save_model(model: MfMDiT, path: str | Path) -> Path:
     """Collective: every rank writes its shards; rank 0 publishes the directory."""
     path = Path(path)

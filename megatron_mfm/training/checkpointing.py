@@ -30,12 +30,11 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-from megatron_mfm.export.model_checkpoint import CONFIG_FILE, _local_keys
+from megatron_mfm.export.model_checkpoint import CONFIG_FILE, LATEST, _local_keys, latest_checkpoint
 from megatron_mfm.model.config import architecture_of
 from megatron_mfm.model.dit import MfMDiT
 from megatron_mfm.training.ema import EMA, EMA_PREFIX
 
-LATEST = "latest"
 _ITER = re.compile(r"^iter_(\d{7})$")
 # Fault injection for tests of interrupted saves: exit after the shards are written, before the
 # checkpoint is published.
@@ -44,17 +43,6 @@ CRASH_ENV = "MFM_CRASH_BEFORE_PUBLISH"
 
 def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
     return Path(save_dir) / f"iter_{iteration:07d}"
-
-
-def latest_checkpoint(save_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint, or None."""
-    pointer = Path(save_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    path = Path(save_dir) / pointer.read_text().strip()
-    if not (path / "metadata.json").is_file():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
-    return path
 
 
 @dataclass
