@@ -45,14 +45,16 @@ class ModelConfig:
 @dataclass
 class ParallelConfig:
     tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    """Pipeline stages (the layers split evenly; 1F1B schedule)."""
     sequence_parallel: bool = False
     """Split tokens across TP ranks outside attention/MLP GEMMs (needs tensor_parallel > 1)."""
     distributed_optimizer: bool = False
     """Shard optimizer state across data-parallel ranks (megatron DistributedOptimizer)."""
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel < 1:
-            raise ConfigError(f"parallel.tensor_parallel={self.tensor_parallel} must be >= 1")
+        if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
+            raise ConfigError("parallel.tensor_parallel and parallel.pipeline_parallel must be >= 1")
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
 
@@ -172,10 +174,17 @@ class RunConfig:
 
     def check_world(self, world_size: int) -> None:
         """Checks that need the number of processes."""
-        tp = self.parallel.tensor_parallel
-        if world_size % tp:
-            raise ConfigError(f"parallel.tensor_parallel={tp} does not divide the world size {world_size}")
-        dp = world_size // tp
+        tp, pp = self.parallel.tensor_parallel, self.parallel.pipeline_parallel
+        if world_size % (tp * pp):
+            raise ConfigError(
+                f"parallel.tensor_parallel={tp} x parallel.pipeline_parallel={pp} does not divide the world size {world_size}"
+            )
+        layers = PRESETS[self.model.preset]["num_layers"]
+        if layers % pp:
+            raise ConfigError(f"parallel.pipeline_parallel={pp} does not divide the {layers} layers of {self.model.preset}")
+        if pp > 1 and self.logging.sample_interval:
+            raise ConfigError("logging.sample_interval: validation sampling needs parallel.pipeline_parallel=1")
+        dp = world_size // (tp * pp)
         if self.train.global_batch_size % (self.train.micro_batch_size * dp):
             raise ConfigError(
                 f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "

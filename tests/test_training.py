@@ -147,14 +147,33 @@ def test_sigterm_saves_and_resume_continues(tmp_path, reference_run):
 @pytest.mark.parametrize(
     "layout",
     [["parallel.tensor_parallel=2"], ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
-     [], ["parallel.distributed_optimizer=true"]],
-    ids=["tp2", "tp2-sp", "dp2", "dp2-distopt"],
+     [], ["parallel.distributed_optimizer=true"], ["parallel.pipeline_parallel=2"]],
+    ids=["tp2", "tp2-sp", "dp2", "dp2-distopt", "pp2"],
 )
 def test_two_rank_layouts_match_one_process(tmp_path, reference_run, layout):
     train(tmp_path, "train.iterations=12", "train.stop_iteration=6", *layout, ranks=2)
     parallel = losses(tmp_path)
     for i in range(1, 7):
         assert abs(parallel[i] - reference_run[i]) <= 1e-5 * abs(reference_run[i]), (i, parallel[i], reference_run[i])
+
+
+def test_four_rank_tp2_pp2_with_sequence_parallel_matches(tmp_path, reference_run):
+    train(tmp_path, "train.iterations=12", "train.stop_iteration=4", "parallel.tensor_parallel=2",
+          "parallel.pipeline_parallel=2", "parallel.sequence_parallel=true", ranks=4)
+    parallel = losses(tmp_path)
+    for i in range(1, 5):
+        assert abs(parallel[i] - reference_run[i]) <= 1e-5 * abs(reference_run[i]), (i, parallel[i], reference_run[i])
+
+
+def test_checkpoint_saved_at_pp2_resumes_at_dp2(tmp_path, reference_run):
+    """Layout change on resume: the dist checkpoint reshards model and optimizer state."""
+    ckpt = tmp_path / "ckpt"
+    train(tmp_path, "train.iterations=12", "train.stop_iteration=8", "checkpoint.interval=4",
+          "parallel.pipeline_parallel=2", f"checkpoint.save={ckpt}", ranks=2)
+    train(tmp_path, "train.iterations=12", f"checkpoint.load={ckpt}", f"checkpoint.save={ckpt}", ranks=2)
+    resumed = losses(tmp_path)
+    for i in range(1, 13):
+        assert abs(resumed[i] - reference_run[i]) <= 1e-5 * abs(reference_run[i]), i
 
 
 def test_distributed_optimizer_checkpoint_resumes_exactly(tmp_path, reference_run):

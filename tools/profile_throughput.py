@@ -157,6 +157,9 @@ def print_table(rows: list[dict]) -> None:
               "peak_memory_gib", "roofline_ratio")
     print(" | ".join(f"{h:>14s}" for h in header))
     for row in rows:
+        if "error" in row:
+            print(f"{row['preset']:>14s} | {row['recompute']:>14s} | {row['precision']:>14s} | {row['error']}")
+            continue
         cells = []
         for h in header:
             v = row[h]
@@ -202,7 +205,12 @@ def main(argv=None) -> list[dict]:
         for preset, frames, (height, width), recompute, precision in itertools.product(
             args.presets, args.frames, list(zip(args.height, args.width)), args.recompute, precisions
         ):
-            rows.append(profile_one(args, preset, frames, height, width, recompute == "full", precision))
+            try:
+                rows.append(profile_one(args, preset, frames, height, width, recompute == "full", precision))
+            except torch.OutOfMemoryError:
+                rows.append({"preset": preset, "frames": frames, "height": height, "width": width,
+                             "recompute": recompute, "precision": precision, "error": "out of memory"})
+                torch.cuda.empty_cache()
             rank = torch.distributed.get_rank()
     finally:
         destroy_parallel()
@@ -214,7 +222,8 @@ def main(argv=None) -> list[dict]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
         with open(out / "results.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            fields = list(dict.fromkeys(k for row in rows for k in row))
+            writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
         print(f"wrote {out / 'results.json'} and {out / 'results.csv'}")

@@ -121,13 +121,13 @@ def load_ema_weights(model: MfMDiT, path: str | Path) -> None:
     from megatron_mfm.training.ema import EMA
 
     ema = EMA(model, decay=0.0)
-    request = ema.sharded_state_dict(model.sharded_state_dict())
+    request = ema.sharded_state_dict()
     saved = dist_checkpointing.load_tensors_metadata(str(path))
     missing = [sh.key for sh in request.values() if sh.key not in saved]
     if missing:
         raise KeyError(f"{path} has no EMA weights (e.g. {missing[0]}); export the raw weights instead")
     ema.load_state_dict(dist_checkpointing.load(request, str(path)))
-    ema.copy_to(model)
+    ema.copy_to_model()
 
 
 def _local_keys(model: MfMDiT, state: dict) -> dict:

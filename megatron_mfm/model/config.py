@@ -52,6 +52,9 @@ class MfMConfig(TransformerConfig):
     sample_size: int = 64
     """Official ``sample_size``; unused by the math, written back on export."""
 
+    init_seed: int = 0
+    """Seed of the (CPU) weight initialisation; each layer draws from its own stream."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         head_dim = self.kv_channels

@@ -5,11 +5,15 @@
     --N x TransformerLayer(c = t-embed + motion-embed, text, 3D RoPE)-->
     --adaLN head--> (S, B, 2*2*C) --unpatchify--> velocity (B, C, T, H, W)
 
-Pipeline stages: ``pre_process`` owns the patch embedding and adapter, ``post_process`` the head;
-every stage embeds the timestep (its layers need ``c``).
+Pipeline stages: ``pre_process`` owns the patch embedding, the adapter and the timestep/motion
+embedders, ``post_process`` the head. The conditioning ``c`` (B, D) travels between stages as one
+extra row appended to the activations ((S/sp + 1, B, D)), so its gradient from every stage's
+layers flows back through the pipeline to the one embedder that made it.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +37,7 @@ class MfMDiT(MegatronModule):
     """Many-for-Many video DiT (official ``Transformer3DModel`` numerics) on megatron-core."""
 
     model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
+    share_embeddings_and_output_weights = False  # read by megatron's finalize_model_grads (LM weight tying)
 
     def __init__(
         self,
@@ -45,15 +50,17 @@ class MfMDiT(MegatronModule):
         self.pre_process, self.post_process = pre_process, post_process
         dim, patch = config.hidden_size, config.patch_size
         if pre_process:
-            self.patch_embed = PatchEmbed(config.in_channels, dim, patch)
-            self.cond_adapter = ConditionAdapter(config.condition_channels, dim)
-        self.timestep_embedder = TimestepMLP(dim)
-        self.motion_embedder = TimestepMLP(dim) if config.use_motion_score else None
+            with _init_stream(config, 0):
+                self.patch_embed = PatchEmbed(config.in_channels, dim, patch)
+                self.cond_adapter = ConditionAdapter(config.condition_channels, dim)
+                self.timestep_embedder = TimestepMLP(dim)
+                self.motion_embedder = TimestepMLP(dim) if config.use_motion_score else None
         offset = get_transformer_layer_offset(config)
-        self.layers = torch.nn.ModuleList(
-            build_module(layer_spec, config=config, layer_number=offset + i + 1)
-            for i in range(get_num_layers_to_build(config))
-        )
+        layers = []
+        for i in range(get_num_layers_to_build(config)):
+            with _init_stream(config, offset + i + 1):
+                layers.append(build_module(layer_spec, config=config, layer_number=offset + i + 1))
+        self.layers = torch.nn.ModuleList(layers)
         if post_process:
             self.head_modulation = torch.nn.Linear(dim, 2 * dim)
             self.head_proj = torch.nn.Linear(dim, patch * patch * config.out_channels)
@@ -114,7 +121,8 @@ class MfMDiT(MegatronModule):
             motion_score: (B,), required when the model embeds it.
 
         Returns:
-            velocity (B, C, T, H, W) on the last pipeline stage, else hidden tokens (S/sp, B, D).
+            velocity (B, C, T, H, W) on the last pipeline stage, else hidden tokens with ``c``
+            appended, (S/sp + 1, B, D).
         """
         _, _, frames, height, width = latents.shape
         p = self.config.patch_size
@@ -123,9 +131,9 @@ class MfMDiT(MegatronModule):
             x = self.embed_tokens(latents, condition)
             if self.config.sequence_parallel:
                 x = tensor_parallel.scatter_to_sequence_parallel_region(x)
-        else:
-            x = self.input_tensor
-        c = self.embed_conditioning(timestep, motion_score, latents.dtype)
+            c = self.embed_conditioning(timestep, motion_score, latents.dtype)
+        else:  # activations and c from the previous stage
+            x, c = self.input_tensor[:-1], self.input_tensor[-1]
         cos, sin = (t.to(latents.device) for t in rope_cos_sin(grid, self.config.kv_channels, self.config.rope_theta))
         text_sbh = text.transpose(0, 1)
         mask = None if text_mask is None else text_mask.bool()
@@ -138,7 +146,7 @@ class MfMDiT(MegatronModule):
             else:
                 x = layer(x, c, text_sbh, mask, (cos, sin))
         if not self.post_process:
-            return make_viewless_tensor(x, requires_grad=True, keep_graph=True)
+            return make_viewless_tensor(torch.cat([x, c[None]]), requires_grad=True, keep_graph=True)
         return self.head(x, c, grid)
 
     def head(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -166,6 +174,18 @@ class MfMDiT(MegatronModule):
             key = f"{prefix}layers.{layer.layer_number - 1}."
             state.update(layer.sharded_state_dict(prefix=key, sharded_offsets=sharded_offsets, metadata=metadata))
         return state
+
+
+@contextlib.contextmanager
+def _init_stream(config: MfMConfig, part: int):
+    """CPU initialisation of each part (pre-process modules, each layer) from its own seed, so
+    the initial weights do not depend on which pipeline stage builds which layers."""
+    if not config.use_cpu_initialization:  # GPU init draws from megatron's model-parallel RNG
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.init_seed * 100_003 + part)
+        yield
 
 
 def _run_layer(layer: torch.nn.Module):

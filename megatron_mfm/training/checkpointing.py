@@ -78,7 +78,7 @@ def _state(model: MfMDiT, optimizer, ema: EMA | None, distributed_optimizer: boo
     state: dict[str, Any] = dict(sharded)
     state["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=loading, **kwargs)
     if ema is not None:
-        state.update(ema.sharded_state_dict(sharded))
+        state.update(ema.sharded_state_dict())
     if not loading:
         state["rng_state"] = _rng_object()
     return state

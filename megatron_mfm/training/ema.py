@@ -12,32 +12,42 @@ from megatron_mfm.model.dit import MfMDiT
 EMA_PREFIX = "ema."
 
 
+def _parameters_by_key(model: MfMDiT) -> dict[str, tuple[torch.nn.Parameter, ShardedTensor]]:
+    """This rank's parameters keyed as in checkpoints (global layer indices, so the same key on
+    every pipeline layout), with their sharding."""
+    return {
+        name: (sh.data, sh)
+        for name, sh in model.sharded_state_dict().items()
+        if isinstance(sh, ShardedTensor) and isinstance(sh.data, torch.nn.Parameter)
+    }
+
+
 class EMA:
     """fp32 shadow of this rank's parameter shards: ema = decay * ema + (1 - decay) * param."""
 
     def __init__(self, model: MfMDiT, decay: float):
-        self.model, self.decay = model, decay
-        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+        self.decay = decay
+        self.params = _parameters_by_key(model)
+        self.shadow = {key: param.detach().float().clone() for key, (param, _) in self.params.items()}
 
     @torch.no_grad()
     def update(self) -> None:
-        for name, param in self.model.named_parameters():
-            self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+        for key, (param, _) in self.params.items():
+            self.shadow[key].lerp_(param.detach().float(), 1.0 - self.decay)
 
-    def sharded_state_dict(self, model_sharded: dict) -> dict:
+    def sharded_state_dict(self) -> dict:
         """ShardedTensors laid out as the model's, keyed ``ema.<model key>``."""
         return {
-            EMA_PREFIX + name: dataclasses.replace(sh, key=EMA_PREFIX + sh.key, data=self.shadow[name])
-            for name, sh in model_sharded.items()
-            if isinstance(sh, ShardedTensor) and name in self.shadow
+            EMA_PREFIX + key: dataclasses.replace(sh, key=EMA_PREFIX + sh.key, data=self.shadow[key])
+            for key, (_, sh) in self.params.items()
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for name in self.shadow:
-            self.shadow[name].copy_(state[EMA_PREFIX + name])
+        for key in self.shadow:
+            self.shadow[key].copy_(state[EMA_PREFIX + key])
 
     @torch.no_grad()
-    def copy_to(self, model: MfMDiT) -> None:
-        """Write the averaged weights into ``model`` (e.g. a copy used for sampling)."""
-        for name, param in model.named_parameters():
-            param.copy_(self.shadow[name])
+    def copy_to_model(self) -> None:
+        """Write the averaged weights into the model's parameters."""
+        for key, (param, _) in self.params.items():
+            param.copy_(self.shadow[key])

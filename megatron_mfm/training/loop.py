@@ -71,6 +71,11 @@ def model_config_for(config: RunConfig) -> MfMConfig:
     return preset_config(
         config.model.preset,
         tensor_model_parallel_size=config.parallel.tensor_parallel,
+        pipeline_model_parallel_size=config.parallel.pipeline_parallel,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        variable_seq_lengths=config.parallel.pipeline_parallel > 1,  # image and video micro-batches
+        moe_token_dispatcher_type="alltoall",  # no MoE here; megatron's check for variable lengths
+        init_seed=config.train.seed,
         sequence_parallel=config.parallel.sequence_parallel,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
@@ -84,7 +89,8 @@ def setup(config: RunConfig) -> Trainer:
     """Validate, create process groups, build every component, resume if asked."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     config.check_world(world_size)
-    initialize_parallel(tensor_parallel_size=config.parallel.tensor_parallel, seed=config.train.seed)
+    initialize_parallel(tensor_parallel_size=config.parallel.tensor_parallel,
+                        pipeline_parallel_size=config.parallel.pipeline_parallel, seed=config.train.seed)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model_config = model_config_for(config)
     model = build_model(model_config, default_layer_spec(config.model.backend)).to(device)
@@ -140,14 +146,17 @@ def _grads_finite(ddp: DistributedDataParallel) -> bool:
     return bool(flag.item())
 
 
-def _reduce_task_losses(reports: list[dict]) -> torch.Tensor:
-    """(2, tasks) loss sums and counts over micro-batches and data-parallel ranks."""
-    total = torch.zeros(2, len(TASKS))
+def _reduce_task_losses(reports: list[dict], device: torch.device) -> torch.Tensor:
+    """(2, tasks) loss sums and counts over micro-batches and data-parallel ranks, known to every
+    pipeline stage (only the last one computes losses)."""
+    total = torch.zeros(2, len(TASKS), device=device)
     for report in reports:
-        total += report["task_loss"].float().cpu()
+        total += report["task_loss"].float()
     if parallel_state.get_data_parallel_world_size() > 1:
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    return total
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    return total.cpu()
 
 
 def train_step(trainer: Trainer) -> tuple[torch.Tensor, float | None, bool, int, int]:
@@ -162,7 +171,9 @@ def train_step(trainer: Trainer) -> tuple[torch.Tensor, float | None, bool, int,
     forward_step = make_forward_step(trainer.encoders, config.flow_matching, config.train.seed,
                                      trainer.model_config.patch_size, trainer.dtype, trainer.device)
     latent_frames = [(mb.pixels.shape[2] - 1) // 4 + 1 for mb in micro_batches]
-    seq = max(t * mb.pixels.shape[3] * mb.pixels.shape[4] // 256 for t, mb in zip(latent_frames, micro_batches))
+    # Rows a pipeline stage sends: the tokens plus c (megatron divides by TP under SP itself).
+    extra_rows = config.parallel.tensor_parallel if config.parallel.sequence_parallel else 1
+    seq = max(t * mb.pixels.shape[3] * mb.pixels.shape[4] // 256 for t, mb in zip(latent_frames, micro_batches)) + extra_rows
     reports = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[ddp],
         num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=config.train.micro_batch_size,
@@ -174,7 +185,7 @@ def train_step(trainer: Trainer) -> tuple[torch.Tensor, float | None, bool, int,
     )
     tokens = sum(t * mb.pixels.shape[3] * mb.pixels.shape[4] // 256 * len(mb.prompts)
                  for t, mb in zip(latent_frames, micro_batches))
-    task_losses = _reduce_task_losses(reports)
+    task_losses = _reduce_task_losses(reports, trainer.device)
     if not (torch.isfinite(task_losses).all() and _grads_finite(ddp)):
         trainer.state.skipped_steps += 1
         if trainer.state.skipped_steps > config.train.max_skipped_steps:
@@ -231,7 +242,7 @@ def sample_validation(trainer: Trainer, iteration: int) -> list[Path]:
     saved = None
     if trainer.ema is not None:
         saved = {n: p.detach().clone() for n, p in model.named_parameters()}
-        trainer.ema.copy_to(model)
+        trainer.ema.copy_to_model()
     model.eval()
     sampling = SamplingConfig(steps=config.logging.sample_steps, guidance_scale=config.logging.guidance_scale,
                               schedule=config.logging.sample_schedule, shift=config.logging.sample_shift)
@@ -289,7 +300,7 @@ def train(config: RunConfig) -> Trainer:
     trainer.logger.print(
         f"training {config.model.preset}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters on this "
         f"rank, world size {dist.get_world_size()}, tp {config.parallel.tensor_parallel}, "
-        f"dp {parallel_state.get_data_parallel_world_size()}"
+        f"pp {config.parallel.pipeline_parallel}, dp {parallel_state.get_data_parallel_world_size()}"
     )
     trainer.ddp.train()
     first_iteration = trainer.state.iteration
