@@ -47,14 +47,16 @@ class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     """Pipeline stages (the layers split evenly; 1F1B schedule)."""
+    context_parallel: int = 1
+    """Split each clip's tokens across CP ranks (all-to-all attention over the full sequence)."""
     sequence_parallel: bool = False
     """Split tokens across TP ranks outside attention/MLP GEMMs (needs tensor_parallel > 1)."""
     distributed_optimizer: bool = False
     """Shard optimizer state across data-parallel ranks (megatron DistributedOptimizer)."""
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
-            raise ConfigError("parallel.tensor_parallel and parallel.pipeline_parallel must be >= 1")
+        if min(self.tensor_parallel, self.pipeline_parallel, self.context_parallel) < 1:
+            raise ConfigError("parallel.tensor_parallel, pipeline_parallel and context_parallel must be >= 1")
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
 
@@ -174,25 +176,29 @@ class RunConfig:
 
     def check_world(self, world_size: int) -> None:
         """Checks that need the number of processes."""
-        tp, pp = self.parallel.tensor_parallel, self.parallel.pipeline_parallel
-        if world_size % (tp * pp):
+        tp, pp, cp = self.parallel.tensor_parallel, self.parallel.pipeline_parallel, self.parallel.context_parallel
+        if world_size % (tp * pp * cp):
             raise ConfigError(
-                f"parallel.tensor_parallel={tp} x parallel.pipeline_parallel={pp} does not divide the world size {world_size}"
+                f"parallel.tensor_parallel={tp} x pipeline_parallel={pp} x context_parallel={cp} does not divide "
+                f"the world size {world_size}"
             )
         layers = PRESETS[self.model.preset]["num_layers"]
         if layers % pp:
             raise ConfigError(f"parallel.pipeline_parallel={pp} does not divide the {layers} layers of {self.model.preset}")
-        if pp > 1 and self.logging.sample_interval:
-            raise ConfigError("logging.sample_interval: validation sampling needs parallel.pipeline_parallel=1")
-        dp = world_size // (tp * pp)
+        if (pp > 1 or cp > 1) and self.logging.sample_interval:
+            raise ConfigError("logging.sample_interval: validation sampling needs pipeline_parallel=1 and context_parallel=1")
+        dp = world_size // (tp * pp * cp)
         if self.train.global_batch_size % (self.train.micro_batch_size * dp):
             raise ConfigError(
                 f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
                 f"micro_batch_size * data-parallel size = {self.train.micro_batch_size} * {dp}"
             )
         heads = PRESETS[self.model.preset]["num_attention_heads"]
-        if heads % tp:
-            raise ConfigError(f"parallel.tensor_parallel={tp} does not divide the {heads} heads of {self.model.preset}")
+        if heads % (tp * cp):
+            raise ConfigError(
+                f"parallel.tensor_parallel x context_parallel = {tp * cp} does not divide the {heads} heads of "
+                f"{self.model.preset} (all-to-all context parallelism splits heads)"
+            )
 
 
 def _build(cls: type, values: Any, path: str) -> Any:

@@ -62,3 +62,56 @@ def test_tensor_parallel_matches_single_process(single_process_world, sequence_p
             expected = expected_grads[name][global_slice]
             scale = max(expected.norm().item(), 1e-12)
             assert (grad - expected).norm().item() / scale < 1e-5, name
+
+
+def _cp_worker(state: dict, inputs: dict, weight_tokens: torch.Tensor) -> dict:
+    from megatron.core import parallel_state
+
+    from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel
+
+    initialize_parallel(context_parallel_size=2)
+    config = make_config(**megatron_config_kwargs(), context_parallel_size=2)
+    model = MfMDiT(config, local_layer_spec())
+    fill_from_global(model, state)
+    tokens = model(**inputs)  # this rank's padded patch tokens
+    layout = model.token_layout((3, 3, 3))
+    valid = layout.local_valid_rows(tokens.device)[:, None, None]
+    (tokens * weight_tokens[layout.local] * valid).sum().backward()
+    grads = {}
+    for name, param in model.named_parameters():
+        grad = param.grad.clone()
+        torch.distributed.all_reduce(grad, group=parallel_state.get_context_parallel_group())  # DDP's job
+        grads[name] = grad
+    result = {"tokens": tokens.detach(), "local": layout.local, "valid": valid.flatten(), "padded": layout.padded,
+              "grads": grads}
+    destroy_parallel()
+    return result
+
+
+def test_context_parallel_with_padding_matches_single_process(single_process_world):
+    """CP=2 (all-to-all attention) on an odd token count: 3 latent frames of 3 x 3 patches =
+    27 tokens, padded to 28 and masked; outputs and gradients equal CP=1."""
+    config = make_config(**megatron_config_kwargs())
+    state = from_official(make_reference().state_dict(), config)
+    inputs = make_inputs(frames=3)
+    g = torch.Generator().manual_seed(5)
+    inputs["latents"] = torch.randn(2, 16, 3, 6, 6, generator=g)  # 3 x 3 patches a frame
+    inputs["condition"] = torch.randn(2, 5, 9, 48, 48, generator=g)
+    model = MfMDiT(config, local_layer_spec())
+    fill_from_global(model, state)
+    out = model(**inputs)
+    expected_tokens = model.patchify(out)  # (27, B, p*p*C)
+    weight_tokens = torch.randn(28, *expected_tokens.shape[1:])
+    (expected_tokens * weight_tokens[:27]).sum().backward()
+    expected_grads = {name: p.grad for name, p in model.named_parameters()}
+
+    for result in run_on_ranks(2, _cp_worker, state, inputs, weight_tokens):
+        assert result["padded"] == 28
+        rows = torch.arange(28)[result["local"]]
+        real = rows < 27
+        got = result["tokens"][real]
+        want = expected_tokens[rows[real]].detach()
+        assert ((got - want).norm() / want.norm()).item() < 1e-5
+        for name, grad in result["grads"].items():
+            exp = expected_grads[name]
+            assert (grad - exp).norm().item() / max(exp.norm().item(), 1e-12) < 1e-5, name

@@ -147,8 +147,8 @@ def test_sigterm_saves_and_resume_continues(tmp_path, reference_run):
 @pytest.mark.parametrize(
     "layout",
     [["parallel.tensor_parallel=2"], ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
-     [], ["parallel.distributed_optimizer=true"], ["parallel.pipeline_parallel=2"]],
-    ids=["tp2", "tp2-sp", "dp2", "dp2-distopt", "pp2"],
+     [], ["parallel.distributed_optimizer=true"], ["parallel.pipeline_parallel=2"], ["parallel.context_parallel=2"]],
+    ids=["tp2", "tp2-sp", "dp2", "dp2-distopt", "pp2", "cp2"],
 )
 def test_two_rank_layouts_match_one_process(tmp_path, reference_run, layout):
     train(tmp_path, "train.iterations=12", "train.stop_iteration=6", *layout, ranks=2)
@@ -157,9 +157,11 @@ def test_two_rank_layouts_match_one_process(tmp_path, reference_run, layout):
         assert abs(parallel[i] - reference_run[i]) <= 1e-5 * abs(reference_run[i]), (i, parallel[i], reference_run[i])
 
 
-def test_four_rank_tp2_pp2_with_sequence_parallel_matches(tmp_path, reference_run):
+@pytest.mark.parametrize("layout", [["parallel.pipeline_parallel=2"], ["parallel.context_parallel=2"]],
+                         ids=["tp2xpp2-sp", "tp2xcp2-sp"])
+def test_four_rank_layouts_match(tmp_path, reference_run, layout):
     train(tmp_path, "train.iterations=12", "train.stop_iteration=4", "parallel.tensor_parallel=2",
-          "parallel.pipeline_parallel=2", "parallel.sequence_parallel=true", ranks=4)
+          "parallel.sequence_parallel=true", *layout, ranks=4)
     parallel = losses(tmp_path)
     for i in range(1, 5):
         assert abs(parallel[i] - reference_run[i]) <= 1e-5 * abs(reference_run[i]), (i, parallel[i], reference_run[i])

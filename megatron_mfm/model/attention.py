@@ -21,6 +21,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.norms import ShardedRMSNorm
 from megatron_mfm.model.rope import apply_rope
+from megatron_mfm.parallel.context import heads_to_sequence, sequence_to_heads
 
 
 def xavier_uniform(fan_in: int, fan_out: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -69,19 +70,21 @@ class TECoreAttention(torch.nn.Module):
             kv_channels=config.kv_channels,
             attention_dropout=0.0,
             qkv_format="sbhd",
-            attn_mask_type="padding" if cross_attention else "no_mask",
+            attn_mask_type="padding",  # per call: no_mask unless keys are padded
             attention_type="cross" if cross_attention else "self",
             tp_size=parallel_state.get_tensor_model_parallel_world_size(),
             tp_group=parallel_state.get_tensor_model_parallel_group(check_initialized=False),
         )
 
     def forward(self, query, key, value, key_padding_mask=None):
-        mask = None
-        if key_padding_mask is not None:
-            # TE masks where True; a query-side mask that keeps every video token.
+        if key_padding_mask is None:
+            out = self.attention(query, key, value, attn_mask_type="no_mask")
+        else:
+            # TE masks where True. Queries: every video token is kept (padding rows are dropped
+            # by the loss); keys: the padding mask.
             q_mask = torch.zeros(query.shape[1], 1, 1, query.shape[0], dtype=torch.bool, device=query.device)
-            mask = (q_mask, ~key_padding_mask[:, None, None, :])
-        out = self.attention(query, key, value, attention_mask=mask)
+            out = self.attention(query, key, value, attention_mask=(q_mask, ~key_padding_mask[:, None, None, :]),
+                                 attn_mask_type="padding")
         return out.flatten(2) if out.dim() == 4 else out
 
 
@@ -131,19 +134,28 @@ class SelfAttention(MegatronModule):
         super().__init__(config)
         dim, bias = config.hidden_size, config.attention_bias
         self.heads = _heads_per_rank(config)
+        self.context_parallel = parallel_state.get_context_parallel_world_size() > 1
         self.linear_qkv = _column_parallel(submodules.linear_qkv, config, dim, 3 * dim, dim, bias)
         self.q_norm = ShardedRMSNorm(config, dim)
         self.k_norm = ShardedRMSNorm(config, dim)
         self.core_attention = build_module(submodules.core_attention, config=config, cross_attention=False)
         self.linear_proj = _row_parallel(submodules.linear_proj, config, dim, bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        qkv, _ = self.linear_qkv(x)  # (S, B, 3*hidden/tp), full sequence under SP
-        q, k, v = qkv.unflatten(-1, (self.heads, 3, -1)).unbind(dim=3)  # (S, B, heads, D) each
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (S/cp/sp, B, D); key_mask (B, S) marks real tokens when the sequence is padded."""
+        qkv, _ = self.linear_qkv(x)  # (S/cp, B, 3*hidden/tp): this CP rank's tokens, SP gathered
+        q, k, v = qkv.unflatten(-1, (self.heads, 3, -1)).unbind(dim=3)  # (S/cp, B, heads, D) each
         q = self.q_norm(q.flatten(2)).view_as(v)
         k = self.k_norm(k.flatten(2)).view_as(v)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out, _ = self.linear_proj(self.core_attention(q, k, v))
+        if self.context_parallel:  # all tokens, heads/cp
+            q, k, v = (sequence_to_heads(t) for t in (q, k, v))
+        out = self.core_attention(q, k, v, key_mask)
+        if self.context_parallel:
+            out = heads_to_sequence(out, batch=x.shape[1])
+        out, _ = self.linear_proj(out)
         return out
 
 

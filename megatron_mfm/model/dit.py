@@ -31,6 +31,7 @@ from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.embeddings import ConditionAdapter, PatchEmbed, TimestepMLP
 from megatron_mfm.model.norms import layer_norm
 from megatron_mfm.model.rope import rope_cos_sin
+from megatron_mfm.parallel.context import TokenLayout, pad_rope, scatter_tokens, token_layout
 
 
 class MfMDiT(MegatronModule):
@@ -124,17 +125,20 @@ class MfMDiT(MegatronModule):
             velocity (B, C, T, H, W) on the last pipeline stage, else hidden tokens with ``c``
             appended, (S/sp + 1, B, D).
         """
-        _, _, frames, height, width = latents.shape
+        batch, _, frames, height, width = latents.shape
         p = self.config.patch_size
         grid = (frames, height // p, width // p)
+        layout = self.token_layout(grid)
         if self.pre_process:
-            x = self.embed_tokens(latents, condition)
+            x = scatter_tokens(self.embed_tokens(latents, condition), layout)  # (S_pad/cp, B, D)
             if self.config.sequence_parallel:
                 x = tensor_parallel.scatter_to_sequence_parallel_region(x)
             c = self.embed_conditioning(timestep, motion_score, latents.dtype)
         else:  # activations and c from the previous stage
             x, c = self.input_tensor[:-1], self.input_tensor[-1]
-        cos, sin = (t.to(latents.device) for t in rope_cos_sin(grid, self.config.kv_channels, self.config.rope_theta))
+        cos, sin = rope_cos_sin(grid, self.config.kv_channels, self.config.rope_theta)
+        cos, sin = (t.to(latents.device) for t in pad_rope(cos, sin, layout))
+        token_mask = layout.key_padding_mask(batch, latents.device)
         text_sbh = text.transpose(0, 1)
         mask = None if text_mask is None else text_mask.bool()
         recompute = self.training and self.config.recompute_granularity == "full"
@@ -142,23 +146,37 @@ class MfMDiT(MegatronModule):
             if recompute:
                 # Keep only the block inputs; recompute the block in backward. c goes in as an
                 # argument so its gradient is returned, not recomputed through the embedder.
-                x = tensor_parallel.checkpoint(_run_layer(layer), False, x, c, text_sbh, mask, cos, sin)
+                x = tensor_parallel.checkpoint(_run_layer(layer), False, x, c, text_sbh, mask, cos, sin, token_mask)
             else:
-                x = layer(x, c, text_sbh, mask, (cos, sin))
+                x = layer(x, c, text_sbh, mask, (cos, sin), token_mask)
         if not self.post_process:
             return make_viewless_tensor(torch.cat([x, c[None]]), requires_grad=True, keep_graph=True)
-        return self.head(x, c, grid)
+        return self.head(x, c, grid, layout)
 
-    def head(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """adaLN output head and unpatchify: (S/sp, B, D) -> (B, C, T, H, W)."""
+    def token_layout(self, grid: tuple[int, int, int]) -> TokenLayout:
+        """How a clip of this latent grid is padded and split over CP (and SP) ranks."""
+        sp = parallel_state.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
+        return token_layout(grid[0] * grid[1] * grid[2], sp)
+
+    def head(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int, int], layout: TokenLayout) -> torch.Tensor:
+        """adaLN output head. Without CP: unpatchified velocity (B, C, T, H, W). With CP: this
+        rank's patch tokens (S_pad/cp, B, p*p*C), the layout of ``patchify`` (the loss is
+        computed on them; padding rows are excluded there)."""
         if self.config.sequence_parallel:
             x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
         shift, scale = self.head_modulation(F.silu(c)).float().chunk(2, dim=-1)
         x = (layer_norm(x).float() * (1 + scale[None]) + shift[None]).to(x.dtype)
-        x = self.head_proj(x)  # (S, B, p*p*C)
+        x = self.head_proj(x)  # (S_pad/cp, B, p*p*C)
+        if layout.cp_size > 1:
+            return x
         t, h, w = grid
         p = self.config.patch_size
-        return rearrange(x, "(t h w) b (p q c) -> b c t (h p) (w q)", t=t, h=h, w=w, p=p, q=p)
+        return rearrange(x[: layout.tokens], "(t h w) b (p q c) -> b c t (h p) (w q)", t=t, h=h, w=w, p=p, q=p)
+
+    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> (T*H/p*W/p, B, p*p*C), the token layout of the head's output."""
+        p = self.config.patch_size
+        return rearrange(latents, "b c t (h p) (w q) -> (t h w) b (p q c)", p=p, q=p)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Layers are keyed by their global index so checkpoints reshard across PP layouts."""
@@ -191,8 +209,8 @@ def _init_stream(config: MfMConfig, part: int):
 def _run_layer(layer: torch.nn.Module):
     """``layer`` with flat tensor arguments, as megatron's checkpoint function passes them."""
 
-    def run(x, c, text, mask, cos, sin):
-        return layer(x, c, text, mask, (cos, sin))
+    def run(x, c, text, mask, cos, sin, token_mask):
+        return layer(x, c, text, mask, (cos, sin), token_mask)
 
     return run
 

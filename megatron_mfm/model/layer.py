@@ -99,10 +99,12 @@ class TransformerLayer(MegatronModule):
         text: torch.Tensor,
         text_mask: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor],
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (S/sp, B, D), c (B, D), text (L, B, C_text), text_mask (B, L) True = keep."""
+        """x (S/cp/sp, B, D), c (B, D), text (L, B, C_text), text_mask (B, L) True = keep,
+        token_mask (B, S) True for real video tokens when the sequence is padded."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
-        attn = self.self_attention(modulate(layer_norm(x), shift_msa, scale_msa), rope)
+        attn = self.self_attention(modulate(layer_norm(x), shift_msa, scale_msa), rope, token_mask)
         x = gated(gate_msa, attn) + x
         x = x + self.cross_attention(self.cross_norm(x), text, text_mask, rope)
         mlp = self.mlp(modulate(self.mlp_norm(x), shift_mlp, scale_mlp))

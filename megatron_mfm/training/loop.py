@@ -72,6 +72,7 @@ def model_config_for(config: RunConfig) -> MfMConfig:
         config.model.preset,
         tensor_model_parallel_size=config.parallel.tensor_parallel,
         pipeline_model_parallel_size=config.parallel.pipeline_parallel,
+        context_parallel_size=config.parallel.context_parallel,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         variable_seq_lengths=config.parallel.pipeline_parallel > 1,  # image and video micro-batches
         moe_token_dispatcher_type="alltoall",  # no MoE here; megatron's check for variable lengths
@@ -90,7 +91,8 @@ def setup(config: RunConfig) -> Trainer:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     config.check_world(world_size)
     initialize_parallel(tensor_parallel_size=config.parallel.tensor_parallel,
-                        pipeline_parallel_size=config.parallel.pipeline_parallel, seed=config.train.seed)
+                        pipeline_parallel_size=config.parallel.pipeline_parallel,
+                        context_parallel_size=config.parallel.context_parallel, seed=config.train.seed)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model_config = model_config_for(config)
     model = build_model(model_config, default_layer_spec(config.model.backend)).to(device)
@@ -156,6 +158,8 @@ def _reduce_task_losses(reports: list[dict], device: torch.device) -> torch.Tens
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    if parallel_state.get_context_parallel_world_size() > 1:  # each CP rank holds a share of the loss
+        dist.all_reduce(total, group=parallel_state.get_context_parallel_group())
     return total.cpu()
 
 
@@ -171,9 +175,12 @@ def train_step(trainer: Trainer) -> tuple[torch.Tensor, float | None, bool, int,
     forward_step = make_forward_step(trainer.encoders, config.flow_matching, config.train.seed,
                                      trainer.model_config.patch_size, trainer.dtype, trainer.device)
     latent_frames = [(mb.pixels.shape[2] - 1) // 4 + 1 for mb in micro_batches]
-    # Rows a pipeline stage sends: the tokens plus c (megatron divides by TP under SP itself).
-    extra_rows = config.parallel.tensor_parallel if config.parallel.sequence_parallel else 1
-    seq = max(t * mb.pixels.shape[3] * mb.pixels.shape[4] // 256 for t, mb in zip(latent_frames, micro_batches)) + extra_rows
+    # Rows a pipeline stage sends: this CP rank's padded tokens plus c (megatron divides by TP
+    # under SP itself); with variable_seq_lengths the shapes travel with the tensors anyway.
+    sp = config.parallel.tensor_parallel if config.parallel.sequence_parallel else 1
+    multiple = config.parallel.context_parallel * sp
+    longest = max(t * mb.pixels.shape[3] * mb.pixels.shape[4] // 256 for t, mb in zip(latent_frames, micro_batches))
+    seq = -(-longest // multiple) * multiple // config.parallel.context_parallel + sp
     reports = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[ddp],
         num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=config.train.micro_batch_size,
@@ -300,7 +307,8 @@ def train(config: RunConfig) -> Trainer:
     trainer.logger.print(
         f"training {config.model.preset}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters on this "
         f"rank, world size {dist.get_world_size()}, tp {config.parallel.tensor_parallel}, "
-        f"pp {config.parallel.pipeline_parallel}, dp {parallel_state.get_data_parallel_world_size()}"
+        f"pp {config.parallel.pipeline_parallel}, cp {config.parallel.context_parallel}, "
+        f"dp {parallel_state.get_data_parallel_world_size()}"
     )
     trainer.ddp.train()
     first_iteration = trainer.state.iteration

@@ -6,6 +6,7 @@ from functools import partial
 from typing import Callable, Iterator
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_mfm.data.loader import MicroBatch, sample_generator
 from megatron_mfm.diffusion.flow_matching import FlowMatchingConfig, add_noise, per_sample_mse, sample_sigma
@@ -34,9 +35,29 @@ def task_loss_report(per_sample: torch.Tensor, tasks: list[str]) -> torch.Tensor
     return report
 
 
-def _loss(target: torch.Tensor, tasks: list[str], output: torch.Tensor):
-    per_sample = per_sample_mse(output, target)
-    return per_sample.mean(), {"task_loss": task_loss_report(per_sample, tasks)}
+def context_parallel_mse(tokens: torch.Tensor, target: torch.Tensor, model) -> torch.Tensor:
+    """This CP rank's share of each sample's MSE: squared errors of its real tokens over the
+    element count of the WHOLE sample, so the shares of all CP ranks sum to the MSE. (Megatron
+    multiplies the loss by the CP size and DDP averages over DP x CP: gradients come out right.)"""
+    unwrapped = getattr(model, "module", model)
+    grid = target.shape[2], target.shape[3] // unwrapped.config.patch_size, target.shape[4] // unwrapped.config.patch_size
+    layout = unwrapped.token_layout(grid)
+    local_target = layout.pad(unwrapped.patchify(target))[layout.local]  # (S_pad/cp, B, p*p*C)
+    valid = layout.local_valid_rows(tokens.device)[:, None, None]
+    squared = (tokens.float() - local_target.float()).pow(2) * valid
+    return squared.sum(dim=(0, 2)) / (layout.tokens * tokens.shape[-1])
+
+
+def _loss(target: torch.Tensor, tasks: list[str], model, output: torch.Tensor):
+    if output.dim() == 3:  # context parallel: this rank's patch tokens
+        per_sample = context_parallel_mse(output, target, model)
+        first_cp_rank = parallel_state.get_context_parallel_rank() == 0
+        report = task_loss_report(per_sample, tasks)
+        report[1] *= float(first_cp_rank)  # each sample counted once across CP ranks
+    else:
+        per_sample = per_sample_mse(output, target)
+        report = task_loss_report(per_sample, tasks)
+    return per_sample.mean(), {"task_loss": report}
 
 
 def make_forward_step(encoders: FrozenEncoders, flow: FlowMatchingConfig, seed: int, patch_size: int,
@@ -54,6 +75,6 @@ def make_forward_step(encoders: FrozenEncoders, flow: FlowMatchingConfig, seed: 
             noisy.to(dtype), sigma * 1000.0, text.to(dtype), text_mask,
             batch.condition.to(device, dtype), batch.motion_score.to(device),
         )
-        return output, partial(_loss, target, batch.tasks)
+        return output, partial(_loss, target, batch.tasks, model)
 
     return forward_step
