@@ -65,8 +65,10 @@ class TECoreAttention(torch.nn.Module):
         super().__init__()
         import transformer_engine.pytorch as te
 
+        # Self-attention runs on heads / CP after the all-to-all; cross-attention on all heads.
+        cp = 1 if cross_attention else parallel_state.get_context_parallel_world_size()
         self.attention = te.DotProductAttention(
-            num_attention_heads=config.num_attention_heads,
+            num_attention_heads=config.num_attention_heads // cp,
             kv_channels=config.kv_channels,
             attention_dropout=0.0,
             qkv_format="sbhd",

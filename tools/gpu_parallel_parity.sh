@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# On a 2-GPU machine: the same bf16 TE training at 1 GPU and at TP2, TP2+SP, CP2, PP2, DP2
+# (tiny preset, synthetic data), then MfM-2B at 1 GPU vs TP2+SP and CP2; prints the loss curves
+# side by side. Usage: bash tools/gpu_parallel_parity.sh  (logs under $OUT)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} CUDA_DEVICE_MAX_CONNECTIONS=1
+ONLY=${ONLY:-}  # e.g. ONLY=cp: only the 1-GPU baselines and the runs whose name contains it
+run() {  # name nproc overrides...
+  local name=$1 n=$2; shift 2
+  [[ -z $ONLY || $name == *1gpu || $name == *"$ONLY"* ]] || return 0
+  torchrun --standalone --nproc-per-node "$n" pretrain_mfm.py "$@" logging.metrics_file="$OUT/$name.jsonl" \
+    checkpoint.save= checkpoint.load= logging.tensorboard_dir= logging.wandb_project= logging.sample_interval=0 \
+    > "$OUT/$name.log" 2>&1 || { echo "$name FAILED"; grep -E "Error|error" "$OUT/$name.log" | tail -3; }
+}
+TINY=(--config examples/tiny_cpu.yaml model.backend=te train.precision=bf16 train.iterations=20 logging.interval=1
+      train.global_batch_size=4 train.micro_batch_size=2)
+run tiny_1gpu 1 "${TINY[@]}"
+run tiny_tp2 2 "${TINY[@]}" parallel.tensor_parallel=2
+run tiny_tp2sp 2 "${TINY[@]}" parallel.tensor_parallel=2 parallel.sequence_parallel=true
+run tiny_cp2 2 "${TINY[@]}" parallel.context_parallel=2
+run tiny_pp2 2 "${TINY[@]}" parallel.pipeline_parallel=2
+run tiny_dp2 2 "${TINY[@]}"
+B2=(--config examples/mfm_2b.yaml train.iterations=8 train.global_batch_size=2 train.micro_batch_size=1
+    data.synthetic.image_fraction=0 logging.interval=1 parallel.distributed_optimizer=false)
+run mfm2b_1gpu 1 "${B2[@]}"
+run mfm2b_tp2sp 2 "${B2[@]}" parallel.tensor_parallel=2 parallel.sequence_parallel=true
+run mfm2b_cp2 2 "${B2[@]}" parallel.context_parallel=2
+python3 - "$OUT" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+def curve(name):
+    p = out / f"{name}.jsonl"
+    return {r["iteration"]: r for r in map(json.loads, p.read_text().splitlines())} if p.exists() else {}
+for group in (["tiny_1gpu", "tiny_tp2", "tiny_tp2sp", "tiny_cp2", "tiny_pp2", "tiny_dp2"], ["mfm2b_1gpu", "mfm2b_tp2sp", "mfm2b_cp2"]):
+    curves = {g: curve(g) for g in group}
+    print("iter " + " ".join(f"{g:>12s}" for g in group))
+    for i in sorted(curves[group[0]]):
+        print(f"{i:4d} " + " ".join(f"{curves[g][i]['loss']:12.5f}" if i in curves[g] else f"{'-':>12s}" for g in group))
+    base = curves[group[0]]
+    for g in group[1:]:
+        common = [i for i in base if i in curves[g]]
+        if common:
+            worst = max(abs(curves[g][i]["loss"] - base[i]["loss"]) / abs(base[i]["loss"]) for i in common)
+            step = sorted(curves[g][i]["elapsed time per iteration (ms)"] for i in common[2:] or common)
+            print(f"  {g}: worst relative loss difference {worst:.2e}, median step {step[len(step)//2]:.0f} ms")
+    print()
+PY
