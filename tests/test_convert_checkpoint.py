@@ -163,7 +163,7 @@ def test_existing_output_is_never_overwritten(checkpoint, official):
 
 
 def test_every_subcommand_has_help():
-    for command in ("import-official", "export-official", "forward"):
+    for command in ("import-official", "export-official", "reshard", "forward"):
         result = run_tool(command, "--help")
         assert result.returncode == 0 and "--" in result.stdout
 
@@ -180,3 +180,27 @@ def test_inspect_summarises_and_diffs(official, checkpoint, tmp_path):
     check(run_tool("import-official", "--official", str(official[0]), "--save", str(other), "--tp", "2", ranks=2))
     same = subprocess.run(inspect + [str(checkpoint), "--diff", str(other)], capture_output=True, text=True)
     assert same.returncode == 0 and "0 of" in same.stdout, same.stdout[-2000:]
+
+
+def test_reshard_to_pp2_keeps_every_tensor(official, checkpoint, tmp_path):
+    resharded = tmp_path / "pp2"
+    check(run_tool("reshard", "--load", str(checkpoint), "--save", str(resharded), "--pp", "2", ranks=2))
+    check(run_tool("export-official", "--load", str(resharded), "--output", str(tmp_path / "out")))
+    assert_bitwise_equal(tmp_path / "out", official[1])
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["copy", "link"])
+def test_export_complete_pipeline_folder(official, checkpoint, tmp_path, link):
+    source = tmp_path / "MfM"
+    for name, payload in {"vae/config.json": "{}", "text_encoder/config.json": "{}", "tokenizer/spiece.model": "x",
+                          "scheduler/scheduler_config.json": "{}", "transformer/config.json": "{}",
+                          "model_index.json": '{"_class_name": "MfMPipeline"}'}.items():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_text(payload)
+    out = tmp_path / "export"
+    check(run_tool("export-official", "--load", str(checkpoint), "--output", str(out), "--pipeline", str(source),
+                   *(["--link"] if link else [])))
+    assert sorted(p.name for p in out.iterdir()) == ["model_index.json", "scheduler", "text_encoder", "tokenizer",
+                                                     "transformer", "vae"]
+    assert (out / "vae").is_symlink() == link and (out / "tokenizer" / "spiece.model").read_text() == "x"
+    assert_bitwise_equal(out / "transformer", official[1])

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Convert MfM checkpoints between the official diffusers layout and megatron dist checkpoints.
 
-  import-official  official transformer/ folder -> megatron_mfm dist checkpoint
-  export-official  megatron_mfm dist checkpoint -> official transformer/ folder
+  import-official  official transformer/ folder -> megatron_mfm dist checkpoint (any TP/PP)
+  export-official  megatron_mfm dist checkpoint -> official transformer/ or pipeline folder
+  reshard          a checkpoint's weights rewritten by ranks of another TP/PP layout
   forward          one forward pass of a checkpoint on saved inputs (the parity check)
 
 Multi-process runs use torchrun (gloo on CPU, NCCL on GPU), e.g.
@@ -33,7 +34,7 @@ from megatron_mfm.export.model_checkpoint import (  # noqa: E402
     resolve_checkpoint,
     save_model,
 )
-from megatron_mfm.export.official_io import read_official, write_official  # noqa: E402
+from megatron_mfm.export.official_io import read_official, write_official, write_pipeline  # noqa: E402
 from megatron_mfm.model.config import from_official_config, to_official_config  # noqa: E402
 from megatron_mfm.model.dit import build_model  # noqa: E402
 from megatron_mfm.model.specs import default_layer_spec  # noqa: E402
@@ -51,14 +52,29 @@ FORWARD_INPUTS = (
 )
 
 
+def _layout(args: argparse.Namespace) -> dict:
+    """Megatron config fields of the requested layout."""
+    initialize_parallel(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp)
+    return dict(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
+
+
 def import_official(args: argparse.Namespace) -> None:
     official_config, official_state = read_official(args.official)
-    initialize_parallel(tensor_parallel_size=args.tp)
-    config = from_official_config(official_config, tensor_model_parallel_size=args.tp)
+    config = from_official_config(official_config, **_layout(args))
     model = build_model(config, default_layer_spec(args.backend))
     fill_from_global(model, from_official(official_state, config))
     save_model(model, args.save)
-    _log(f"imported {args.official} -> {args.save} (tp={args.tp})")
+    _log(f"imported {args.official} -> {args.save} (tp={args.tp}, pp={args.pp})")
+
+
+def reshard(args: argparse.Namespace) -> None:
+    path = resolve_checkpoint(args.load)
+    model = build_model(read_config(path, **_layout(args)), default_layer_spec(args.backend))
+    load_model(model, path)
+    if args.weights == "ema":
+        load_ema_weights(model, path)
+    save_model(model, args.save)
+    _log(f"resharded {path} -> {args.save} (tp={args.tp}, pp={args.pp}, {args.weights} weights)")
 
 
 def export_official(args: argparse.Namespace) -> None:
@@ -72,7 +88,10 @@ def export_official(args: argparse.Namespace) -> None:
     state = to_official(global_state(model), config)
     if args.dtype != "fp32":
         state = {k: v.to(torch.bfloat16) for k, v in state.items()}
-    write_official(args.output, to_official_config(config), state)
+    if args.pipeline:
+        write_pipeline(args.output, args.pipeline, to_official_config(config), state, link=args.link)
+    else:
+        write_official(args.output, to_official_config(config), state)
     _log(f"exported {args.load} -> {args.output} ({len(state)} tensors, {args.weights} weights, {args.dtype})")
 
 
@@ -125,14 +144,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--official", required=True, help="folder with config.json and diffusion_pytorch_model*.safetensors")
     p.add_argument("--save", required=True, help="new checkpoint directory (must not exist)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the writing ranks (run with torchrun)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the writing ranks")
     p.add_argument("--backend", default="local", choices=["auto", "te", "local"], help="layer spec used to build the model")
     p.set_defaults(run=import_official)
+
+    p = sub.add_parser("reshard", help="rewrite a checkpoint's model (or EMA) weights from ranks of another TP/PP layout")
+    p.add_argument("--load", required=True, help="checkpoint (training or model-only) or save directory")
+    p.add_argument("--save", required=True, help="new model-only checkpoint directory (must not exist)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (world size = tp * pp under torchrun)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--weights", default="raw", choices=["raw", "ema"], help="raw weights or the EMA of a training checkpoint")
+    p.add_argument("--backend", default="local", choices=["auto", "te", "local"], help="layer spec used to build the model")
+    p.set_defaults(run=reshard)
 
     p = sub.add_parser("export-official", help="dist checkpoint -> official transformer/ folder")
     p.add_argument("--load", required=True, help="megatron_mfm checkpoint directory")
     p.add_argument("--output", required=True, help="new folder for config.json + safetensors (must not exist)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the written tensors")
     p.add_argument("--weights", default="raw", choices=["raw", "ema"], help="raw weights or the EMA of a training checkpoint")
+    p.add_argument("--pipeline", help="official pipeline folder whose other components (vae, text_encoder, "
+                   "tokenizer, scheduler, model_index.json) join the export; --output is then a pipeline folder")
+    p.add_argument("--link", action="store_true", help="symlink the --pipeline components instead of copying them")
     p.set_defaults(run=export_official)
 
     p = sub.add_parser("forward", help="one forward pass on inputs named as the official forward's arguments")

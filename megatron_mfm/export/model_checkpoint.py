@@ -94,7 +94,11 @@ def check_shapes(model: MfMDiT, path: str | Path) -> None:
             problems.append(
                 f"{key}: checkpoint {tuple(saved[key].global_shape)} vs model {tuple(sh.global_shape)}"
             )
-    unexpected = [k for k in sorted(set(saved) - set(expected)) if not k.startswith(TRAINING_STATE_PREFIXES)]
+    # Under pipeline parallelism each stage holds a subset: compare with the keys of all ranks.
+    everywhere: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everywhere, sorted(expected))
+    known = set().union(*everywhere)
+    unexpected = [k for k in sorted(set(saved) - known) if not k.startswith(TRAINING_STATE_PREFIXES)]
     problems += [f"{key}: in checkpoint but not in the model" for key in unexpected]
     if problems:
         shown = "\n  ".join(problems[:8])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -37,9 +38,36 @@ def read_official(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, state
 
 
+def _write_transformer(folder: Path, config: dict, state: dict[str, torch.Tensor]) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / WEIGHTS_NAME)
+
+
 def write_official(folder: str | Path, config: dict, state: dict[str, torch.Tensor]) -> Path:
     """Write config.json + one safetensors file; the folder appears only when complete."""
     with atomic_directory(folder) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp / WEIGHTS_NAME)
+        _write_transformer(tmp, config, state)
+    return Path(folder)
+
+
+def write_pipeline(folder: str | Path, source: str | Path, config: dict, state: dict[str, torch.Tensor],
+                   link: bool = False) -> Path:
+    """A complete diffusers pipeline folder: our ``transformer/`` plus every other component
+    (``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``, ``model_index.json``...) copied,
+    or symlinked with ``link``, from an official pipeline folder ``source``."""
+    source = Path(source).resolve()
+    if not (source / "model_index.json").is_file():
+        raise FileNotFoundError(f"{source}: not a diffusers pipeline folder (no model_index.json)")
+    with atomic_directory(folder) as tmp:
+        for entry in sorted(source.iterdir()):
+            if entry.name == "transformer":
+                continue
+            if link:
+                (tmp / entry.name).symlink_to(entry)
+            elif entry.is_dir():
+                shutil.copytree(entry, tmp / entry.name, symlinks=True)
+            else:
+                shutil.copy2(entry, tmp / entry.name)
+        _write_transformer(tmp / "transformer", config, state)
     return Path(folder)

@@ -105,6 +105,7 @@ def make_config(**fields: Any) -> MfMConfig:
     values.setdefault("kv_channels", values["hidden_size"] // values["num_attention_heads"])
     values.setdefault("ffn_hidden_size", 4 * values["hidden_size"])
     values.setdefault("use_cpu_initialization", not torch.cuda.is_available())
+    values.setdefault("pipeline_dtype", values.get("params_dtype", torch.float32))  # p2p dtype under PP
     return MfMConfig(**values)
 
 
