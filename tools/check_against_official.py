@@ -25,11 +25,9 @@ from megatron_mfm.utils.warnings_filter import quiet_known_warnings  # noqa: E40
 quiet_known_warnings()
 
 from megatron_mfm.export.key_map import to_official  # noqa: E402
-from megatron_mfm.export.model_checkpoint import global_state, load_model, read_config  # noqa: E402
+from megatron_mfm.export.model_checkpoint import build_from_checkpoint, global_state  # noqa: E402
 from megatron_mfm.export.official_io import write_official  # noqa: E402
 from megatron_mfm.model.config import to_official_config  # noqa: E402
-from megatron_mfm.model.dit import build_model  # noqa: E402
-from megatron_mfm.model.specs import local_layer_spec  # noqa: E402
 from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel  # noqa: E402
 
 
@@ -75,9 +73,8 @@ def main() -> None:
     official_cls = load_official_class(args.mfm_repo)
     initialize_parallel()
     try:
-        config = read_config(args.load)
-        model = build_model(config, local_layer_spec())
-        load_model(model, args.load)
+        model = build_from_checkpoint(args.load)
+        config = model.config
         model.eval()
         inputs = random_inputs(config, args.frames, args.height, args.width)
         with tempfile.TemporaryDirectory() as tmp:

@@ -26,12 +26,9 @@ quiet_known_warnings()
 
 from megatron_mfm.export.key_map import from_official, to_official  # noqa: E402
 from megatron_mfm.export.model_checkpoint import (  # noqa: E402
+    build_from_checkpoint,
     fill_from_global,
     global_state,
-    load_ema_weights,
-    load_model,
-    read_config,
-    resolve_checkpoint,
     save_model,
 )
 from megatron_mfm.export.official_io import read_official, write_official, write_pipeline  # noqa: E402
@@ -68,23 +65,15 @@ def import_official(args: argparse.Namespace) -> None:
 
 
 def reshard(args: argparse.Namespace) -> None:
-    path = resolve_checkpoint(args.load)
-    model = build_model(read_config(path, **_layout(args)), default_layer_spec(args.backend))
-    load_model(model, path)
-    if args.weights == "ema":
-        load_ema_weights(model, path)
+    model = build_from_checkpoint(args.load, args.weights, args.backend, **_layout(args))
     save_model(model, args.save)
-    _log(f"resharded {path} -> {args.save} (tp={args.tp}, pp={args.pp}, {args.weights} weights)")
+    _log(f"resharded {args.load} -> {args.save} (tp={args.tp}, pp={args.pp}, {args.weights} weights)")
 
 
 def export_official(args: argparse.Namespace) -> None:
     initialize_parallel()
-    path = resolve_checkpoint(args.load)
-    config = read_config(path)
-    model = build_model(config, default_layer_spec("local"))
-    load_model(model, path)
-    if args.weights == "ema":
-        load_ema_weights(model, path)
+    model = build_from_checkpoint(args.load, args.weights)
+    config = model.config
     state = to_official(global_state(model), config)
     if args.dtype != "fp32":
         state = {k: v.to(torch.bfloat16) for k, v in state.items()}
@@ -99,10 +88,8 @@ def forward(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file, save_file
 
     initialize_parallel(tensor_parallel_size=args.tp)
-    path = resolve_checkpoint(args.load)
-    config = read_config(path, tensor_model_parallel_size=args.tp, sequence_parallel=args.sequence_parallel and args.tp > 1)
-    model = build_model(config, default_layer_spec(args.backend))
-    load_model(model, path)
+    model = build_from_checkpoint(args.load, "raw", args.backend, tensor_model_parallel_size=args.tp,
+                                  sequence_parallel=args.sequence_parallel and args.tp > 1)
     model.eval()
     inputs = load_file(args.inputs)
     unknown = sorted(set(inputs) - set(FORWARD_INPUTS))

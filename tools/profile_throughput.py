@@ -137,9 +137,6 @@ def profile_one(args, preset: str, frames: int, height: int, width: int, recompu
     peak = args.peak_tflops or (H100_BF16_PEAK_TFLOPS if torch.cuda.is_available() else 0.0)
     roofline = kernel_roofline_seconds(config, tokens, args.micro_batch_size, trainer.dtype, trainer.device,
                                        max(3, args.iterations))
-    del trainer, ddp, batch
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return {
         "preset": preset, "frames": frames, "height": height, "width": width, "tokens": tokens,
         "tp": args.tp, "recompute": "full" if recompute else "none", "precision": precision,
@@ -207,6 +204,8 @@ def main(argv=None) -> list[dict]:
         ):
             try:
                 rows.append(profile_one(args, preset, frames, height, width, recompute == "full", precision))
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # the previous configuration's model is gone
             except torch.OutOfMemoryError:
                 rows.append({"preset": preset, "frames": frames, "height": height, "width": width,
                              "recompute": recompute, "precision": precision, "error": "out of memory"})

@@ -24,14 +24,7 @@ quiet_known_warnings()
 from megatron_mfm.data.encoders import builtin_encoders  # noqa: E402
 from megatron_mfm.data.synthetic import SyntheticConfig, SyntheticVideoDataset  # noqa: E402
 from megatron_mfm.diffusion.pipeline import SamplingConfig, generate, task_sample_for  # noqa: E402
-from megatron_mfm.export.model_checkpoint import (  # noqa: E402
-    load_ema_weights,
-    load_model,
-    read_config,
-    resolve_checkpoint,
-)
-from megatron_mfm.model.dit import build_model  # noqa: E402
-from megatron_mfm.model.specs import default_layer_spec  # noqa: E402
+from megatron_mfm.export.model_checkpoint import build_from_checkpoint  # noqa: E402
 from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel  # noqa: E402
 from megatron_mfm.tasks.builders import IMAGE_TASKS, TASKS, Clip  # noqa: E402
 from megatron_mfm.utils.media import contact_sheet, read_video, write_mp4, write_png  # noqa: E402
@@ -76,12 +69,8 @@ def main() -> None:
 
     initialize_parallel()
     try:
-        path = resolve_checkpoint(args.load)
-        config = read_config(path)
-        model = build_model(config, default_layer_spec("auto"))
-        load_model(model, path)
-        if args.weights == "ema":
-            load_ema_weights(model, path)
+        model = build_from_checkpoint(args.load, args.weights, backend="auto")
+        config = model.config
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         model.to(device).eval()
         encoders = builtin_encoders(config.text_hidden_size)

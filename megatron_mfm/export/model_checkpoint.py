@@ -116,7 +116,7 @@ def load_model(model: MfMDiT, path: str | Path) -> None:
     request = model.sharded_state_dict()
     loaded = dist_checkpointing.load(request, str(path))
     # A training checkpoint also returns its common (non-tensor) state: keep the model's part.
-    model.load_state_dict(_local_keys(model, {k: v for k, v in loaded.items() if k in request}))
+    model.load_state_dict(to_local_keys(model, {k: v for k, v in loaded.items() if k in request}))
 
 
 @torch.no_grad()
@@ -134,7 +134,23 @@ def load_ema_weights(model: MfMDiT, path: str | Path) -> None:
     ema.copy_to_model()
 
 
-def _local_keys(model: MfMDiT, state: dict) -> dict:
+def build_from_checkpoint(path: str | Path, weights: str = "raw", backend: str = "local", **overrides) -> MfMDiT:
+    """The model of a checkpoint (or save directory) for this rank's layout, with its raw or
+    EMA weights (collective; ``overrides`` set the layout: TP, PP, SP...)."""
+    from megatron_mfm.model.dit import build_model
+    from megatron_mfm.model.specs import default_layer_spec
+
+    if weights not in ("raw", "ema"):
+        raise ValueError(f"weights={weights!r}: choose raw or ema")
+    path = resolve_checkpoint(path)
+    model = build_model(read_config(path, **overrides), default_layer_spec(backend))
+    load_model(model, path)
+    if weights == "ema":
+        load_ema_weights(model, path)
+    return model
+
+
+def to_local_keys(model: MfMDiT, state: dict) -> dict:
     """Map the (global-layer-index) sharded keys back to this stage's module names."""
     renamed = {}
     for layer_index, layer in enumerate(model.layers):

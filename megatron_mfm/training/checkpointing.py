@@ -30,7 +30,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-from megatron_mfm.export.model_checkpoint import CONFIG_FILE, LATEST, _local_keys, latest_checkpoint
+from megatron_mfm.export.model_checkpoint import CONFIG_FILE, LATEST, latest_checkpoint, to_local_keys
 from megatron_mfm.model.config import architecture_of
 from megatron_mfm.model.dit import MfMDiT
 from megatron_mfm.training.ema import EMA, EMA_PREFIX
@@ -161,7 +161,7 @@ class Checkpointer:
         state = _state(model, optimizer, ema, self.distributed_optimizer, loading=True)
         loaded = dist_checkpointing.load(state, str(path))
         model_state = {k: v for k, v in loaded.items() if k in model.sharded_state_dict()}
-        model.load_state_dict(_local_keys(model, model_state))
+        model.load_state_dict(to_local_keys(model, model_state))
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
         if ema is not None:

@@ -37,6 +37,7 @@ from megatron_mfm.training.checkpointing import Checkpointer, TrainingState
 from megatron_mfm.training.ema import EMA
 from megatron_mfm.training.flops import training_flops
 from megatron_mfm.training.logger import MetricsLogger
+from megatron_mfm.training.step import make_forward_step
 from megatron_mfm.utils.media import contact_sheet, write_mp4, write_png
 
 H100_BF16_PEAK_TFLOPS = 989.0
@@ -166,8 +167,6 @@ def _reduce_task_losses(reports: list[dict], device: torch.device) -> torch.Tens
 def train_step(trainer: Trainer) -> tuple[torch.Tensor, float | None, bool, int, int]:
     """One optimizer step: (task loss report, grad norm, whether it was applied, FLOPs and video
     tokens of this DP rank's samples)."""
-    from megatron_mfm.training.step import make_forward_step
-
     config, ddp = trainer.config, trainer.ddp
     micro_batches = trainer.loader.next_global_batch()
     ddp.zero_grad_buffer()
