@@ -20,6 +20,7 @@ setup(
         "pyyaml",
         "av",  # PyAV: mp4 writing (samples) and CPU video decoding
         "pillow",
+        "tqdm",
         "tensorboard",
         "wandb",  # offline unless configured
     ],

@@ -1,0 +1,120 @@
+"""data_prep/make_shards.py and the shard reader on real media the test writes (PyAV H.264,
+JPEG, PNG), plus a truncated video and a non-video: round-trip, skip-and-count, resume, decode."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from megatron_mfm.data.decode import MediaError, decode_clip, probe
+from megatron_mfm.data.shards import clip_from_sample, iter_shard
+from megatron_mfm.utils.media import write_mp4
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def moving_square(frames: int, height: int, width: int, colour: tuple[float, float, float]) -> torch.Tensor:
+    pixels = -torch.ones(3, frames, height, width)
+    for f in range(frames):
+        x = f * (width - 8) // max(frames - 1, 1)
+        pixels[:, f, height // 2 - 4:height // 2 + 4, x:x + 8] = torch.tensor(colour)[:, None, None]
+    return pixels
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("media")
+    for i, colour in enumerate([(1, -1, -1), (-1, 1, -1), (-1, -1, 1)]):
+        write_mp4(folder / f"clip{i}.mp4", moving_square(24, 64, 96, colour), fps=24)
+        (folder / f"clip{i}.txt").write_text(f"a square moving right, number {i}")
+    Image.fromarray(np.full((80, 120, 3), 200, np.uint8)).save(folder / "still.jpg")
+    (folder / "still.txt").write_text("a grey picture")
+    Image.fromarray(np.zeros((50, 50, 3), np.uint8)).save(folder / "dark.png")  # below --min-side
+    data = (folder / "clip0.mp4").read_bytes()
+    (folder / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    (folder / "notes.mp4").write_bytes(b"this is not a video at all\n" * 50)
+    return folder
+
+
+def make_shards(media: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "data_prep" / "make_shards.py"), "--input", str(media), "--output", str(out),
+         "--shard-size-mb", "0.002", "--workers", "2", "--min-frames", "17", "--min-side", "64", *extra],
+        capture_output=True, text=True, timeout=300)
+
+
+def test_probe_and_decode_real_files(media):
+    info = probe((media / "clip1.mp4").read_bytes(), "clip1.mp4")
+    assert (info.kind, info.width, info.height, info.frames, info.codec) == ("video", 96, 64, 24, "h264")
+    assert info.fps == 24
+    with pytest.raises(MediaError, match="notes.mp4"):
+        probe((media / "notes.mp4").read_bytes(), "notes.mp4")
+    clip = decode_clip((media / "clip2.mp4").read_bytes(), "clip2.mp4", frames=9, height=32, width=32, fps=12)
+    assert clip.shape == (3, 9, 32, 32) and clip.min() >= -1 and clip.max() <= 1
+    blue = clip[2].mean() - clip[0].mean()
+    assert blue > 0.01, "the blue square survives decoding and resizing"
+
+
+def test_shards_round_trip_skip_bad_files_and_resume(media, tmp_path):
+    out = tmp_path / "shards"
+    result = make_shards(media, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    index = json.loads((out / "index.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert index["samples"] == 4 and report["kept"] == 4  # 3 clips + still.jpg
+    skipped = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
+    assert set(skipped) == {"truncated.mp4", "notes.mp4", "dark.png"}
+    assert skipped["dark.png"] == "shorter side 50 < --min-side 64"
+    assert index["buckets"] == {"image/0p/landscape": 1, "video/0p/landscape": 3}
+    shard_files = sorted(out.glob("shard-*.tar"))
+    assert len(shard_files) == len(index["shards"]) > 1
+    assert sum(s["samples"] for s in index["shards"]) == 4
+
+    seen = {}
+    for shard in shard_files:
+        for key, name, data, record in iter_shard(shard):
+            source = Path(record["source"])
+            assert data == source.read_bytes(), "media bytes are stored as they are"
+            caption = source.with_suffix(".txt")
+            assert record["caption"] == (caption.read_text().strip() if caption.exists() else "")
+            seen[source.name] = (key, name, data, record)
+    assert set(seen) == {"clip0.mp4", "clip1.mp4", "clip2.mp4", "still.jpg"}
+
+    clip = clip_from_sample(*seen["clip0.mp4"], frames=17, height=32, width=48, fps=24)
+    assert clip.pixels.shape == (3, 17, 32, 48) and clip.caption.startswith("a square")
+    image = clip_from_sample(*seen["still.jpg"], frames=17, height=32, width=48)
+    assert image.is_image and image.pixels.shape == (3, 1, 32, 48)
+
+    # Resume: a missing shard is rewritten, finished ones are left alone.
+    stamps = {p.name: p.stat().st_mtime_ns for p in shard_files}
+    shard_files[0].unlink()
+    again = make_shards(media, out)
+    assert again.returncode == 0 and "(1 written now)" in again.stdout
+    for p in sorted(out.glob("shard-*.tar"))[1:]:
+        assert p.stat().st_mtime_ns == stamps[p.name]
+    with tarfile.open(shard_files[0]) as tar:
+        assert len(tar.getmembers()) == 2 * index["shards"][0]["samples"]
+
+
+def test_filters_and_manifest(media, tmp_path):
+    manifest = tmp_path / "manifest.jsonl"
+    rows = [{"path": str(media / "clip0.mp4"), "caption": "red", "source_id": 7},
+            {"path": str(media / "still.jpg"), "caption": "grey"}]
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "shards"
+    result = make_shards(manifest, out, "--min-frames", "30")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [Path(s["path"]).name for s in report["skipped"]] == ["clip0.mp4"]
+    assert "24 frames < --min-frames 30" in report["skipped"][0]["reason"]
+    records = [r for shard in sorted(out.glob("*.tar")) for *_, r in iter_shard(shard)]
+    assert [r["caption"] for r in records] == ["grey"]
