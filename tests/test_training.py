@@ -157,11 +157,14 @@ def test_two_rank_layouts_match_one_process(tmp_path, reference_run, layout):
         assert abs(parallel[i] - reference_run[i]) <= 1e-5 * abs(reference_run[i]), (i, parallel[i], reference_run[i])
 
 
-@pytest.mark.parametrize("layout", [["parallel.pipeline_parallel=2"], ["parallel.context_parallel=2"]],
-                         ids=["tp2xpp2-sp", "tp2xcp2-sp"])
+@pytest.mark.parametrize(
+    "layout",
+    [["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "parallel.pipeline_parallel=2"],
+     ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "parallel.context_parallel=2"],
+     ["parallel.pipeline_parallel=2", "parallel.context_parallel=2"]],
+    ids=["tp2xpp2-sp", "tp2xcp2-sp", "pp2xcp2"])
 def test_four_rank_layouts_match(tmp_path, reference_run, layout):
-    train(tmp_path, "train.iterations=12", "train.stop_iteration=4", "parallel.tensor_parallel=2",
-          "parallel.sequence_parallel=true", *layout, ranks=4)
+    train(tmp_path, "train.iterations=12", "train.stop_iteration=4", *layout, ranks=4)
     parallel = losses(tmp_path)
     for i in range(1, 5):
         assert abs(parallel[i] - reference_run[i]) <= 1e-5 * abs(reference_run[i]), (i, parallel[i], reference_run[i])
@@ -176,6 +179,25 @@ def test_checkpoint_saved_at_pp2_resumes_at_dp2(tmp_path, reference_run):
     resumed = losses(tmp_path)
     for i in range(1, 13):
         assert abs(resumed[i] - reference_run[i]) <= 1e-5 * abs(reference_run[i]), i
+
+
+@pytest.mark.parametrize(
+    "first,second",
+    [(["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"], []),
+     ([], ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"])],
+    ids=["tp2xpp2-to-dp4", "dp4-to-tp2xpp2"])
+def test_four_rank_checkpoint_changes_layout(tmp_path, first, second):
+    """Saved at TP2xPP2 and resumed at DP4, and back: the losses continue as uninterrupted."""
+    mbs = "train.micro_batch_size=1"  # DP4 needs 4 micro-batch slots per global batch of 4
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    train(reference, "train.iterations=8", mbs)
+    ckpt = tmp_path / "ckpt"
+    train(tmp_path, "train.iterations=8", "train.stop_iteration=4", mbs, f"checkpoint.save={ckpt}", *first, ranks=4)
+    train(tmp_path, "train.iterations=8", mbs, f"checkpoint.load={ckpt}", f"checkpoint.save={ckpt}", *second, ranks=4)
+    expected, resumed = losses(reference), losses(tmp_path)
+    for i in range(1, 9):
+        assert abs(resumed[i] - expected[i]) <= 1e-5 * abs(expected[i]), i
 
 
 def test_distributed_optimizer_checkpoint_resumes_exactly(tmp_path, reference_run):
@@ -211,6 +233,7 @@ def test_training_checkpoint_exports_and_samples(tmp_path):
     tools/sample.py writing playable mp4s for an image task and a video task."""
     from safetensors.torch import load_file
 
+    from megatron_mfm.tasks.builders import IMAGE_TASKS, TASKS
     from megatron_mfm.utils.media import read_video
 
     ckpt = tmp_path / "ckpt"
@@ -232,10 +255,10 @@ def test_training_checkpoint_exports_and_samples(tmp_path):
 
     out = tmp_path / "samples"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "sample.py"), "--load", str(latest), "--tasks", "t2i", "vinp",
+        [sys.executable, str(ROOT / "tools" / "sample.py"), "--load", str(ckpt), "--tasks", *TASKS,
          "--output", str(out), "--steps", "2", "--frames", "5", "--height", "32", "--width", "48"],
         capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert read_video(out / "t2i.mp4").shape == (1, 32, 48, 3)
-    assert read_video(out / "vinp.mp4").shape == (5, 32, 48, 3)
+    for task in TASKS:  # every task writes a playable mp4 of the right size
+        assert read_video(out / f"{task}.mp4").shape == ((1 if task in IMAGE_TASKS else 5), 32, 48, 3), task
     assert (out / "contact_sheet.png").stat().st_size > 0
