@@ -3,7 +3,6 @@ JPEG, PNG), plus a truncated video and a non-video: round-trip, skip-and-count, 
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys

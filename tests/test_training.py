@@ -262,3 +262,10 @@ def test_training_checkpoint_exports_and_samples(tmp_path):
     for task in TASKS:  # every task writes a playable mp4 of the right size
         assert read_video(out / f"{task}.mp4").shape == ((1 if task in IMAGE_TASKS else 5), 32, 48, 3), task
     assert (out / "contact_sheet.png").stat().st_size > 0
+
+    from_export = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "sample.py"), "--official", str(tmp_path / "raw"), "--tasks", "i2v",
+         "--output", str(tmp_path / "official_samples"), "--steps", "2", "--frames", "5", "--height", "32",
+         "--width", "48"], capture_output=True, text=True)
+    assert from_export.returncode == 0, from_export.stderr[-3000:]
+    assert read_video(tmp_path / "official_samples" / "i2v.mp4").shape == (5, 32, 48, 3)

@@ -24,17 +24,15 @@ from megatron_mfm.utils.warnings_filter import quiet_known_warnings  # noqa: E40
 
 quiet_known_warnings()
 
-from megatron_mfm.export.key_map import from_official, to_official  # noqa: E402
+from megatron_mfm.export.key_map import to_official  # noqa: E402
 from megatron_mfm.export.model_checkpoint import (  # noqa: E402
     build_from_checkpoint,
-    fill_from_global,
+    build_from_official,
     global_state,
     save_model,
 )
-from megatron_mfm.export.official_io import read_official, write_official, write_pipeline  # noqa: E402
-from megatron_mfm.model.config import from_official_config, to_official_config  # noqa: E402
-from megatron_mfm.model.dit import build_model  # noqa: E402
-from megatron_mfm.model.specs import default_layer_spec  # noqa: E402
+from megatron_mfm.export.official_io import write_official, write_pipeline  # noqa: E402
+from megatron_mfm.model.config import to_official_config  # noqa: E402
 from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel  # noqa: E402
 
 # Names of the official forward's arguments, as the inputs file must spell them.
@@ -56,10 +54,7 @@ def _layout(args: argparse.Namespace) -> dict:
 
 
 def import_official(args: argparse.Namespace) -> None:
-    official_config, official_state = read_official(args.official)
-    config = from_official_config(official_config, **_layout(args))
-    model = build_model(config, default_layer_spec(args.backend))
-    fill_from_global(model, from_official(official_state, config))
+    model = build_from_official(args.official, args.backend, **_layout(args))
     save_model(model, args.save)
     _log(f"imported {args.official} -> {args.save} (tp={args.tp}, pp={args.pp})")
 
@@ -128,7 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("import-official", help="official transformer/ folder -> dist checkpoint")
-    p.add_argument("--official", required=True, help="folder with config.json and diffusion_pytorch_model*.safetensors")
+    p.add_argument("--official", required=True,
+                   help="transformer/ folder (config.json + diffusion_pytorch_model*.safetensors) or a pipeline folder")
     p.add_argument("--save", required=True, help="new checkpoint directory (must not exist)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the writing ranks (run with torchrun)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the writing ranks")

@@ -5,6 +5,7 @@ The condition of each task is built from a reference clip, exactly as in trainin
 image file (--input) or a clip of the built-in synthetic data (--synthetic-index).
 
   python tools/sample.py --load ckpt --tasks t2v i2v --output samples/ --weights ema
+  python tools/sample.py --official export/transformer --tasks vinp --input clip.mp4 --output samples/
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ quiet_known_warnings()
 from megatron_mfm.data.encoders import builtin_encoders  # noqa: E402
 from megatron_mfm.data.synthetic import SyntheticConfig, SyntheticVideoDataset  # noqa: E402
 from megatron_mfm.diffusion.pipeline import SamplingConfig, generate, task_sample_for  # noqa: E402
-from megatron_mfm.export.model_checkpoint import build_from_checkpoint  # noqa: E402
+from megatron_mfm.export.model_checkpoint import build_from_checkpoint, build_from_official  # noqa: E402
 from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel  # noqa: E402
 from megatron_mfm.tasks.builders import IMAGE_TASKS, TASKS, Clip  # noqa: E402
 from megatron_mfm.utils.media import contact_sheet, read_video, write_mp4, write_png  # noqa: E402
@@ -48,7 +49,9 @@ def reference_clip(args: argparse.Namespace, image: bool) -> Clip:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--load", required=True, help="checkpoint (training or converted) or a save directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--load", help="checkpoint (training or converted) or a save directory")
+    source.add_argument("--official", help="official (exported) transformer/ or pipeline folder")
     parser.add_argument("--tasks", nargs="+", default=["t2v", "i2v"], choices=TASKS, help="tasks to sample")
     parser.add_argument("--output", required=True, help="folder for mp4 and PNG files")
     parser.add_argument("--weights", default="ema", choices=["raw", "ema"], help="EMA (training checkpoints) or raw")
@@ -69,7 +72,10 @@ def main() -> None:
 
     initialize_parallel()
     try:
-        model = build_from_checkpoint(args.load, args.weights, backend="auto")
+        if args.official:
+            model = build_from_official(args.official, backend="auto")
+        else:
+            model = build_from_checkpoint(args.load, args.weights, backend="auto")
         config = model.config
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         model.to(device).eval()

@@ -150,6 +150,25 @@ def build_from_checkpoint(path: str | Path, weights: str = "raw", backend: str =
     return model
 
 
+def build_from_official(folder: str | Path, backend: str = "local", **overrides) -> MfMDiT:
+    """The model of an official ``transformer/`` folder (or a pipeline folder holding one), for
+    this rank's layout."""
+    from megatron_mfm.export.key_map import from_official
+    from megatron_mfm.export.official_io import read_official
+    from megatron_mfm.model.config import from_official_config
+    from megatron_mfm.model.dit import build_model
+    from megatron_mfm.model.specs import default_layer_spec
+
+    folder = Path(folder)
+    if (folder / "transformer").is_dir():
+        folder = folder / "transformer"
+    official_config, official_state = read_official(folder)
+    config = from_official_config(official_config, **overrides)
+    model = build_model(config, default_layer_spec(backend))
+    fill_from_global(model, from_official(official_state, config))
+    return model
+
+
 def to_local_keys(model: MfMDiT, state: dict) -> dict:
     """Map the (global-layer-index) sharded keys back to this stage's module names."""
     renamed = {}
