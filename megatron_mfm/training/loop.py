@@ -186,7 +186,8 @@ def train_step(trainer: Trainer) -> tuple[torch.Tensor, float | None, bool, int,
         forward_only=False,
     )
     flops = sum(
-        training_flops(trainer.model_config, (t, mb.pixels.shape[3] // 8, mb.pixels.shape[4] // 8), 77) * len(mb.prompts)
+        training_flops(trainer.model_config, (t, mb.pixels.shape[3] // 8, mb.pixels.shape[4] // 8),
+                       trainer.encoders.text.max_length) * len(mb.prompts)
         for t, mb in zip(latent_frames, micro_batches)
     )
     tokens = sum(t * mb.pixels.shape[3] * mb.pixels.shape[4] // 256 * len(mb.prompts)
