@@ -156,10 +156,3 @@ def apply() -> None:
     _patch_distributed_optimizer()
     _CudaToCpuMode().__enter__()  # process-wide: megatron creates cuda tensors anywhere
     _applied = True
-
-
-def apply_if_cpu() -> bool:
-    """Apply the patches when no GPU is present; returns whether they are active."""
-    if not torch.cuda.is_available():
-        apply()
-    return _applied
