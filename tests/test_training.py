@@ -269,3 +269,13 @@ def test_training_checkpoint_exports_and_samples(tmp_path):
          "--width", "48"], capture_output=True, text=True)
     assert from_export.returncode == 0, from_export.stderr[-3000:]
     assert read_video(tmp_path / "official_samples" / "i2v.mp4").shape == (5, 32, 48, 3)
+
+    # Tensor-parallel sampling gives the same clip (up to rounding before the 8-bit encode).
+    tp2 = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+         str(ROOT / "tools" / "sample.py"), "--tp", "2", "--load", str(ckpt), "--tasks", "vinp",
+         "--output", str(tmp_path / "tp2_samples"), "--steps", "2", "--frames", "5", "--height", "32",
+         "--width", "48"], capture_output=True, text=True, timeout=600)
+    assert tp2.returncode == 0, tp2.stderr[-3000:]
+    single = read_video(out / "vinp.mp4").astype(float)
+    assert abs(read_video(tmp_path / "tp2_samples" / "vinp.mp4").astype(float) - single).mean() < 0.5

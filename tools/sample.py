@@ -6,6 +6,7 @@ image file (--input) or a clip of the built-in synthetic data (--synthetic-index
 
   python tools/sample.py --load ckpt --tasks t2v i2v --output samples/ --weights ema
   python tools/sample.py --official export/transformer --tasks vinp --input clip.mp4 --output samples/
+  torchrun --nproc-per-node 2 tools/sample.py --tp 2 --load ckpt --tasks t2v --output samples/
 """
 
 from __future__ import annotations
@@ -68,14 +69,17 @@ def main() -> None:
                         help="official: the MfM time warp; shifted: linear sigmas with --shift")
     parser.add_argument("--shift", type=float, default=3.0, help="shift of the shifted schedule")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (torchrun --nproc-per-node N)")
     args = parser.parse_args()
 
-    initialize_parallel()
+    initialize_parallel(tensor_parallel_size=args.tp)
+    writer = torch.distributed.get_rank() == 0  # every rank samples (TP), one writes
+    layout = dict(tensor_model_parallel_size=args.tp)
     try:
         if args.official:
-            model = build_from_official(args.official, backend="auto")
+            model = build_from_official(args.official, backend="auto", **layout)
         else:
-            model = build_from_checkpoint(args.load, args.weights, backend="auto")
+            model = build_from_checkpoint(args.load, args.weights, backend="auto", **layout)
         config = model.config
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         model.to(device).eval()
@@ -88,12 +92,14 @@ def main() -> None:
             reference = reference_clip(args, image=task in IMAGE_TASKS)
             sample = task_sample_for(reference, task, args.seed)
             clip = generate(model, encoders, sample, sampling)
-            path = write_mp4(out / f"{task}.mp4", clip, args.fps)
-            print(f"{task}: {path}  prompt: {sample.prompt!r}")
             references.append(sample.condition[:3])
             clips.append(clip)
-        sheet = write_png(out / "contact_sheet.png", contact_sheet([c for pair in zip(references, clips) for c in pair]))
-        print(f"contact sheet (per task: condition row, sample row): {sheet}")
+            if writer:
+                path = write_mp4(out / f"{task}.mp4", clip, args.fps)
+                print(f"{task}: {path}  prompt: {sample.prompt!r}")
+        if writer:
+            sheet = write_png(out / "contact_sheet.png", contact_sheet([c for pair in zip(references, clips) for c in pair]))
+            print(f"contact sheet (per task: condition row, sample row): {sheet}")
     finally:
         destroy_parallel()
 
