@@ -118,9 +118,11 @@ class Checkpointer:
                 os._exit(17)
             if dist.get_rank() == 0:
                 (tmp / CONFIG_FILE).write_text(json.dumps(architecture, indent=2) + "\n")
-                if final.exists():
-                    shutil.rmtree(final)
+                stale = final.with_name(final.name + ".old")
+                if final.exists():  # the same iteration saved again: swap, never leave a gap
+                    os.replace(final, stale)
                 os.replace(tmp, final)
+                shutil.rmtree(stale, ignore_errors=True)
                 pointer = self.save_dir / (LATEST + ".tmp")
                 pointer.write_text(final.name + "\n")
                 os.replace(pointer, self.save_dir / LATEST)
