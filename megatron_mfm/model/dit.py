@@ -136,8 +136,7 @@ class MfMDiT(MegatronModule):
             c = self.embed_conditioning(timestep, motion_score, latents.dtype)
         else:  # activations and c from the previous stage
             x, c = self.input_tensor[:-1], self.input_tensor[-1]
-        cos, sin = rope_cos_sin(grid, self.config.kv_channels, self.config.rope_theta)
-        cos, sin = (t.to(latents.device) for t in pad_rope(cos, sin, layout))
+        cos, sin = pad_rope(*rope_cos_sin(grid, self.config.kv_channels, self.config.rope_theta, latents.device), layout)
         token_mask = layout.key_padding_mask(batch, latents.device)
         text_sbh = text.transpose(0, 1)
         mask = None if text_mask is None else text_mask.bool()

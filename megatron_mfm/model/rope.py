@@ -20,9 +20,10 @@ def _axis_angles(dim: int, length: int, theta: float) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=32)
 def rope_cos_sin(
-    grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0
+    grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables (T*H*W, head_dim) for tokens in t-major, then h, then w order."""
+    """cos and sin tables (T*H*W, head_dim) for tokens in t-major, then h, then w order, cached
+    per device so a training step does not copy them from the host."""
     t, h, w = grid
     dim_t, dim_hw = head_dim // 4, head_dim // 8 * 3
     angles = torch.cat(
@@ -33,7 +34,7 @@ def rope_cos_sin(
         ],
         dim=-1,
     ).reshape(t * h * w, head_dim)
-    return angles.cos(), angles.sin()
+    return angles.cos().to(device), angles.sin().to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
