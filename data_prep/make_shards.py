@@ -7,7 +7,8 @@ metadata). Every file is probed by decoding it (PyAV / Pillow) in parallel worke
 fail, or fail the filters, are skipped and listed in ``report.json``, never fatal.
 
 Shards hold each sample's media bytes as they are (``KEY.mp4``/``KEY.jpg``...) and ``KEY.json``
-(caption, metadata, probe). The assignment of samples to shards is a pure function of the
+(caption, metadata, probe); beside each shard, ``shard-XXXXXX.json`` catalogs its samples' byte
+offsets and probed sizes, so the training loader plans batches without opening the tars. The assignment of samples to shards is a pure function of the
 inputs and ``--shard-size-mb``; each shard is written to a temporary name and renamed, so a
 re-run skips finished shards and redoes only missing ones.
 
@@ -32,9 +33,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_mfm.data.catalog import INDEX, catalog_path, write_catalog  # noqa: E402
 from megatron_mfm.data.decode import IMAGE_SUFFIXES, VIDEO_SUFFIXES, MediaError, MediaInfo, probe  # noqa: E402
+from megatron_mfm.utils.atomic import atomic_write_text  # noqa: E402
 
-INDEX, REPORT = "index.json", "report.json"
+REPORT = "report.json"
 
 
 def list_inputs(source: Path) -> list[dict]:
@@ -120,6 +123,7 @@ def write_shard(path: Path, samples: list[dict]) -> None:
                 member.size, member.mtime = len(payload), 0
                 tar.addfile(member, io.BytesIO(payload))
     os.replace(tmp, path)
+    write_catalog(path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -157,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
         if not path.exists():  # finished shards of an earlier run are kept
             write_shard(path, shard)
             written += 1
+        elif not catalog_path(path).exists():  # interrupted between the shard and its catalog
+            write_catalog(path)
     buckets: dict[str, int] = {}
     for sample in kept:
         label = bucket_of(MediaInfo(**sample["probe"]))
@@ -167,8 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
         "buckets": dict(sorted(buckets.items())),
         "frames": sum(s["probe"]["frames"] for s in kept),
     }
-    (args.output / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    (args.output / REPORT).write_text(json.dumps({"skipped": skipped, "kept": len(kept)}, indent=2) + "\n")
+    atomic_write_text(args.output / INDEX, json.dumps(index, indent=2) + "\n")
+    atomic_write_text(args.output / REPORT, json.dumps({"skipped": skipped, "kept": len(kept)}, indent=2) + "\n")
     print(f"{len(kept)} samples in {len(shards)} shards ({written} written now), {len(skipped)} skipped "
           f"(see {args.output / REPORT})")
     return index

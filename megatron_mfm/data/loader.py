@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_mfm.data.synthetic import SyntheticVideoDataset
+from megatron_mfm.tasks.builders import TaskSample
 from megatron_mfm.tasks.mixture import TaskMixture
 
 
@@ -31,6 +32,18 @@ class MicroBatch:
     """(B,) global sample indices: seed the per-sample noise and timestep."""
 
 
+def collate(samples: list[TaskSample], sample_ids: list[int]) -> MicroBatch:
+    """Stack task samples of one shape into a micro-batch."""
+    return MicroBatch(
+        pixels=torch.stack([s.pixels for s in samples]),
+        condition=torch.stack([s.condition for s in samples]),
+        prompts=[s.prompt for s in samples],
+        motion_score=torch.tensor([s.motion_score for s in samples]),
+        tasks=[s.task for s in samples],
+        sample_ids=torch.tensor(sample_ids),
+    )
+
+
 def sample_generator(seed: int, sample_id: int, stream: int) -> torch.Generator:
     """Independent deterministic generator per (sample, purpose)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + sample_id) * 16 + stream)
@@ -38,6 +51,8 @@ def sample_generator(seed: int, sample_id: int, stream: int) -> torch.Generator:
 
 class SyntheticLoader:
     """This DP rank's micro-batches of each global batch, from the synthetic dataset."""
+
+    skipped_samples = 0  # rendered samples never fail
 
     def __init__(self, dataset: SyntheticVideoDataset, mixture: TaskMixture, micro_batch_size: int,
                  global_batch_size: int, dp_rank: int, dp_size: int, seed: int):
@@ -61,14 +76,7 @@ class SyntheticLoader:
         for sample_id in ids:
             clip = self.dataset.clip(sample_id, is_image)
             samples.append(self.mixture.sample(clip, sample_generator(self.seed, sample_id, stream=1)))
-        return MicroBatch(
-            pixels=torch.stack([s.pixels for s in samples]),
-            condition=torch.stack([s.condition for s in samples]),
-            prompts=[s.prompt for s in samples],
-            motion_score=torch.tensor([s.motion_score for s in samples]),
-            tasks=[s.task for s in samples],
-            sample_ids=torch.tensor(ids),
-        )
+        return collate(samples, ids)
 
     def next_global_batch(self) -> list[MicroBatch]:
         """This rank's micro-batches for the next step; advances the consumed-sample count."""

@@ -1,0 +1,160 @@
+"""Training micro-batches from webdataset shards: planned from the catalog, decoded by workers.
+
+    catalog (metadata) -> planner (whole step, all DP ranks) -> this rank's micro-batches
+    -> worker processes: read bytes by offset, decode + resize/crop to the bucket, build the
+       task sample -> prefetched, consumed in plan order
+
+Workers only decode: what a step contains is decided in the main process, so the number of
+workers or their speed never changes the data. The checkpointed state is the planner's state
+before the first step not yet trained on; prefetched steps are planned again after a resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from megatron_mfm.data.buckets import Bucket
+from megatron_mfm.data.catalog import SampleEntry, load_catalog, read_sample
+from megatron_mfm.data.decode import MediaError, decode_clip
+from megatron_mfm.data.loader import MicroBatch, collate, sample_generator
+from megatron_mfm.data.planner import MicroBatchPlanner
+from megatron_mfm.data.stages import StageConfig, StageSchedule
+from megatron_mfm.tasks.builders import Clip
+from megatron_mfm.tasks.mixture import TaskMixture, TaskMixtureConfig
+
+TASK_STREAM = 1
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardDataConfig:
+    path: str = ""
+    """Directory written by data_prep/make_shards.py (index.json + shards)."""
+    fps: float = 16.0
+    """Frame rate clips are resampled to."""
+    shuffle_window: int = 1024
+    """Samples shuffled together (the deterministic shuffle buffer)."""
+    workers: int = 2
+    """Decoding processes per rank (0: decode in the training process)."""
+    prefetch_steps: int = 2
+    """Steps decoded ahead of the one training."""
+
+    def __post_init__(self) -> None:
+        if self.fps <= 0 or self.shuffle_window < 1 or self.workers < 0 or self.prefetch_steps < 0:
+            raise ValueError("data.shards: need fps > 0, shuffle_window >= 1, workers >= 0, prefetch_steps >= 0")
+
+
+@dataclass
+class DecodeJob:
+    """Everything a worker needs to produce one micro-batch (picklable)."""
+
+    directory: str
+    entries: list[SampleEntry]
+    sample_ids: list[int]
+    bucket: Bucket
+    fps: float
+    tasks: TaskMixtureConfig
+    seed: int
+
+
+@dataclass
+class DecodedMicroBatch:
+    batch: MicroBatch
+    failures: list[str]
+    """``shard/key: reason`` of samples that could not be decoded (replaced by a good one)."""
+
+
+def decode_micro_batch(job: DecodeJob) -> DecodedMicroBatch:
+    """Decode, resize/crop to the bucket and build task samples. An undecodable sample is
+    replaced by a decodable one of the same micro-batch (shapes stay fixed) and reported."""
+    clips: list[Clip | None] = []
+    failures = []
+    for entry in job.entries:
+        try:
+            media, record = read_sample(job.directory, entry)
+            pixels = decode_clip(media, entry.media_name, job.bucket.frames, job.bucket.height, job.bucket.width,
+                                 None if entry.is_image else job.fps)
+            clips.append(Clip(pixels=pixels, caption=record["caption"], fps=job.fps, key=entry.key))
+        except (MediaError, ValueError, OSError) as error:
+            clips.append(None)
+            failures.append(f"{entry.shard}/{entry.key}: {error}")
+    good = [c for c in clips if c is not None]
+    if not good:
+        raise MediaError("no sample of a micro-batch could be decoded: " + "; ".join(failures))
+    mixture = TaskMixture(job.tasks)
+    samples = [
+        mixture.sample(clip or good[n % len(good)], sample_generator(job.seed, sample_id, TASK_STREAM))
+        for n, (clip, sample_id) in enumerate(zip(clips, job.sample_ids))
+    ]
+    return DecodedMicroBatch(collate(samples, job.sample_ids), failures)
+
+
+class ShardLoader:
+    """This data-parallel rank's micro-batches of each step, from shards (same interface as
+    ``SyntheticLoader``)."""
+
+    def __init__(self, config: ShardDataConfig, stages: list[StageConfig], tasks: TaskMixtureConfig,
+                 micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int, seed: int):
+        if global_batch_size % (micro_batch_size * dp_size):
+            raise ValueError("global batch size must be a multiple of micro batch size x DP size")
+        self.config, self.dp_rank, self.dp_size, self.seed = config, dp_rank, dp_size, seed
+        self.num_microbatches = global_batch_size // (micro_batch_size * dp_size)
+        self.stage_tasks = [replace(tasks, weights=s.task_weights) if s.task_weights else tasks for s in stages]
+        self.planner = MicroBatchPlanner(load_catalog(config.path), StageSchedule(stages), seed, config.fps,
+                                         config.shuffle_window, micro_batch_size)
+        self.consumed_samples = 0
+        self.skipped_samples = 0
+        """Samples of this rank that failed to decode (each replaced, logged)."""
+        self._pool = (ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn"))
+                      if config.workers else None)
+        self._queue: deque[tuple[dict, int, list[Future | DecodedMicroBatch]]] = deque()
+
+    def _submit(self, job: DecodeJob) -> Future | DecodedMicroBatch:
+        return self._pool.submit(decode_micro_batch, job) if self._pool else decode_micro_batch(job)
+
+    def _plan_ahead(self) -> None:
+        while len(self._queue) < self.config.prefetch_steps + 1:
+            before = self.planner.state_dict()
+            step = self.planner.plan_step(self.num_microbatches * self.dp_size)
+            jobs = [
+                self._submit(DecodeJob(str(Path(self.config.path)), [self.planner.catalog[i] for i in mb.entries],
+                                       mb.sample_ids, mb.bucket, self.config.fps, self.stage_tasks[mb.stage],
+                                       self.seed))
+                for mb in step[self.dp_rank::self.dp_size]
+            ]
+            self._queue.append((before, sum(len(mb.entries) for mb in step), jobs))
+
+    def next_global_batch(self) -> list[MicroBatch]:
+        """This rank's micro-batches for the next step (blocks on decoding if behind)."""
+        self._plan_ahead()
+        _, samples, jobs = self._queue.popleft()
+        decoded = [job.result() if isinstance(job, Future) else job for job in jobs]
+        for result in decoded:
+            for failure in result.failures:
+                log.warning("skipped undecodable sample %s", failure)
+            self.skipped_samples += len(result.failures)
+        self.consumed_samples += samples
+        self._plan_ahead()
+        return [result.batch for result in decoded]
+
+    def state_dict(self) -> dict:
+        planner = self._queue[0][0] if self._queue else self.planner.state_dict()
+        return {"planner": planner, "consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        for _, _, jobs in self._queue:
+            for job in jobs:
+                if isinstance(job, Future):
+                    job.cancel()
+        self._queue.clear()
+        self.planner.load_state_dict(state["planner"])
+        self.consumed_samples = int(state["consumed_samples"])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
