@@ -4,14 +4,20 @@
     x = x + gate_msa * SelfAttn(modulate(LayerNorm(x)))
     x = x + CrossAttn(RMSNorm(x), text)
     x = x + gate_mlp * MLP(modulate(RMSNorm(x)))
+
+Selective recompute (``recompute_granularity="selective"``) keeps the inputs of the chosen parts
+and recomputes them in backward: ``layernorm`` drops the fp32 intermediates of the norms and the
+modulation, ``mlp`` the norm, modulation and the 4x-wide GELU activations of the MLP.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -19,6 +25,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron_mfm.model.attention import without_sequence_parallel, xavier_uniform
 from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.norms import RMSNorm, layer_norm
+
+SELECTIVE_RECOMPUTE_MODULES = ("layernorm", "mlp")
 
 
 @dataclass
@@ -92,6 +100,16 @@ class TransformerLayer(MegatronModule):
             emb = copy_to_tensor_model_parallel_region(emb)
         return [m[None] for m in emb.float().chunk(6, dim=-1)]
 
+    def _recomputed(self, part: str, function: Callable, *args: torch.Tensor) -> torch.Tensor:
+        """``function(*args)``, recomputed in backward when ``part`` is selected for recompute."""
+        selected = self.config.recompute_granularity == "selective" and part in self.config.recompute_modules
+        if self.training and selected:
+            return tensor_parallel.checkpoint(function, False, *args)
+        return function(*args)
+
+    def _modulated_mlp(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self._recomputed("layernorm", _norm_modulate(self.mlp_norm), x, shift, scale))
+
     def forward(
         self,
         x: torch.Tensor,
@@ -104,8 +122,12 @@ class TransformerLayer(MegatronModule):
         """x (S/cp/sp, B, D), c (B, D), text (L, B, C_text), text_mask (B, L) True = keep,
         token_mask (B, S) True for real video tokens when the sequence is padded."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
-        attn = self.self_attention(modulate(layer_norm(x), shift_msa, scale_msa), rope, token_mask)
-        x = gated(gate_msa, attn) + x
-        x = x + self.cross_attention(self.cross_norm(x), text, text_mask, rope)
-        mlp = self.mlp(modulate(self.mlp_norm(x), shift_mlp, scale_mlp))
+        attn_in = self._recomputed("layernorm", _norm_modulate(layer_norm), x, shift_msa, scale_msa)
+        x = gated(gate_msa, self.self_attention(attn_in, rope, token_mask)) + x
+        x = x + self.cross_attention(self._recomputed("layernorm", self.cross_norm, x), text, text_mask, rope)
+        mlp = self._recomputed("mlp", self._modulated_mlp, x, shift_mlp, scale_mlp)
         return gated(gate_mlp, mlp) + x
+
+
+def _norm_modulate(norm: Callable) -> Callable:
+    return lambda x, shift, scale: modulate(norm(x), shift, scale)

@@ -93,7 +93,7 @@ def _patch_megatron_rng() -> None:
 
 
 def _patch_distributed_optimizer() -> None:
-    """Two fixes for megatron's DistributedOptimizer over torch's Adam (no apex/TE).
+    """Three fixes for megatron's DistributedOptimizer over torch's Adam (no apex/TE).
 
     Its state dict reads Adam's ``step`` from torch's
     optimizer state to build its state dict, which fails before the first step, i.e. exactly
@@ -131,6 +131,19 @@ def _patch_distributed_optimizer() -> None:
                     self.optimizer.state[param]["step"] = torch.tensor(float(group["step"]))
 
     _replace(DistributedOptimizer, "load_state_dict", load_state_dict)
+
+    # Per-parameter (fully reshardable) checkpoints hold param/exp_avg/exp_avg_sq only, while the
+    # copy-back walks every key of torch Adam's state, ``step`` included: keep the current step
+    # (the load fix above then sets it from the param groups).
+    original_set = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        kept = {k: v for k, v in self.optimizer.state[main_param].items() if k not in tensors}
+        original_set(self, model_param, {**tensors, **kept})
+
+    _replace(DistributedOptimizer, "_set_main_param_and_optimizer_states", set_states)
 
 
 def _check_version() -> None:

@@ -72,9 +72,11 @@ def _restore_rng(states: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(states["tracker"])
 
 
-def _state(model: MfMDiT, optimizer, ema: EMA | None, distributed_optimizer: bool, loading: bool) -> dict:
+def _state(model: MfMDiT, optimizer, ema: EMA | None, optimizer_format: str | None, loading: bool) -> dict:
+    """The sharded state of a checkpoint; ``optimizer_format`` is the distributed optimizer's
+    sharding type (None for the regular optimizer)."""
     sharded = model.sharded_state_dict()
-    kwargs = {"sharding_type": "dp_reshardable"} if distributed_optimizer else {}
+    kwargs = {"metadata": {"distrib_optim_sharding_type": optimizer_format}} if optimizer_format else {}
     state: dict[str, Any] = dict(sharded)
     state["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=loading, **kwargs)
     if ema is not None:
@@ -87,10 +89,15 @@ def _state(model: MfMDiT, optimizer, ema: EMA | None, distributed_optimizer: boo
 class Checkpointer:
     """Saves (optionally asynchronously), publishes, prunes and loads training checkpoints."""
 
-    def __init__(self, save_dir: str, keep_last: int, async_save: bool, distributed_optimizer: bool):
+    def __init__(self, save_dir: str, keep_last: int, async_save: bool, distributed_optimizer: bool,
+                 reshardable_optimizer: bool = True):
         self.save_dir = Path(save_dir) if save_dir else None
         self.keep_last, self.async_save = keep_last, async_save
-        self.distributed_optimizer = distributed_optimizer
+        # fully_reshardable: per-parameter state gathered over DP, loadable at any TP/PP/DP layout;
+        # dp_reshardable: each rank writes its flat DP shard in parallel, loadable at another DP size.
+        self.save_format = None
+        if distributed_optimizer:
+            self.save_format = "fully_reshardable" if reshardable_optimizer else "dp_reshardable"
         self.queue = AsyncCallsQueue() if async_save else None
 
     def save(self, iteration: int, model: MfMDiT, optimizer, scheduler, ema: EMA | None, data_state: dict,
@@ -106,7 +113,7 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        state = _state(model, optimizer, ema, self.distributed_optimizer, loading=False)
+        state = _state(model, optimizer, ema, self.save_format, loading=False)
         state.update(
             scheduler=scheduler.state_dict(), data=data_state, iteration=iteration,
             training=training.__dict__.copy(), run_config=run_config,
@@ -160,7 +167,9 @@ class Checkpointer:
         path = latest_checkpoint(load_dir)
         if path is None:
             return 0
-        state = _state(model, optimizer, ema, self.distributed_optimizer, loading=True)
+        common = dist_checkpointing.load_common_state_dict(str(path))
+        saved_format = common["optimizer"].get("param_state_sharding_type") if self.save_format else None
+        state = _state(model, optimizer, ema, saved_format or self.save_format, loading=True)
         loaded = dist_checkpointing.load(state, str(path))
         model_state = {k: v for k, v in loaded.items() if k in model.sharded_state_dict()}
         model.load_state_dict(to_local_keys(model, model_state))
@@ -168,7 +177,6 @@ class Checkpointer:
             optimizer.load_state_dict(loaded["optimizer"])
         if ema is not None:
             ema.load_state_dict({k: v for k, v in loaded.items() if k.startswith(EMA_PREFIX)})
-        common = dist_checkpointing.load_common_state_dict(str(path))
         scheduler.load_state_dict(common["scheduler"])
         data.load_state_dict(common["data"])
         training.__dict__.update(common["training"])
