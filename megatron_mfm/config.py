@@ -16,9 +16,13 @@ from typing import Any
 
 import yaml
 
+from megatron_mfm.data.catalog import INDEX
+from megatron_mfm.data.stages import StageConfig
+from megatron_mfm.data.streaming import ShardDataConfig
 from megatron_mfm.data.synthetic import SyntheticConfig
 from megatron_mfm.diffusion.flow_matching import FlowMatchingConfig
-from megatron_mfm.model.config import PRESETS
+from megatron_mfm.model.config import CONTEXT_PARALLEL_COMM, PRESETS
+from megatron_mfm.model.layer import SELECTIVE_RECOMPUTE_MODULES
 from megatron_mfm.tasks.mixture import TaskMixtureConfig
 
 
@@ -30,16 +34,28 @@ class ConfigError(ValueError):
 class ModelConfig:
     preset: str = "tiny"
     """tiny, mfm-2b or mfm-8b."""
+    num_layers: int = 0
+    """Blocks of the model (0: the preset's); fewer for a reduced-depth run of a large preset."""
     backend: str = "auto"
     """Layer spec: auto (TE on GPU when installed), te or local."""
     recompute: bool = False
     """Recompute each block's activations in backward (full activation checkpointing)."""
+    recompute_modules: list[str] = field(default_factory=list)
+    """Selective recompute instead: any of layernorm (norm/modulation intermediates) and mlp
+    (the 4x-wide MLP activations); [] keeps everything unless ``recompute`` is set."""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError(f"model.preset={self.preset!r}: choose one of {sorted(PRESETS)}")
+        if self.num_layers < 0:
+            raise ConfigError(f"model.num_layers={self.num_layers} must be >= 0 (0: the preset's)")
         if self.backend not in ("auto", "te", "local"):
             raise ConfigError(f"model.backend={self.backend!r}: choose auto, te or local")
+        unknown = sorted(set(self.recompute_modules) - set(SELECTIVE_RECOMPUTE_MODULES))
+        if unknown:
+            raise ConfigError(f"model.recompute_modules: unknown {unknown}; choose from {SELECTIVE_RECOMPUTE_MODULES}")
+        if self.recompute and self.recompute_modules:
+            raise ConfigError("model.recompute_modules: selective recompute needs model.recompute=false (full)")
 
 
 @dataclass
@@ -48,7 +64,11 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     """Pipeline stages (the layers split evenly; 1F1B schedule)."""
     context_parallel: int = 1
-    """Split each clip's tokens across CP ranks (all-to-all attention over the full sequence)."""
+    """Split each clip's tokens across CP ranks (attention still spans the full sequence)."""
+    context_parallel_comm: str = "a2a"
+    """How CP attention exchanges data: a2a (all-to-all swaps the token split for a head split;
+    needs heads % (tp * cp) == 0) or p2p (ring attention: key/value chunks travel around the CP
+    ranks; needs only heads % tp == 0)."""
     sequence_parallel: bool = False
     """Split tokens across TP ranks outside attention/MLP GEMMs (needs tensor_parallel > 1)."""
     distributed_optimizer: bool = False
@@ -59,6 +79,10 @@ class ParallelConfig:
             raise ConfigError("parallel.tensor_parallel, pipeline_parallel and context_parallel must be >= 1")
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
+        if self.context_parallel_comm not in CONTEXT_PARALLEL_COMM:
+            raise ConfigError(
+                f"parallel.context_parallel_comm={self.context_parallel_comm!r}: choose one of {CONTEXT_PARALLEL_COMM}"
+            )
 
 
 @dataclass
@@ -127,6 +151,10 @@ class CheckpointConfig:
     """Checkpoints kept (older ones are deleted once a newer one is complete); 0 keeps all."""
     async_save: bool = False
     """Write checkpoint files in the background while training continues."""
+    reshardable_optimizer: bool = True
+    """With parallel.distributed_optimizer: save optimizer state per parameter (gathered over DP
+    on save) so the checkpoint resumes at any TP/PP/DP layout; false writes each rank's flat
+    shard in parallel (faster for large runs; resumes only at the same TP/PP, any DP)."""
 
 
 @dataclass
@@ -152,14 +180,24 @@ class LoggingConfig:
     """Per-GPU dense peak for MFU (0: H100 989 on GPU; no MFU on CPU)."""
 
 
+def _single_stage() -> list[StageConfig]:
+    return [StageConfig()]
+
+
 @dataclass
 class DataConfig:
     source: str = "synthetic"
+    """synthetic (built in, no files) or shards (data_prep/make_shards.py output at data.shards.path)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    shards: ShardDataConfig = field(default_factory=ShardDataConfig)
+    stages: list[StageConfig] = field(default_factory=_single_stage)
+    """Shards only: the resolution-progressive schedule (buckets, frames, token budget, tasks)."""
 
     def __post_init__(self) -> None:
-        if self.source != "synthetic":
-            raise ConfigError(f"data.source={self.source!r}: only 'synthetic' is available so far")
+        if self.source not in ("synthetic", "shards"):
+            raise ConfigError(f"data.source={self.source!r}: choose synthetic or shards")
+        if self.source == "shards" and not (Path(self.shards.path) / INDEX).is_file():
+            raise ConfigError(f"data.shards.path={self.shards.path!r}: no {INDEX} there (run data_prep/make_shards.py)")
 
 
 @dataclass
@@ -182,7 +220,7 @@ class RunConfig:
                 f"parallel.tensor_parallel={tp} x pipeline_parallel={pp} x context_parallel={cp} does not divide "
                 f"the world size {world_size}"
             )
-        layers = PRESETS[self.model.preset]["num_layers"]
+        layers = self.model.num_layers or PRESETS[self.model.preset]["num_layers"]
         if layers % pp:
             raise ConfigError(f"parallel.pipeline_parallel={pp} does not divide the {layers} layers of {self.model.preset}")
         if (pp > 1 or cp > 1) and self.logging.sample_interval:
@@ -194,10 +232,15 @@ class RunConfig:
                 f"micro_batch_size * data-parallel size = {self.train.micro_batch_size} * {dp}"
             )
         heads = PRESETS[self.model.preset]["num_attention_heads"]
-        if heads % (tp * cp):
+        if self.parallel.context_parallel_comm == "p2p" and heads % tp:
+            raise ConfigError(
+                f"parallel.tensor_parallel={tp} does not divide the {heads} heads of {self.model.preset}"
+            )
+        if self.parallel.context_parallel_comm == "a2a" and heads % (tp * cp):
             raise ConfigError(
                 f"parallel.tensor_parallel x context_parallel = {tp * cp} does not divide the {heads} heads of "
-                f"{self.model.preset} (all-to-all context parallelism splits heads)"
+                f"{self.model.preset} (all-to-all context parallelism splits heads; "
+                "parallel.context_parallel_comm=p2p does not)"
             )
 
 
@@ -233,6 +276,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v, f"{where}[{n}]") for n, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         return value
     if hint is bool:

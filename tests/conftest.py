@@ -14,6 +14,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from megatron_mfm.parallel.initialize import initialize_parallel  # noqa: E402
 
 
+def load_script(path: Path):
+    """A script (tools/*.py) as a module, to call its functions in this process without paying
+    a fresh interpreter's start-up."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from megatron_mfm.export.official_io import INDEX_NAME, WEIGHTS_NAME, OfficialWeights
+from conftest import load_script
 from mfm_cases import TINY, make_inputs, make_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,10 +83,10 @@ def checkpoint(official, tmp_path_factory) -> Path:
 
 
 def assert_bitwise_equal(folder: Path, state: dict[str, torch.Tensor]) -> None:
-    exported = load_file(folder / "diffusion_pytorch_model.safetensors")
-    assert sorted(exported) == sorted(state)
-    for key, tensor in state.items():
-        assert exported[key].dtype == tensor.dtype and torch.equal(exported[key], tensor), key
+    with OfficialWeights(folder) as exported:
+        assert exported.keys() == sorted(state)
+        for key, tensor in state.items():
+            assert exported.get(key).dtype == tensor.dtype and torch.equal(exported.get(key), tensor), key
     config = json.loads((folder / "config.json").read_text())
     for key in ("num_attention_heads", "attention_head_dim", "num_layers", "cross_attention_dim",
                 "attention_bias", "use_depth_cond", "add_motion_score", "in_channels"):
@@ -95,6 +97,56 @@ def test_import_then_export_is_bitwise(official, checkpoint, tmp_path):
     check(run_tool("export-official", "--load", str(checkpoint), "--output", str(tmp_path / "out")))
     assert_bitwise_equal(tmp_path / "out", official[1])
     assert not list(tmp_path.glob(".*tmp*")), "temporary directory left behind"
+
+
+def test_sharded_export_round_trips_and_loads_in_diffusers(official, checkpoint, tmp_path):
+    """A tiny --max-shard-size splits the export into shards + index holding the bytes that were
+    imported (from the sharded fixture), and diffusers' from_pretrained reads them."""
+    sharded = tmp_path / "sharded"
+    check(run_tool("export-official", "--load", str(checkpoint), "--output", str(sharded), "--max-shard-size", "64KB"))
+    index = json.loads((sharded / INDEX_NAME).read_text())
+    shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert not (sharded / WEIGHTS_NAME).exists() and len(shards) > 2
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in official[1].values())
+    for shard in shards:  # under the cap, or one tensor larger than the cap alone
+        names = [k for k, v in index["weight_map"].items() if v == shard]
+        assert len(names) == 1 or sum(official[1][k].numel() * 4 for k in names) <= 64_000, shard
+    assert_bitwise_equal(sharded, official[1])
+
+    loaded = diffusers_reference(sharded)
+    for key, tensor in official[1].items():
+        assert torch.equal(loaded[key], tensor), key
+
+
+def diffusers_reference(folder: Path) -> dict[str, torch.Tensor]:
+    """The state dict diffusers' ``ModelMixin.from_pretrained`` loads from an exported folder
+    into a module with the official parameter names."""
+    from diffusers import ConfigMixin, ModelMixin
+    from diffusers.configuration_utils import register_to_config
+
+    from reference_mfm import ReferenceMfM
+
+    class Transformer3DModel(ModelMixin, ConfigMixin):
+        config_name = "config.json"
+
+        @register_to_config
+        def __init__(self, num_layers: int = 1, num_attention_heads: int = 1, attention_head_dim: int = 1,
+                     cross_attention_dim: int = 1, attention_bias: bool = False):
+            super().__init__()
+            reference = ReferenceMfM(num_layers, num_attention_heads, attention_head_dim, cross_attention_dim,
+                                     bias=attention_bias)
+            for name, child in reference.named_children():
+                self.add_module(name, child)
+
+    model = Transformer3DModel.from_pretrained(str(folder), low_cpu_mem_usage=False)
+    return model.state_dict()
+
+
+def test_bad_shard_size_names_the_flag(capsys):
+    with pytest.raises(SystemExit):
+        load_script(Path(TOOL)).parse_args(["export-official", "--load", "c", "--output", "o", "--max-shard-size", "lots"])
+    assert "--max-shard-size" in capsys.readouterr().err
 
 
 def test_import_at_tp2_then_export_is_bitwise(official, tmp_path):
@@ -162,10 +214,12 @@ def test_existing_output_is_never_overwritten(checkpoint, official):
     assert result.returncode != 0 and "already exists" in result.stderr
 
 
-def test_every_subcommand_has_help():
+def test_every_subcommand_has_help(capsys):
+    tool = load_script(Path(TOOL))
     for command in ("import-official", "export-official", "reshard", "forward"):
-        result = run_tool(command, "--help")
-        assert result.returncode == 0 and "--" in result.stdout
+        with pytest.raises(SystemExit) as exit_:
+            tool.parse_args([command, "--help"])
+        assert exit_.value.code == 0 and "--" in capsys.readouterr().out
 
 
 def test_inspect_summarises_and_diffs(official, checkpoint, tmp_path):

@@ -1,5 +1,5 @@
-"""tools/profile_throughput.py on CPU: runs, writes JSON/CSV, and counts the FLOPs the training
-logs count for the same step."""
+"""tools/profile_throughput.py on CPU: a 2-rank sweep of layouts (DP2, TP2, CP2, PP2) and recompute
+writes one row per configuration to JSON/CSV, counting the FLOPs the training logs count."""
 
 from __future__ import annotations
 
@@ -9,24 +9,38 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from megatron_mfm.model.config import preset_config
+from megatron_mfm.training.flops import training_flops
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "profile_throughput.py"
 
 
-def test_profiler_runs_and_agrees_with_training_flops(tmp_path):
+def test_two_rank_sweep_agrees_with_training_flops(tmp_path):
+    from conftest import free_port
+
     size = ["--frames", "5", "--height", "32", "--width", "48"]
     profile = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "profile_throughput.py"), "--presets", "tiny", *size,
-         "--recompute", "none", "full", "--iterations", "2", "--warmup", "1", "--backend", "local",
-         "--output", str(tmp_path / "profile")],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+         str(TOOL), "--presets", "tiny", *size, "--layouts", "tp1", "tp2", "cp2", "pp2", "--recompute", "none", "full",
+         "--iterations", "2", "--warmup", "1", "--backend", "local", "--output", str(tmp_path / "profile")],
         capture_output=True, text=True, timeout=600)
     assert profile.returncode == 0, profile.stderr[-3000:]
     rows = json.loads((tmp_path / "profile" / "results.json").read_text())
-    assert [r["recompute"] for r in rows] == ["none", "full"]
+    assert [(r["layout"], r["dp"], r["recompute"]) for r in rows] == [
+        (layout, dp, recompute) for layout, dp in (("tp1pp1cp1", 2), ("tp2pp1cp1", 1), ("tp1pp1cp2", 1), ("tp1pp2cp1", 1))
+        for recompute in ("none", "full")]
+    per_sample = training_flops(preset_config("tiny"), (2, 4, 6), 77)
     for row in rows:
         assert row["step_s"] > 0 and row["roofline_s"] > 0 and row["tokens"] == 2 * 2 * 3
-        assert row["mfu"] is None, "no MFU claims on CPU"
+        assert row["flops_per_step"] == per_sample * row["dp"], "FLOPs of the whole launch's step"
+        assert row["samples_per_s"] == pytest.approx(row["dp"] / row["step_s"])
+        assert row["mfu"] is None and row["peak_memory_gib"] is None, "no MFU or GPU memory claims on CPU"
     with open(tmp_path / "profile" / "results.csv") as handle:
-        assert len(list(csv.DictReader(handle))) == 2
+        assert [r["layout"] for r in csv.DictReader(handle)] == [r["layout"] for r in rows]
 
     metrics = tmp_path / "metrics.jsonl"
     train = subprocess.run(
@@ -37,4 +51,16 @@ def test_profiler_runs_and_agrees_with_training_flops(tmp_path):
         capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stderr[-3000:]
     logged = json.loads(metrics.read_text().splitlines()[0])
-    assert logged["flops per step"] == rows[0]["flops_per_step"]
+    assert logged["flops per step"] == rows[2]["flops_per_step"]  # tp2: one sample a step, as logged
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--precision", "fp8"], "--precision fp8 needs Transformer Engine layers on a GPU"),
+    (["--layouts", "tp3x"], "--layouts"),
+    (["--layouts", "tp2"], "--layouts tp2pp1cp1: tp*pp*cp does not divide the world size 1"),
+], ids=["fp8-on-cpu", "bad-layout", "layout-too-big"])
+def test_bad_arguments_name_the_flag(argv, message, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit):
+        load_script(TOOL).parse_args(argv)
+    assert message in capsys.readouterr().err

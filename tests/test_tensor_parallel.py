@@ -1,4 +1,5 @@
-"""TP=2 and TP=2 with sequence parallelism (2 gloo processes) equal the single-process model."""
+"""TP=2, TP=2 with sequence parallelism and CP=2 (all-to-all and ring; 2 gloo processes) equal the
+single-process model."""
 
 from __future__ import annotations
 
@@ -64,13 +65,13 @@ def test_tensor_parallel_matches_single_process(single_process_world, sequence_p
             assert (grad - expected).norm().item() / scale < 1e-5, name
 
 
-def _cp_worker(state: dict, inputs: dict, weight_tokens: torch.Tensor) -> dict:
+def _cp_worker(comm: str, state: dict, inputs: dict, weight_tokens: torch.Tensor) -> dict:
     from megatron.core import parallel_state
 
     from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel
 
     initialize_parallel(context_parallel_size=2)
-    config = make_config(**megatron_config_kwargs(), context_parallel_size=2)
+    config = make_config(**megatron_config_kwargs(), context_parallel_size=2, cp_comm_type=comm)
     model = MfMDiT(config, local_layer_spec())
     fill_from_global(model, state)
     tokens = model(**inputs)  # this rank's padded patch tokens
@@ -88,9 +89,10 @@ def _cp_worker(state: dict, inputs: dict, weight_tokens: torch.Tensor) -> dict:
     return result
 
 
-def test_context_parallel_with_padding_matches_single_process(single_process_world):
-    """CP=2 (all-to-all attention) on an odd token count: 3 latent frames of 3 x 3 patches =
-    27 tokens, padded to 28 and masked; outputs and gradients equal CP=1."""
+@pytest.mark.parametrize("comm", ["a2a", "p2p"], ids=["cp2-a2a", "cp2-ring"])
+def test_context_parallel_with_padding_matches_single_process(single_process_world, comm):
+    """CP=2 (all-to-all or ring attention) on an odd token count: 3 latent frames of 3 x 3
+    patches = 27 tokens, padded to 28 and masked; outputs and gradients equal CP=1."""
     config = make_config(**megatron_config_kwargs())
     state = from_official(make_reference().state_dict(), config)
     inputs = make_inputs(frames=3)
@@ -105,7 +107,7 @@ def test_context_parallel_with_padding_matches_single_process(single_process_wor
     (expected_tokens * weight_tokens[:27]).sum().backward()
     expected_grads = {name: p.grad for name, p in model.named_parameters()}
 
-    for result in run_on_ranks(2, _cp_worker, state, inputs, weight_tokens):
+    for result in run_on_ranks(2, _cp_worker, comm, state, inputs, weight_tokens):
         assert result["padded"] == 28
         rows = torch.arange(28)[result["local"]]
         real = rows < 27

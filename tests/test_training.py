@@ -147,8 +147,9 @@ def test_sigterm_saves_and_resume_continues(tmp_path, reference_run):
 @pytest.mark.parametrize(
     "layout",
     [["parallel.tensor_parallel=2"], ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
-     [], ["parallel.distributed_optimizer=true"], ["parallel.pipeline_parallel=2"], ["parallel.context_parallel=2"]],
-    ids=["tp2", "tp2-sp", "dp2", "dp2-distopt", "pp2", "cp2"],
+     [], ["parallel.distributed_optimizer=true"], ["parallel.pipeline_parallel=2"], ["parallel.context_parallel=2"],
+     ["parallel.context_parallel=2", "parallel.context_parallel_comm=p2p"]],
+    ids=["tp2", "tp2-sp", "dp2", "dp2-distopt", "pp2", "cp2", "cp2-ring"],
 )
 def test_two_rank_layouts_match_one_process(tmp_path, reference_run, layout):
     train(tmp_path, "train.iterations=12", "train.stop_iteration=6", *layout, ranks=2)
@@ -200,11 +201,13 @@ def test_four_rank_checkpoint_changes_layout(tmp_path, first, second):
         assert abs(resumed[i] - expected[i]) <= 1e-5 * abs(expected[i]), i
 
 
-def test_distributed_optimizer_checkpoint_resumes_exactly(tmp_path, reference_run):
+def test_distributed_optimizer_checkpoint_resumes_at_another_layout(tmp_path, reference_run):
+    """Saved at DP2 with the optimizer state sharded over DP, resumed at TP2 (DP1): the state is
+    resharded on load and the losses continue as uninterrupted."""
     ckpt = tmp_path / "ckpt"
     opts = ["parallel.distributed_optimizer=true", f"checkpoint.save={ckpt}"]
     train(tmp_path, "train.iterations=12", "train.stop_iteration=8", "checkpoint.interval=4", *opts, ranks=2)
-    train(tmp_path, "train.iterations=12", f"checkpoint.load={ckpt}", *opts, ranks=2)
+    train(tmp_path, "train.iterations=12", f"checkpoint.load={ckpt}", "parallel.tensor_parallel=2", *opts, ranks=2)
     resumed = losses(tmp_path)
     for i in range(9, 13):
         assert abs(resumed[i] - reference_run[i]) <= 1e-5 * abs(reference_run[i]), i
@@ -259,8 +262,9 @@ def test_training_checkpoint_exports_and_samples(tmp_path):
          "--output", str(out), "--steps", "2", "--frames", "5", "--height", "32", "--width", "48"],
         capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    for task in TASKS:  # every task writes a playable mp4 of the right size
-        assert read_video(out / f"{task}.mp4").shape == ((1 if task in IMAGE_TASKS else 5), 32, 48, 3), task
+    for task in TASKS:  # every video task writes a playable mp4 of the right size, every image task a PNG
+        path = out / (f"{task}.png" if task in IMAGE_TASKS else f"{task}.mp4")
+        assert read_video(path).shape == ((1 if task in IMAGE_TASKS else 5), 32, 48, 3), task
     assert (out / "contact_sheet.png").stat().st_size > 0
 
     from_export = subprocess.run(

@@ -8,6 +8,11 @@
 
 Multi-process runs use torchrun (gloo on CPU, NCCL on GPU), e.g.
   torchrun --nproc-per-node 2 tools/convert_checkpoint.py forward --tp 2 --load CKPT ...
+
+Large models convert tensor by tensor: import reads the official safetensors lazily (one file or
+an index of shards) straight into each rank's parameters; export converts each tensor as it is
+written into safetensors shards of at most --max-shard-size (plus the diffusers index when more
+than one), so memory holds the model and at most one shard.
 """
 
 from __future__ import annotations
@@ -24,14 +29,13 @@ from megatron_mfm.utils.warnings_filter import quiet_known_warnings  # noqa: E40
 
 quiet_known_warnings()
 
-from megatron_mfm.export.key_map import to_official  # noqa: E402
 from megatron_mfm.export.model_checkpoint import (  # noqa: E402
+    OfficialTensors,
     build_from_checkpoint,
     build_from_official,
-    global_state,
     save_model,
 )
-from megatron_mfm.export.official_io import write_official, write_pipeline  # noqa: E402
+from megatron_mfm.export.official_io import parse_size, write_official, write_pipeline  # noqa: E402
 from megatron_mfm.model.config import to_official_config  # noqa: E402
 from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel  # noqa: E402
 
@@ -69,14 +73,14 @@ def export_official(args: argparse.Namespace) -> None:
     initialize_parallel()
     model = build_from_checkpoint(args.load, args.weights)
     config = model.config
-    state = to_official(global_state(model), config)
-    if args.dtype != "fp32":
-        state = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    # Converted one tensor at a time while the shards are written: the model is the only full copy.
+    tensors = OfficialTensors(model, torch.bfloat16 if args.dtype == "bf16" else None)
     if args.pipeline:
-        write_pipeline(args.output, args.pipeline, to_official_config(config), state, link=args.link)
+        write_pipeline(args.output, args.pipeline, to_official_config(config), tensors, link=args.link,
+                       max_shard_bytes=args.max_shard_size)
     else:
-        write_official(args.output, to_official_config(config), state)
-    _log(f"exported {args.load} -> {args.output} ({len(state)} tensors, {args.weights} weights, {args.dtype})")
+        write_official(args.output, to_official_config(config), tensors, max_shard_bytes=args.max_shard_size)
+    _log(f"exported {args.load} -> {args.output} ({len(tensors)} tensors, {args.weights} weights, {args.dtype})")
 
 
 def forward(args: argparse.Namespace) -> None:
@@ -148,6 +152,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pipeline", help="official pipeline folder whose other components (vae, text_encoder, "
                    "tokenizer, scheduler, model_index.json) join the export; --output is then a pipeline folder")
     p.add_argument("--link", action="store_true", help="symlink the --pipeline components instead of copying them")
+    p.add_argument("--max-shard-size", default="5GB", type=parse_size,
+                   help="largest safetensors shard (e.g. 5GB, 500MB); more than one shard adds the diffusers index")
     p.set_defaults(run=export_official)
 
     p = sub.add_parser("forward", help="one forward pass on inputs named as the official forward's arguments")

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# On a 2-GPU machine: the same bf16 TE training at 1 GPU and at TP2, TP2+SP, CP2, PP2, DP2
-# (tiny preset, synthetic data), then MfM-2B at 1 GPU vs TP2+SP and CP2; prints the loss curves
-# side by side. Usage: bash tools/gpu_parallel_parity.sh  (logs under $OUT)
+# The same bf16 TE training at 1 GPU and at other layouts (same data and seed), loss curves side by
+# side. On 2 GPUs: tiny at TP2, TP2+SP, CP2 (all-to-all and ring), PP2, DP2; MfM-2B at TP2+SP, CP2.
+# On 4 GPUs (SET=four): tiny at TP2xCP2, PP2xCP2, TP2xPP2 and a checkpoint saved at TP2xCP2 resumed
+# at PP2xCP2; MfM-2B for 20 iterations at TP2xCP2 and PP2xCP2.
+# Usage: bash tools/gpu_parallel_parity.sh  (logs under $OUT)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} CUDA_DEVICE_MAX_CONNECTIONS=1
 ONLY=${ONLY:-}  # e.g. ONLY=cp: only the 1-GPU baselines and the runs whose name contains it
+SET=${SET:-two}
 run() {  # name nproc overrides...
   local name=$1 n=$2; shift 2
   [[ -z $ONLY || $name == *1gpu || $name == *"$ONLY"* ]] || return 0
@@ -15,24 +18,45 @@ run() {  # name nproc overrides...
 }
 TINY=(--config examples/tiny_cpu.yaml model.backend=te train.precision=bf16 train.iterations=20 logging.interval=1
       train.global_batch_size=4 train.micro_batch_size=2)
-run tiny_1gpu 1 "${TINY[@]}"
-run tiny_tp2 2 "${TINY[@]}" parallel.tensor_parallel=2
-run tiny_tp2sp 2 "${TINY[@]}" parallel.tensor_parallel=2 parallel.sequence_parallel=true
-run tiny_cp2 2 "${TINY[@]}" parallel.context_parallel=2
-run tiny_pp2 2 "${TINY[@]}" parallel.pipeline_parallel=2
-run tiny_dp2 2 "${TINY[@]}"
-B2=(--config examples/mfm_2b.yaml train.iterations=8 train.global_batch_size=2 train.micro_batch_size=1
+B2=(--config examples/mfm_2b.yaml train.global_batch_size=2 train.micro_batch_size=1
     data.synthetic.image_fraction=0 logging.interval=1 parallel.distributed_optimizer=false)
-run mfm2b_1gpu 1 "${B2[@]}"
-run mfm2b_tp2sp 2 "${B2[@]}" parallel.tensor_parallel=2 parallel.sequence_parallel=true
-run mfm2b_cp2 2 "${B2[@]}" parallel.context_parallel=2
-python3 - "$OUT" <<'PY'
+run tiny_1gpu 1 "${TINY[@]}"
+if [[ $SET == two ]]; then
+  run tiny_tp2 2 "${TINY[@]}" parallel.tensor_parallel=2
+  run tiny_tp2sp 2 "${TINY[@]}" parallel.tensor_parallel=2 parallel.sequence_parallel=true
+  run tiny_cp2 2 "${TINY[@]}" parallel.context_parallel=2
+  run tiny_cp2ring 2 "${TINY[@]}" parallel.context_parallel=2 parallel.context_parallel_comm=p2p
+  run tiny_pp2 2 "${TINY[@]}" parallel.pipeline_parallel=2
+  run tiny_dp2 2 "${TINY[@]}"
+  run mfm2b_1gpu 1 "${B2[@]}" train.iterations=8
+  run mfm2b_tp2sp 2 "${B2[@]}" train.iterations=8 parallel.tensor_parallel=2 parallel.sequence_parallel=true
+  run mfm2b_cp2 2 "${B2[@]}" train.iterations=8 parallel.context_parallel=2
+  GROUPS_="tiny_1gpu,tiny_tp2,tiny_tp2sp,tiny_cp2,tiny_cp2ring,tiny_pp2,tiny_dp2 mfm2b_1gpu,mfm2b_tp2sp,mfm2b_cp2"
+else
+  run tiny_tp2cp2 4 "${TINY[@]}" parallel.tensor_parallel=2 parallel.sequence_parallel=true parallel.context_parallel=2
+  run tiny_pp2cp2 4 "${TINY[@]}" parallel.pipeline_parallel=2 parallel.context_parallel=2
+  run tiny_tp2pp2 4 "${TINY[@]}" parallel.tensor_parallel=2 parallel.pipeline_parallel=2 train.micro_batch_size=1
+  # save at TP2xCP2 after 10 iterations, resume at PP2xCP2 (ring attention) for the last 10
+  CK="$OUT/ckpt_tp2cp2"
+  torchrun --standalone --nproc-per-node 4 pretrain_mfm.py "${TINY[@]}" parallel.tensor_parallel=2 \
+    parallel.context_parallel=2 train.stop_iteration=10 checkpoint.save="$CK" logging.tensorboard_dir= \
+    logging.wandb_project= logging.sample_interval=0 logging.metrics_file="$OUT/tiny_resumed.jsonl" > "$OUT/tiny_save.log" 2>&1
+  torchrun --standalone --nproc-per-node 4 pretrain_mfm.py "${TINY[@]}" parallel.pipeline_parallel=2 \
+    parallel.context_parallel=2 parallel.context_parallel_comm=p2p checkpoint.load="$CK" checkpoint.save= \
+    logging.tensorboard_dir= logging.wandb_project= logging.sample_interval=0 \
+    logging.metrics_file="$OUT/tiny_resumed.jsonl" > "$OUT/tiny_resume.log" 2>&1 || echo "tiny resume FAILED"
+  run mfm2b_1gpu 1 "${B2[@]}" train.iterations=20
+  run mfm2b_tp2cp2 4 "${B2[@]}" train.iterations=20 parallel.tensor_parallel=2 parallel.sequence_parallel=true parallel.context_parallel=2
+  run mfm2b_pp2cp2 4 "${B2[@]}" train.iterations=20 parallel.pipeline_parallel=2 parallel.context_parallel=2
+  GROUPS_="tiny_1gpu,tiny_tp2cp2,tiny_pp2cp2,tiny_tp2pp2,tiny_resumed mfm2b_1gpu,mfm2b_tp2cp2,mfm2b_pp2cp2"
+fi
+python3 - "$OUT" $GROUPS_ <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 def curve(name):
     p = out / f"{name}.jsonl"
     return {r["iteration"]: r for r in map(json.loads, p.read_text().splitlines())} if p.exists() else {}
-for group in (["tiny_1gpu", "tiny_tp2", "tiny_tp2sp", "tiny_cp2", "tiny_pp2", "tiny_dp2"], ["mfm2b_1gpu", "mfm2b_tp2sp", "mfm2b_cp2"]):
+for group in (g.split(",") for g in sys.argv[2:]):
     curves = {g: curve(g) for g in group}
     print("iter " + " ".join(f"{g:>12s}" for g in group))
     for i in sorted(curves[group[0]]):

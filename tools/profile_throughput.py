@@ -8,23 +8,31 @@ best times of the blocks' GEMMs and attention kernels, each timed alone (forward
 the same device; it leaves out the adapter, embeddings and optimizer, so it reads "how far the
 step is from its block kernels".
 
-Sweeps presets x resolutions x frames x recompute x precision inside one launch; the
-tensor-parallel size is the launch's (torchrun --nproc-per-node N ... --tp N).
+One launch sweeps layouts x presets x frames x resolutions x recompute x precision. Layouts
+(``tp2``, ``tp2cp2``, ``pp2``...) share the launch's processes: megatron's parallel state is
+torn down and rebuilt for each, and the data-parallel size is what the world size leaves.
+MFU is against the named GPU's dense peak (--peak-tflops overrides it); the CPU gets no MFU.
 
   python tools/profile_throughput.py --presets tiny --frames 9 --height 64 --width 64      # CPU
-  python tools/profile_throughput.py --presets mfm-2b --frames 97 --height 352 --width 640 \
-      --precision bf16 --recompute none full --output runs/profile                          # GPU
+  torchrun --nproc-per-node 8 tools/profile_throughput.py --presets mfm-2b --frames 97 \
+      --height 352 --width 640 --layouts tp1 tp2 tp2cp2 tp4 --recompute none full \
+      --precision bf16 fp8 --fp8-recipe delayed --output runs/profile                    # GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import itertools
 import json
+import os
+import re
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,13 +47,70 @@ import torch.nn.functional as F  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
-from megatron_mfm.config import load_config  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from megatron_mfm.config import ConfigError, load_config  # noqa: E402
 from megatron_mfm.model.config import MfMConfig  # noqa: E402
 from megatron_mfm.parallel.initialize import destroy_parallel  # noqa: E402
 from megatron_mfm.training.flops import training_flops  # noqa: E402
 from megatron_mfm.training.loop import H100_BF16_PEAK_TFLOPS, setup  # noqa: E402
+from megatron_mfm.utils.atomic import atomic_write_text  # noqa: E402
 
 TEXT_TOKENS = 77
+# Dense tensor-core peaks (TFLOP/s) by GPU name and precision, from the vendors' data sheets.
+PEAK_TFLOPS = {
+    "H100": {"bf16": H100_BF16_PEAK_TFLOPS, "fp8": 2 * H100_BF16_PEAK_TFLOPS},
+    "H200": {"bf16": H100_BF16_PEAK_TFLOPS, "fp8": 2 * H100_BF16_PEAK_TFLOPS},
+    "B200": {"bf16": 2250.0, "fp8": 4500.0},
+    "A100": {"bf16": 312.0},
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Model-parallel sizes of one configuration; data parallelism takes the rest of the world."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"tp{self.tp}pp{self.pp}cp{self.cp}"
+
+
+def parse_layout(text: str) -> Layout:
+    """``tp2``, ``tp2cp2``, ``pp2tp1``... (sizes left out are 1)."""
+    if not re.fullmatch(r"((tp|pp|cp)\d+)+", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: write a layout as tp<N>, pp<N>, cp<N> joined, e.g. tp2cp2")
+    sizes = {k: int(v) for k, v in re.findall(r"(tp|pp|cp)(\d+)", text)}
+    if min(sizes.values()) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes must be at least 1")
+    return Layout(**sizes)
+
+
+def peak_tflops(precision: str, override: float) -> tuple[float | None, str]:
+    """(per-GPU dense peak, what it is) for MFU; (None, ...) on CPU or an unknown GPU."""
+    if override:
+        return override, f"--peak-tflops {override:g}"
+    if not torch.cuda.is_available():
+        return None, "cpu: no MFU"
+    name = torch.cuda.get_device_name()
+    for gpu, peaks in PEAK_TFLOPS.items():
+        if gpu in name and precision in peaks:
+            return peaks[precision], f"{name} {precision} dense {peaks[precision]:g} TFLOP/s"
+    return None, f"{name}: peak unknown, pass --peak-tflops"
+
+
+def fp8_autocast(precision: str, recipe_name: str):
+    """Transformer Engine's FP8 autocast with the chosen scaling recipe (a no-op otherwise)."""
+    if precision != "fp8":
+        return contextlib.nullcontext()
+    import transformer_engine.pytorch as te
+    from transformer_engine.common import recipe
+
+    scaling = {"delayed": recipe.DelayedScaling, "current": recipe.Float8CurrentScaling}[recipe_name]
+    return te.fp8_autocast(enabled=True, fp8_recipe=scaling(fp8_format=recipe.Format.HYBRID))
 
 
 def synchronize() -> None:
@@ -80,11 +145,14 @@ def random_batch(config: MfMConfig, frames: int, height: int, width: int, batch:
 
 
 def kernel_roofline_seconds(config: MfMConfig, tokens: int, batch: int, dtype, device, repeats: int) -> float:
-    """Sum over the blocks of the best fwd+bwd time of each GEMM and attention, timed alone."""
+    """Sum over this stage's blocks of the best fwd+bwd time of each GEMM (this rank's share of
+    the tokens and of the weights) and attention (all tokens, this rank's heads), timed alone."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
+    cp = parallel_state.get_context_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
     d, ffn, ct = config.hidden_size, config.ffn_hidden_size, config.text_hidden_size
-    heads, hd = config.num_attention_heads // tp, config.kv_channels
-    m, mt = batch * tokens, batch * TEXT_TOKENS
+    heads, hd = config.num_attention_heads // (tp * cp), config.kv_channels
+    m, mt = batch * -(-tokens // cp), batch * TEXT_TOKENS
     gemms = [(m, d, 3 * d // tp), (m, d // tp, d), (m, d, d // tp), (mt, ct, 2 * d // tp), (m, d // tp, d),
              (m, d, ffn // tp), (m, ffn // tp, d)]
     total = 0.0
@@ -93,37 +161,46 @@ def kernel_roofline_seconds(config: MfMConfig, tokens: int, batch: int, dtype, d
         w = torch.randn(k, n, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(rows, n, device=device, dtype=dtype)
         total += timed(lambda: (x @ w).backward(grad), repeats, 2)
-    for kv_len in (tokens, TEXT_TOKENS):
-        q = torch.randn(batch, heads, tokens, hd, device=device, dtype=dtype, requires_grad=True)
-        kv = torch.randn(batch, heads, kv_len, hd, device=device, dtype=dtype, requires_grad=True)
-        grad = torch.randn(batch, heads, tokens, hd, device=device, dtype=dtype)
+    for q_len, kv_len, q_heads in ((tokens, tokens, heads), (m // batch, TEXT_TOKENS, heads * cp)):
+        q = torch.randn(batch, q_heads, q_len, hd, device=device, dtype=dtype, requires_grad=True)
+        kv = torch.randn(batch, q_heads, kv_len, hd, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(batch, q_heads, q_len, hd, device=device, dtype=dtype)
         total += timed(lambda: F.scaled_dot_product_attention(q, kv, kv).backward(grad), repeats, 2)
-    return total * config.num_layers
+    return total * config.num_layers / pp
 
 
-def profile_one(args, preset: str, frames: int, height: int, width: int, recompute: bool, precision: str) -> dict:
+def profile_one(args, layout: Layout, preset: str, frames: int, height: int, width: int, recompute: bool,
+                precision: str) -> dict:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    data_parallel = world // (layout.tp * layout.pp * layout.cp)
     overrides = [
         f"model.preset={preset}", f"model.backend={args.backend}", f"model.recompute={recompute}",
-        f"parallel.tensor_parallel={args.tp}", f"parallel.sequence_parallel={args.tp > 1}",
-        f"train.precision={precision}", f"train.micro_batch_size={args.micro_batch_size}",
-        f"train.global_batch_size={args.micro_batch_size * args.data_parallel}", "train.ema_decay=0",
+        f"parallel.tensor_parallel={layout.tp}", f"parallel.pipeline_parallel={layout.pp}",
+        f"parallel.context_parallel={layout.cp}", f"parallel.sequence_parallel={layout.tp > 1}",
+        f"train.precision={'bf16' if precision == 'fp8' else precision}",
+        f"train.micro_batch_size={args.micro_batch_size}",
+        f"train.global_batch_size={args.micro_batch_size * data_parallel}", "train.ema_decay=0",
         "checkpoint.save=", "logging.tensorboard_dir=",
     ]
     trainer = setup(load_config(overrides=overrides))
     config, ddp = trainer.model_config, trainer.ddp
     batch = random_batch(config, frames, height, width, args.micro_batch_size, trainer.device, trainer.dtype)
-    tokens = ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+    latent = ((frames - 1) // 4 + 1, height // 8, width // 8)
+    tokens = latent[0] * (latent[1] // config.patch_size) * (latent[2] // config.patch_size)
 
     def forward_step(data_iterator, model):
         inputs = next(data_iterator)
-        out = model(**inputs)
+        with fp8_autocast(precision, args.fp8_recipe):  # forward only, as TE prescribes
+            out = model(**inputs)
         return out, lambda output: (output.float().square().mean(), {})
 
     def step():
-        ddp.zero_grad_buffer()
+        for chunk in ddp:
+            chunk.zero_grad_buffer()
         trainer.optimizer.zero_grad()
         get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([batch]), model=[ddp], num_microbatches=1,
+            forward_step_func=forward_step, data_iterator=[iter([batch]) for _ in ddp] if len(ddp) > 1
+            else iter([batch]), model=ddp, num_microbatches=1,
             seq_length=tokens, micro_batch_size=args.micro_batch_size, forward_only=False,
         )
         trainer.optimizer.step()
@@ -132,30 +209,33 @@ def profile_one(args, preset: str, frames: int, height: int, width: int, recompu
         torch.cuda.reset_peak_memory_stats()
     seconds = timed(step, args.iterations, args.warmup)
     peak_memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    flops = training_flops(config, ((frames - 1) // 4 + 1, height // 8, width // 8), TEXT_TOKENS) * args.micro_batch_size
-    tflops = flops / seconds / args.tp / 1e12
-    peak = args.peak_tflops or (H100_BF16_PEAK_TFLOPS if torch.cuda.is_available() else 0.0)
+    samples = args.micro_batch_size * data_parallel  # per step, over the whole launch
+    flops = training_flops(config, latent, TEXT_TOKENS) * samples
+    tflops = flops / seconds / world / 1e12
+    peak, peak_name = peak_tflops(precision, args.peak_tflops)
     roofline = kernel_roofline_seconds(config, tokens, args.micro_batch_size, trainer.dtype, trainer.device,
                                        max(3, args.iterations))
     return {
+        "layout": layout.name, "tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": data_parallel,
         "preset": preset, "frames": frames, "height": height, "width": width, "tokens": tokens,
-        "tp": args.tp, "recompute": "full" if recompute else "none", "precision": precision,
+        "recompute": "full" if recompute else "none", "precision": precision,
+        "fp8_recipe": args.fp8_recipe if precision == "fp8" else None,
         "backend": args.backend, "micro_batch_size": args.micro_batch_size,
-        "step_s": seconds, "tokens_per_s": tokens * args.micro_batch_size / seconds,
-        "samples_per_s": args.micro_batch_size / seconds, "flops_per_step": flops,
-        "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
+        "step_s": seconds, "tokens_per_s": tokens * samples / seconds,
+        "samples_per_s": samples / seconds, "flops_per_step": flops,
+        "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None, "peak_tflops": peak, "peak": peak_name,
         "peak_memory_gib": peak_memory, "roofline_s": roofline, "roofline_ratio": seconds / roofline,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
 
 
 def print_table(rows: list[dict]) -> None:
-    header = ("preset", "tokens", "tp", "recompute", "precision", "step_s", "tokens_per_s", "tflops_per_gpu", "mfu",
-              "peak_memory_gib", "roofline_ratio")
+    header = ("layout", "dp", "preset", "tokens", "recompute", "precision", "step_s", "tokens_per_s", "samples_per_s",
+              "tflops_per_gpu", "mfu", "peak_memory_gib", "roofline_ratio")
     print(" | ".join(f"{h:>14s}" for h in header))
     for row in rows:
         if "error" in row:
-            print(f"{row['preset']:>14s} | {row['recompute']:>14s} | {row['precision']:>14s} | {row['error']}")
+            print(" | ".join(f"{row[h]!s:>14s}" for h in ("layout", "preset", "recompute", "precision")), "|", row["error"])
             continue
         cells = []
         for h in header:
@@ -174,58 +254,80 @@ def print_table(rows: list[dict]) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny"], help="model presets to sweep")
+    parser.add_argument("--layouts", nargs="+", type=parse_layout, default=[Layout()],
+                        help="model-parallel layouts to sweep, e.g. tp1 tp2 tp2cp2 pp2 (DP = world size / tp*pp*cp)")
     parser.add_argument("--frames", nargs="+", type=int, default=[9], help="pixel frames (4k+1) to sweep")
     parser.add_argument("--height", nargs="+", type=int, default=[64], help="pixel heights to sweep")
     parser.add_argument("--width", nargs="+", type=int, default=[64], help="pixel widths (paired with heights)")
     parser.add_argument("--recompute", nargs="+", default=["none"], choices=["none", "full"])
-    parser.add_argument("--precision", nargs="+", default=None, choices=["fp32", "bf16"],
-                        help="default: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--tp", type=int, default=1, help="tensor parallel size (= world size / DP)")
-    parser.add_argument("--data-parallel", type=int, default=1, help="data parallel size of the launch")
+    parser.add_argument("--precision", nargs="+", default=None, choices=["fp32", "bf16", "fp8"],
+                        help="default: bf16 on GPU, fp32 on CPU; fp8 = bf16 weights + Transformer Engine FP8 GEMMs")
+    parser.add_argument("--fp8-recipe", default="delayed", choices=["delayed", "current"],
+                        help="FP8 scaling: delayed (amax history) or current (per-tensor, per step)")
     parser.add_argument("--backend", default="auto", choices=["auto", "te", "local"])
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--peak-tflops", type=float, default=0.0, help="per-GPU peak for MFU (default H100 989)")
+    parser.add_argument("--peak-tflops", type=float, default=0.0,
+                        help="per-GPU peak for MFU (default: the detected GPU's dense peak at the precision)")
     parser.add_argument("--output", default="", help="folder for results.json and results.csv")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if len(args.height) != len(args.width):
+        parser.error("--height and --width take the same number of values (paired resolutions)")
+    args.precision = args.precision or (["bf16"] if torch.cuda.is_available() else ["fp32"])
+    if "fp8" in args.precision:
+        from megatron_mfm.model.specs import transformer_engine_available
+
+        if not torch.cuda.is_available() or not transformer_engine_available() or args.backend == "local":
+            parser.error("--precision fp8 needs Transformer Engine layers on a GPU (--backend te or auto on a GPU "
+                         "with transformer_engine installed)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for layout in args.layouts:
+        if world % (layout.tp * layout.pp * layout.cp):
+            parser.error(f"--layouts {layout.name}: tp*pp*cp does not divide the world size {world} "
+                         f"(launch with torchrun --nproc-per-node N)")
+    return args
+
+
+def write_results(rows: list[dict], folder: Path) -> None:
+    """results.json and results.csv, each replaced whole (never half-written)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "results.json", json.dumps(rows, indent=2) + "\n")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(folder / "results.csv", table.getvalue())
+    print(f"wrote {folder / 'results.json'} and {folder / 'results.csv'}")
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if len(args.height) != len(args.width):
-        raise SystemExit("--height and --width take the same number of values (paired resolutions)")
-    precisions = args.precision or (["bf16"] if torch.cuda.is_available() else ["fp32"])
+    sweep = list(itertools.product(args.layouts, args.presets, args.frames, list(zip(args.height, args.width)),
+                                   args.recompute, args.precision))
     rows = []
-    rank = 0
+    rank = int(os.environ.get("RANK", "0"))
     try:
-        for preset, frames, (height, width), recompute, precision in itertools.product(
-            args.presets, args.frames, list(zip(args.height, args.width)), args.recompute, precisions
-        ):
+        for layout, preset, frames, (height, width), recompute, precision in tqdm(
+                sweep, desc="configurations", disable=rank != 0):
+            what = {"layout": layout.name, "preset": preset, "frames": frames, "height": height, "width": width,
+                    "recompute": recompute, "precision": precision}
             try:
-                rows.append(profile_one(args, preset, frames, height, width, recompute == "full", precision))
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()  # the previous configuration's model is gone
+                rows.append(profile_one(args, layout, preset, frames, height, width, recompute == "full", precision))
             except torch.OutOfMemoryError:
-                rows.append({"preset": preset, "frames": frames, "height": height, "width": width,
-                             "recompute": recompute, "precision": precision, "error": "out of memory"})
+                rows.append({**what, "error": "out of memory"})
+            except ConfigError as error:  # e.g. a layout that does not divide this preset's heads
+                rows.append({**what, "error": str(error)})
+            parallel_state.destroy_model_parallel()  # the next configuration builds its own groups
+            if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            rank = torch.distributed.get_rank()
     finally:
         destroy_parallel()
     if rank != 0:
         return rows
     print_table(rows)
     if args.output:
-        out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-        with open(out / "results.csv", "w", newline="") as handle:
-            fields = list(dict.fromkeys(k for row in rows for k in row))
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {out / 'results.json'} and {out / 'results.csv'}")
+        write_results(rows, Path(args.output))
     return rows
 
 

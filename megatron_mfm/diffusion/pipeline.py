@@ -1,26 +1,53 @@
-"""Generation for any MfM task: condition from a task builder, guided Euler, decode to pixels."""
+"""Generation for any MfM task: condition from a task builder, guided Euler, decode to pixels.
+
+Under tensor and context parallelism every rank runs the same Euler loop on the full latent:
+the model splits the tokens itself, and under CP its head returns this rank's tokens, which are
+gathered here so every rank holds the whole velocity.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 
+from megatron_mfm.data.encoders import FrozenEncoders
 from megatron_mfm.diffusion.sampler import euler_sample, sigma_schedule
 from megatron_mfm.tasks.builders import Clip, TaskSample, build_task_sample
-from megatron_mfm.data.encoders import FrozenEncoders
+
+# The official inference script's negative prompt (infer_mfm_pipeline.py --negative_prompt).
+OFFICIAL_NEGATIVE_PROMPT = (
+    "static, watermark, subtitles, scene change, flickering, distorted, discontinuous, bad anatomy, bad hands, "
+    "missing fingers, cropped, ugly, blurry, low resolution, low quality, motionless, cartoon, animation, "
+    "oil painting, #reverse, #motion: super-fast, #backplay, human distortion, unnatural movement"
+)
 
 
 @dataclass
 class SamplingConfig:
     steps: int = 30
+    """Euler steps (the official scripts/inference.sh uses 30)."""
     guidance_scale: float = 9.0
+    """Classifier-free guidance (the official scripts/inference.sh uses 9)."""
     schedule: str = "official"
     """official (MfM time warp) or shifted."""
     shift: float = 3.0
     """Shift of the ``shifted`` schedule."""
     negative_prompt: str = ""
     seed: int = 0
+
+
+def full_velocity(model: torch.nn.Module, output: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """The model's output as the whole velocity (B, C, T, H, W): under context parallelism the
+    head returns this rank's padded token chunk, gathered here from every CP rank."""
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return output
+    chunks = [torch.empty_like(output) for _ in range(parallel_state.get_context_parallel_world_size())]
+    dist.all_gather(chunks, output.contiguous(), group=parallel_state.get_context_parallel_group())
+    tokens = model.token_layout(grid).tokens
+    return model.unpatchify(torch.cat(chunks)[:tokens], grid)
 
 
 @torch.no_grad()
@@ -34,6 +61,8 @@ def generate(model: torch.nn.Module, encoders: FrozenEncoders, sample: TaskSampl
     device = next(model.parameters()).device
     frames, height, width = sample.pixels.shape[1:]
     latent_shape = (16, (frames - 1) // 4 + 1, height // 8, width // 8)
+    patch = model.config.patch_size
+    grid = (latent_shape[1], latent_shape[2] // patch, latent_shape[3] // patch)
     noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(config.seed))[None].to(device)
     text_c, mask_c = encoders.encode_text([sample.prompt], device)
     text_u, mask_u = encoders.encode_text([config.negative_prompt], device)
@@ -44,7 +73,7 @@ def generate(model: torch.nn.Module, encoders: FrozenEncoders, sample: TaskSampl
 
     def velocity(x: torch.Tensor, t: torch.Tensor, conditional: bool) -> torch.Tensor:
         text, mask, cond = (text_c, mask_c, condition) if conditional else (text_u, mask_u, uncond_condition)
-        return model(x.to(dtype), t, text.to(dtype), mask, cond, motion)
+        return full_velocity(model, model(x.to(dtype), t, text.to(dtype), mask, cond, motion), grid)
 
     sigmas = sigma_schedule(config.steps, config.schedule, config.shift)
     latents = euler_sample(velocity, noise, sigmas, config.guidance_scale)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -95,47 +95,68 @@ def _pattern(template: str) -> re.Pattern:
     return re.compile(regex + "$")
 
 
-def _convert(
-    state: dict[str, Tensor],
-    rules: list[Rule],
-    forward: bool,
-) -> dict[str, Tensor]:
-    """forward=True: ours -> official; False: official -> ours."""
-    out: dict[str, Tensor] = {}
+@dataclass(frozen=True)
+class KeyGroup:
+    """One of our tensors and the official tensors it is made of (several when fused)."""
+
+    ours: str
+    official: tuple[str, ...]
+    rule: Rule
+
+    def split(self, tensor: Tensor) -> list[Tensor]:
+        """Our tensor -> its official tensors, in ``official`` order."""
+        return self.rule.split(tensor) if self.rule.split else [tensor]
+
+    def fuse(self, tensors: list[Tensor]) -> Tensor:
+        """The official tensors (in ``official`` order) -> our tensor."""
+        return self.rule.fuse(tensors) if self.rule.fuse else tensors[0]
+
+
+def _groups(keys: Iterable[str], config: MfMConfig, ours_side: bool) -> list[KeyGroup]:
+    """Every group whose names ``keys`` (ours or official) hold; raises on keys of no group
+    and on groups with parts missing from ``keys``."""
+    keys = set(keys)
+    groups: list[KeyGroup] = []
     consumed: set[str] = set()
-    for rule in rules:
-        sources = (rule.ours,) if forward else rule.official
-        targets = rule.official if forward else (rule.ours,)
-        pattern = _pattern(sources[0])
-        for key in state:
+    for rule in _rules(config):
+        pattern = _pattern(rule.ours if ours_side else rule.official[0])
+        for key in sorted(keys):
             match = pattern.match(key)
             if match is None:
                 continue
             fields = match.groupdict()
-            names = [s.format(**fields) for s in sources]
-            missing = [n for n in names if n not in state]
+            group = KeyGroup(rule.ours.format(**fields), tuple(n.format(**fields) for n in rule.official), rule)
+            names = (group.ours,) if ours_side else group.official
+            missing = [n for n in names if n not in keys]
             if missing:
                 raise KeyError(f"{key} needs {missing}, which the state dict lacks")
-            tensors = [state[n] for n in names]
-            if forward:
-                results = rule.split(tensors[0]) if rule.split else tensors
-            else:
-                results = [rule.fuse(tensors)] if rule.fuse else tensors
-            for target, tensor in zip(targets, results):
-                out[target.format(**fields)] = tensor
+            groups.append(group)
             consumed.update(names)
-    unknown = sorted(set(state) - consumed)
+    unknown = sorted(keys - consumed)
     if unknown:
-        direction = "megatron_mfm" if forward else "official"
+        direction = "megatron_mfm" if ours_side else "official"
         raise KeyError(f"{len(unknown)} {direction} keys have no mapping, e.g. {unknown[:5]}")
-    return out
+    return groups
+
+
+def groups_from_ours(keys: Iterable[str], config: MfMConfig) -> list[KeyGroup]:
+    """The groups of our checkpoint keys (global, no ``_extra_state``)."""
+    return _groups(keys, config, ours_side=True)
+
+
+def groups_from_official(keys: Iterable[str], config: MfMConfig) -> list[KeyGroup]:
+    """The groups of official ``Transformer3DModel`` keys."""
+    return _groups(keys, config, ours_side=False)
 
 
 def to_official(state: dict[str, Tensor], config: MfMConfig) -> dict[str, Tensor]:
     """Our global state dict (no ``_extra_state``) -> official ``Transformer3DModel`` keys."""
-    return _convert(state, _rules(config), forward=True)
+    out: dict[str, Tensor] = {}
+    for group in groups_from_ours(state, config):
+        out.update(zip(group.official, group.split(state[group.ours])))
+    return out
 
 
 def from_official(state: dict[str, Tensor], config: MfMConfig) -> dict[str, Tensor]:
     """Official ``Transformer3DModel`` state dict -> our global state dict."""
-    return _convert(state, _rules(config), forward=False)
+    return {g.ours: g.fuse([state[n] for n in g.official]) for g in groups_from_official(state, config)}

@@ -8,16 +8,20 @@ carries the final name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from tqdm import tqdm
 
+from megatron_mfm.export.key_map import groups_from_official, groups_from_ours
 from megatron_mfm.model.config import MfMConfig, architecture_of, make_config
 from megatron_mfm.model.dit import MfMDiT
 
@@ -121,17 +125,20 @@ def load_model(model: MfMDiT, path: str | Path) -> None:
 
 @torch.no_grad()
 def load_ema_weights(model: MfMDiT, path: str | Path) -> None:
-    """Replace the model's weights by the EMA saved in a training checkpoint (collective)."""
-    from megatron_mfm.training.ema import EMA
+    """Replace the model's weights by the EMA saved in a training checkpoint, read straight into
+    the parameters (no second copy of the weights; collective)."""
+    from megatron_mfm.training.ema import EMA_PREFIX
 
-    ema = EMA(model, decay=0.0)
-    request = ema.sharded_state_dict()
+    request = {EMA_PREFIX + sh.key: dataclasses.replace(sh, key=EMA_PREFIX + sh.key)
+               for sh in _sharded_tensors(model).values()}
     saved = dist_checkpointing.load_tensors_metadata(str(path))
-    missing = [sh.key for sh in request.values() if sh.key not in saved]
+    missing = [key for key in request if key not in saved]
     if missing:
         raise KeyError(f"{path} has no EMA weights (e.g. {missing[0]}); export the raw weights instead")
-    ema.load_state_dict(dist_checkpointing.load(request, str(path)))
-    ema.copy_to_model()
+    loaded = dist_checkpointing.load(request, str(path))
+    for key, sh in request.items():
+        if loaded[key] is not sh.data:
+            sh.data.copy_(loaded[key])
 
 
 def build_from_checkpoint(path: str | Path, weights: str = "raw", backend: str = "local", **overrides) -> MfMDiT:
@@ -152,9 +159,8 @@ def build_from_checkpoint(path: str | Path, weights: str = "raw", backend: str =
 
 def build_from_official(folder: str | Path, backend: str = "local", **overrides) -> MfMDiT:
     """The model of an official ``transformer/`` folder (or a pipeline folder holding one), for
-    this rank's layout."""
-    from megatron_mfm.export.key_map import from_official
-    from megatron_mfm.export.official_io import read_official
+    this rank's layout; weights are read tensor by tensor straight into the parameters."""
+    from megatron_mfm.export.official_io import OfficialWeights
     from megatron_mfm.model.config import from_official_config
     from megatron_mfm.model.dit import build_model
     from megatron_mfm.model.specs import default_layer_spec
@@ -162,10 +168,12 @@ def build_from_official(folder: str | Path, backend: str = "local", **overrides)
     folder = Path(folder)
     if (folder / "transformer").is_dir():
         folder = folder / "transformer"
-    official_config, official_state = read_official(folder)
-    config = from_official_config(official_config, **overrides)
-    model = build_model(config, default_layer_spec(backend))
-    fill_from_global(model, from_official(official_state, config))
+    with OfficialWeights(folder) as weights:
+        config = from_official_config(weights.config, **overrides)
+        model = build_model(config, default_layer_spec(backend))
+        groups = {g.ours: g for g in groups_from_official(weights.keys(), config)}
+        _fill(model, lambda key: groups[key].fuse([weights.get(n) for n in groups[key].official])
+              if key in groups else None, progress=f"reading {folder}")
     return model
 
 
@@ -180,17 +188,23 @@ def to_local_keys(model: MfMDiT, state: dict) -> dict:
     return renamed
 
 
-@torch.no_grad()
 def fill_from_global(model: MfMDiT, state: dict[str, torch.Tensor]) -> None:
     """Copy this rank's shard of every parameter from global (unsharded) tensors."""
+    _fill(model, state.get)
+
+
+@torch.no_grad()
+def _fill(model: MfMDiT, global_tensor: Callable[[str], torch.Tensor | None], progress: str = "") -> None:
+    """Copy this rank's shard of every parameter from ``global_tensor(key)`` (None: missing),
+    one tensor at a time."""
     missing = []
-    for name, sh in model.sharded_state_dict().items():
-        if not isinstance(sh, ShardedTensor):
-            continue
-        if sh.key not in state:
+    items = list(_sharded_tensors(model).values())
+    show = bool(progress) and dist.get_rank() == 0
+    for sh in tqdm(items, desc=progress, unit="tensor", disable=not show):
+        full = global_tensor(sh.key)
+        if full is None:
             missing.append(sh.key)
             continue
-        full = state[sh.key]
         if tuple(full.shape) != tuple(sh.global_shape):
             raise ValueError(f"{sh.key}: given {tuple(full.shape)}, model expects {tuple(sh.global_shape)}")
         sh.data.copy_(full[sh.global_slice()])
@@ -198,6 +212,31 @@ def fill_from_global(model: MfMDiT, state: dict[str, torch.Tensor]) -> None:
         raise KeyError(f"{len(missing)} model tensors missing from the given state, e.g. {missing[:5]}")
 
 
+def _single_process_tensors(model: MfMDiT) -> dict[str, ShardedTensor]:
+    if parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        raise ValueError("global tensors need a single-process model (TP=1, PP=1): build it with the default layout")
+    return _sharded_tensors(model)
+
+
 def global_state(model: MfMDiT) -> dict[str, torch.Tensor]:
     """Unsharded tensors of a single-process (TP=1, PP=1) model, keyed by checkpoint key."""
-    return {key: sh.data.detach().clone() for key, sh in _sharded_tensors(model).items()}
+    return {key: sh.data.detach().clone() for key, sh in _single_process_tensors(model).items()}
+
+
+class OfficialTensors:
+    """The official tensors of a single-process model, made one key group at a time while
+    iterated (for export without a second copy of the weights)."""
+
+    def __init__(self, model: MfMDiT, dtype: torch.dtype | None = None):
+        self._sharded = _single_process_tensors(model)
+        self._groups = groups_from_ours(self._sharded, model.config)
+        self._dtype = dtype
+
+    def __len__(self) -> int:
+        return sum(len(g.official) for g in self._groups)
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for group in self._groups:
+            tensors = group.split(self._sharded[group.ours].data.detach())
+            for name, tensor in zip(group.official, tensors):
+                yield name, tensor if self._dtype is None else tensor.to(self._dtype)

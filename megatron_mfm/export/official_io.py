@@ -1,58 +1,158 @@
-"""Read and write the official MfM ``transformer/`` folder (diffusers layout)."""
+"""Read and write the official MfM ``transformer/`` folder (diffusers layout), tensor by tensor.
+
+Reading opens the safetensors files lazily (one file or an index of shards) and materialises one
+tensor per request. Writing consumes (name, tensor) pairs and flushes size-capped shards as they
+fill, so beyond the tensors it is given the writer holds at most one shard.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import shutil
+from collections.abc import Iterable, Mapping, Sized
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
 
 from megatron_mfm.utils.atomic import atomic_directory
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 CONFIG_NAME = "config.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # the size transformers/diffusers users expect of a shard
+
+Tensors = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
 
-def read_official(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config dict, state dict) from a folder with config.json and (sharded) safetensors."""
-    folder = Path(folder)
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: official transformer config.json not found")
-    config = json.loads(config_path.read_text())
-    if (folder / WEIGHTS_NAME).is_file():
-        return config, load_file(folder / WEIGHTS_NAME)
-    index_path = folder / INDEX_NAME
-    if not index_path.is_file():
-        raise FileNotFoundError(f"{folder}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
-    weight_map = json.loads(index_path.read_text())["weight_map"]
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        state.update(load_file(folder / shard))
-    missing = sorted(set(weight_map) - set(state))
-    if missing:
-        raise KeyError(f"{index_path}: tensors listed but absent from the shards: {missing[:5]}")
-    return config, state
+class OfficialWeights:
+    """The config and lazily read tensors of an official ``transformer/`` folder.
+
+    Use as a context manager: the safetensors files stay open (memory-mapped) until exit.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        config_path = self.folder / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path}: official transformer config.json not found")
+        self.config: dict = json.loads(config_path.read_text())
+        self._stack = contextlib.ExitStack()
+        self._files: dict[str, object] = {}
+        self._file_of: dict[str, str] = self._weight_map()
+
+    def _weight_map(self) -> dict[str, str]:
+        if (self.folder / WEIGHTS_NAME).is_file():
+            return {key: WEIGHTS_NAME for key in self._open(WEIGHTS_NAME).keys()}
+        index_path = self.folder / INDEX_NAME
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{self.folder}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        for shard in sorted(set(weight_map.values())):
+            missing = sorted({k for k, s in weight_map.items() if s == shard} - set(self._open(shard).keys()))
+            if missing:
+                raise KeyError(f"{index_path}: tensors listed for {shard} but absent from it: {missing[:5]}")
+        return weight_map
+
+    def _open(self, name: str):
+        if name not in self._files:
+            path = self.folder / name
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: shard named by {self.folder / INDEX_NAME} not found")
+            self._files[name] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+        return self._files[name]
+
+    def keys(self) -> list[str]:
+        return sorted(self._file_of)
+
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor, read from its file now."""
+        return self._open(self._file_of[key]).get_tensor(key)
+
+    def __enter__(self) -> "OfficialWeights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
 
 
-def _write_transformer(folder: Path, config: dict, state: dict[str, torch.Tensor]) -> None:
+def parse_size(text: str) -> int:
+    """Bytes of a size like ``5GB``, ``500MB``, ``64KB`` or ``1000`` (decimal units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", text.upper())
+    if match is None:
+        raise ValueError(f"size {text!r}: expected a number with an optional KB/MB/GB unit, e.g. 5GB")
+    unit = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9}[match[2]]
+    size = int(float(match[1]) * unit)
+    if size <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return size
+
+
+def _shard_name(index: int, count: int) -> str:
+    return WEIGHTS_NAME.replace(".safetensors", f"-{index:05d}-of-{count:05d}.safetensors")
+
+
+def write_shards(folder: Path, tensors: Tensors, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """Write ``tensors`` into ``folder`` as one file, or as shards of at most ``max_shard_bytes``
+    (a larger tensor gets a shard of its own) plus the diffusers index. Each shard is written as
+    soon as it is full and its tensors are released."""
+    total = len(tensors) if isinstance(tensors, Sized) else None
+    pairs = tensors.items() if isinstance(tensors, Mapping) else tensors
+    parts: list[Path] = []
+    weight_map: dict[str, int] = {}
+    pending: dict[str, torch.Tensor] = {}
+    pending_bytes = total_bytes = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        part = folder / f".part-{len(parts):05d}.safetensors"
+        save_file(pending, str(part), metadata={"format": "pt"})
+        parts.append(part)
+        pending, pending_bytes = {}, 0
+
+    for name, tensor in tqdm(pairs, total=total, desc="writing tensors", unit="tensor"):
+        size = tensor.numel() * tensor.element_size()
+        if pending and pending_bytes + size > max_shard_bytes:
+            flush()
+        pending[name] = tensor.contiguous()
+        weight_map[name] = len(parts)
+        pending_bytes += size
+        total_bytes += size
+    if pending or not parts:
+        flush()
+    if len(parts) == 1:
+        os.replace(parts[0], folder / WEIGHTS_NAME)
+        return [WEIGHTS_NAME]
+    names = [_shard_name(i + 1, len(parts)) for i in range(len(parts))]
+    for part, name in zip(parts, names):
+        os.replace(part, folder / name)
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": {k: names[i] for k, i in sorted(weight_map.items())}}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def _write_transformer(folder: Path, config: dict, tensors: Tensors, max_shard_bytes: int) -> None:
     folder.mkdir(exist_ok=True)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file({k: v.contiguous() for k, v in state.items()}, folder / WEIGHTS_NAME)
+    write_shards(folder, tensors, max_shard_bytes)
 
 
-def write_official(folder: str | Path, config: dict, state: dict[str, torch.Tensor]) -> Path:
-    """Write config.json + one safetensors file; the folder appears only when complete."""
+def write_official(folder: str | Path, config: dict, tensors: Tensors,
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write config.json + safetensors (sharded above ``max_shard_bytes``); the folder appears
+    only when complete."""
     with atomic_directory(folder) as tmp:
-        _write_transformer(tmp, config, state)
+        _write_transformer(tmp, config, tensors, max_shard_bytes)
     return Path(folder)
 
 
-def write_pipeline(folder: str | Path, source: str | Path, config: dict, state: dict[str, torch.Tensor],
-                   link: bool = False) -> Path:
+def write_pipeline(folder: str | Path, source: str | Path, config: dict, tensors: Tensors, link: bool = False,
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """A complete diffusers pipeline folder: our ``transformer/`` plus every other component
     (``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``, ``model_index.json``...) copied,
     or symlinked with ``link``, from an official pipeline folder ``source``."""
@@ -69,5 +169,5 @@ def write_pipeline(folder: str | Path, source: str | Path, config: dict, state: 
                 shutil.copytree(entry, tmp / entry.name, symlinks=True)
             else:
                 shutil.copy2(entry, tmp / entry.name)
-        _write_transformer(tmp / "transformer", config, state)
+        _write_transformer(tmp / "transformer", config, tensors, max_shard_bytes)
     return Path(folder)

@@ -22,6 +22,7 @@ from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.norms import ShardedRMSNorm
 from megatron_mfm.model.rope import apply_rope
 from megatron_mfm.parallel.context import heads_to_sequence, sequence_to_heads
+from megatron_mfm.parallel.ring_attention import ring_attention
 
 
 def xavier_uniform(fan_in: int, fan_out: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -65,8 +66,10 @@ class TECoreAttention(torch.nn.Module):
         super().__init__()
         import transformer_engine.pytorch as te
 
-        # Self-attention runs on heads / CP after the all-to-all; cross-attention on all heads.
-        cp = 1 if cross_attention else parallel_state.get_context_parallel_world_size()
+        # Self-attention runs on heads / CP after the all-to-all; cross-attention, and
+        # self-attention under ring CP (which bypasses this module), on all local heads.
+        heads_split_over_cp = not cross_attention and config.cp_comm_type == "a2a"
+        cp = parallel_state.get_context_parallel_world_size() if heads_split_over_cp else 1
         self.attention = te.DotProductAttention(
             num_attention_heads=config.num_attention_heads // cp,
             kv_channels=config.kv_channels,
@@ -130,13 +133,21 @@ def _column_parallel(spec, config: MfMConfig, fan_in: int, out: int, fan_out: in
 
 
 class SelfAttention(MegatronModule):
-    """3D full self-attention: fused qkv, whole-vector QK RMSNorm, 3D RoPE on q and k."""
+    """3D full self-attention: fused qkv, whole-vector QK RMSNorm, 3D RoPE on q and k.
+
+    Under context parallelism ``config.cp_comm_type`` picks the exchange: "a2a" swaps the token
+    split for a head split around the core attention; "p2p" runs ring attention on the local
+    tokens instead of the core attention (which is still built, so checkpoints do not depend on
+    the exchange).
+    """
 
     def __init__(self, config: MfMConfig, submodules: SelfAttentionSubmodules):
         super().__init__(config)
         dim, bias = config.hidden_size, config.attention_bias
         self.heads = _heads_per_rank(config)
-        self.context_parallel = parallel_state.get_context_parallel_world_size() > 1
+        context_parallel = parallel_state.get_context_parallel_world_size() > 1
+        self.all_to_all = context_parallel and config.cp_comm_type == "a2a"
+        self.ring = context_parallel and config.cp_comm_type == "p2p"
         self.linear_qkv = _column_parallel(submodules.linear_qkv, config, dim, 3 * dim, dim, bias)
         self.q_norm = ShardedRMSNorm(config, dim)
         self.k_norm = ShardedRMSNorm(config, dim)
@@ -152,11 +163,13 @@ class SelfAttention(MegatronModule):
         q = self.q_norm(q.flatten(2)).view_as(v)
         k = self.k_norm(k.flatten(2)).view_as(v)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.context_parallel:  # all tokens, heads/cp
-            q, k, v = (sequence_to_heads(t) for t in (q, k, v))
-        out = self.core_attention(q, k, v, key_mask)
-        if self.context_parallel:
-            out = heads_to_sequence(out, batch=x.shape[1])
+        if self.ring:  # (S/cp, B, heads*D): keys and values travel around the CP ring
+            out = ring_attention(q, k, v, key_mask, parallel_state.get_context_parallel_group())
+        elif self.all_to_all:
+            q, k, v = (sequence_to_heads(t) for t in (q, k, v))  # all tokens, heads/cp
+            out = heads_to_sequence(self.core_attention(q, k, v, key_mask), batch=x.shape[1])
+        else:
+            out = self.core_attention(q, k, v, key_mask)
         out, _ = self.linear_proj(out)
         return out
 

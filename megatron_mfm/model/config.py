@@ -17,6 +17,9 @@ from megatron.core.transformer import TransformerConfig
 
 gelu_tanh = functools.partial(F.gelu, approximate="tanh")
 
+# Context-parallel attention exchanges we implement (megatron's ``cp_comm_type`` values).
+CONTEXT_PARALLEL_COMM = ("a2a", "p2p")
+
 # Channels of the official pixel-space condition adapter (hard-coded in the official model).
 ADAPTER_CHANNELS = (16, 32, 96, 256, 512)
 
@@ -55,6 +58,10 @@ class MfMConfig(TransformerConfig):
     init_seed: int = 0
     """Seed of the (CPU) weight initialisation; each layer draws from its own stream."""
 
+    cp_comm_type: str = "a2a"
+    """Megatron's field, narrowed to the context-parallel attentions we implement: "a2a"
+    (all-to-all head exchange) or "p2p" (ring attention, ``parallel/ring_attention.py``)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         head_dim = self.kv_channels
@@ -62,6 +69,11 @@ class MfMConfig(TransformerConfig):
             raise ValueError(
                 f"MfMConfig.kv_channels={head_dim}: 3D RoPE splits the head into D/4, 3D/8, 3D/8 "
                 "rotary pairs, so the head dim must be a multiple of 16"
+            )
+        if self.cp_comm_type not in CONTEXT_PARALLEL_COMM:
+            raise ValueError(
+                f"MfMConfig.cp_comm_type={self.cp_comm_type!r}: choose one of {CONTEXT_PARALLEL_COMM} "
+                "(a2a: all-to-all head exchange; p2p: ring attention)"
             )
         if self.hidden_size != self.num_attention_heads * head_dim:
             raise ValueError(

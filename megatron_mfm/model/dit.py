@@ -168,9 +168,13 @@ class MfMDiT(MegatronModule):
         x = self.head_proj(x)  # (S_pad/cp, B, p*p*C)
         if layout.cp_size > 1:
             return x
+        return self.unpatchify(x[: layout.tokens], grid)
+
+    def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(T*h*w, B, p*p*C) head tokens -> (B, C, T, h*p, w*p); the inverse of ``patchify``."""
         t, h, w = grid
         p = self.config.patch_size
-        return rearrange(x[: layout.tokens], "(t h w) b (p q c) -> b c t (h p) (w q)", t=t, h=h, w=w, p=p, q=p)
+        return rearrange(tokens, "(t h w) b (p q c) -> b c t (h p) (w q)", t=t, h=h, w=w, p=p, q=p)
 
     def patchify(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, T, H, W) -> (T*H/p*W/p, B, p*p*C), the token layout of the head's output."""

@@ -5,7 +5,7 @@ chunks, one per CP rank (then per TP rank under SP). Everything in a block is to
 self-attention: there an all-to-all turns (S/cp tokens, all local heads) into (all S tokens,
 heads/cp), attention runs over the whole sequence with the padding masked out of the keys, and a
 second all-to-all brings the result back. Cross-attention keys (the 77 text tokens) are never
-split. The ring (p2p) exchange is not implemented.
+split. The ring (p2p) alternative, selected by ``cp_comm_type="p2p"``, is ``ring_attention.py``.
 """
 
 from __future__ import annotations

@@ -22,9 +22,10 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_mfm.config import RunConfig, config_to_dict
+from megatron_mfm.config import ModelConfig, RunConfig, config_to_dict
 from megatron_mfm.data.encoders import FrozenEncoders, builtin_encoders
 from megatron_mfm.data.loader import SyntheticLoader
+from megatron_mfm.data.streaming import ShardLoader
 from megatron_mfm.data.synthetic import SyntheticVideoDataset
 from megatron_mfm.diffusion.pipeline import SamplingConfig, generate, task_sample_for
 from megatron_mfm.model.config import MfMConfig, preset_config
@@ -58,7 +59,7 @@ class Trainer:
     optimizer: object
     scheduler: OptimizerParamScheduler
     ema: EMA | None
-    loader: SyntheticLoader
+    loader: SyntheticLoader | ShardLoader
     encoders: FrozenEncoders
     checkpointer: Checkpointer
     logger: MetricsLogger
@@ -67,13 +68,25 @@ class Trainer:
     dtype: torch.dtype
 
 
+def recompute_options(model: ModelConfig) -> dict:
+    """megatron TransformerConfig fields for full, selective or no activation recompute."""
+    if model.recompute:
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if model.recompute_modules:
+        return dict(recompute_granularity="selective", recompute_modules=list(model.recompute_modules))
+    return dict(recompute_granularity=None)
+
+
 def model_config_for(config: RunConfig) -> MfMConfig:
     bf16 = config.train.precision == "bf16"
+    depth = {"num_layers": config.model.num_layers} if config.model.num_layers else {}
     return preset_config(
         config.model.preset,
+        **depth,
         tensor_model_parallel_size=config.parallel.tensor_parallel,
         pipeline_model_parallel_size=config.parallel.pipeline_parallel,
         context_parallel_size=config.parallel.context_parallel,
+        cp_comm_type=config.parallel.context_parallel_comm,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         variable_seq_lengths=config.parallel.pipeline_parallel > 1,  # image and video micro-batches
         moe_token_dispatcher_type="alltoall",  # no MoE here; megatron's check for variable lengths
@@ -81,10 +94,19 @@ def model_config_for(config: RunConfig) -> MfMConfig:
         sequence_parallel=config.parallel.sequence_parallel,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        recompute_granularity="full" if config.model.recompute else None,
-        recompute_method="uniform" if config.model.recompute else None,
-        recompute_num_layers=1 if config.model.recompute else None,
+        **recompute_options(config.model),
     )
+
+
+def build_loader(config: RunConfig) -> SyntheticLoader | ShardLoader:
+    """This data-parallel rank's loader (ranks of one TP/CP/PP group get the same one)."""
+    train, seed = config.train, config.train.seed
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    if config.data.source == "shards":
+        return ShardLoader(config.data.shards, config.data.stages, config.tasks, train.micro_batch_size,
+                           train.global_batch_size, dp_rank, dp_size, seed)
+    return SyntheticLoader(SyntheticVideoDataset(config.data.synthetic), TaskMixture(config.tasks),
+                           train.micro_batch_size, train.global_batch_size, dp_rank, dp_size, seed)
 
 
 def setup(config: RunConfig) -> Trainer:
@@ -119,16 +141,13 @@ def setup(config: RunConfig) -> Trainer:
         lr_warmup_steps=warmup, lr_decay_steps=max(iterations * gbs, warmup + 1), lr_decay_style=opt.decay_style,
         start_wd=opt.weight_decay, end_wd=opt.weight_decay, wd_incr_steps=iterations * gbs, wd_incr_style="constant",
     )
-    loader = SyntheticLoader(
-        SyntheticVideoDataset(config.data.synthetic), TaskMixture(config.tasks), config.train.micro_batch_size, gbs,
-        parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(), config.train.seed,
-    )
+    loader = build_loader(config)
     trainer = Trainer(
         config=config, model_config=model_config, model=model, ddp=ddp, optimizer=optimizer, scheduler=scheduler,
         ema=EMA(model, config.train.ema_decay) if config.train.ema_decay > 0 else None, loader=loader,
         encoders=builtin_encoders(model_config.text_hidden_size),
         checkpointer=Checkpointer(config.checkpoint.save, config.checkpoint.keep_last, config.checkpoint.async_save,
-                                  config.parallel.distributed_optimizer),
+                                  config.parallel.distributed_optimizer, config.checkpoint.reshardable_optimizer),
         logger=MetricsLogger(config.logging, config_to_dict(config), iterations),
         state=TrainingState(), device=device,
         dtype=torch.bfloat16 if model_config.bf16 else torch.float32,
@@ -164,9 +183,25 @@ def _reduce_task_losses(reports: list[dict], device: torch.device) -> torch.Tens
     return total.cpu()
 
 
+def _step_totals(trainer: Trainer, micro_batches: list, latent_frames: list[int]) -> tuple[int, int]:
+    """FLOPs and video tokens of the whole step, summed over data-parallel ranks (token-budget
+    micro-batches differ in size between ranks)."""
+    flops = sum(
+        training_flops(trainer.model_config, (t, mb.pixels.shape[3] // 8, mb.pixels.shape[4] // 8),
+                       trainer.encoders.text.max_length) * len(mb.prompts)
+        for t, mb in zip(latent_frames, micro_batches)
+    )
+    tokens = sum(t * mb.pixels.shape[3] * mb.pixels.shape[4] // 256 * len(mb.prompts)
+                 for t, mb in zip(latent_frames, micro_batches))
+    totals = torch.tensor([flops, tokens], dtype=torch.float64, device=trainer.device)
+    if parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return int(totals[0].item()), int(totals[1].item())
+
+
 def train_step(trainer: Trainer) -> tuple[torch.Tensor, float | None, bool, int, int]:
     """One optimizer step: (task loss report, grad norm, whether it was applied, FLOPs and video
-    tokens of this DP rank's samples)."""
+    tokens of the step over all DP ranks)."""
     config, ddp = trainer.config, trainer.ddp
     micro_batches = trainer.loader.next_global_batch()
     ddp.zero_grad_buffer()
@@ -185,13 +220,7 @@ def train_step(trainer: Trainer) -> tuple[torch.Tensor, float | None, bool, int,
         num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=config.train.micro_batch_size,
         forward_only=False,
     )
-    flops = sum(
-        training_flops(trainer.model_config, (t, mb.pixels.shape[3] // 8, mb.pixels.shape[4] // 8),
-                       trainer.encoders.text.max_length) * len(mb.prompts)
-        for t, mb in zip(latent_frames, micro_batches)
-    )
-    tokens = sum(t * mb.pixels.shape[3] * mb.pixels.shape[4] // 256 * len(mb.prompts)
-                 for t, mb in zip(latent_frames, micro_batches))
+    flops, tokens = _step_totals(trainer, micro_batches, latent_frames)
     task_losses = _reduce_task_losses(reports, trainer.device)
     if not (torch.isfinite(task_losses).all() and _grads_finite(ddp)):
         trainer.state.skipped_steps += 1
@@ -214,24 +243,23 @@ def _metrics(trainer: Trainer, task_losses: torch.Tensor, grad_norm, seconds: fl
     config = trainer.config
     sums, counts = task_losses
     world = dist.get_world_size()
-    samples = config.train.global_batch_size
-    # FLOPs were counted for this DP rank's share; every DP rank does the same amount.
-    total_flops = flops * parallel_state.get_data_parallel_world_size()
+    samples = int(counts.sum().item())
     peak = config.logging.peak_tflops or (H100_BF16_PEAK_TFLOPS if torch.cuda.is_available() else 0.0)
-    tflops_per_gpu = total_flops / seconds / world / 1e12
+    tflops_per_gpu = flops / seconds / world / 1e12
     metrics = {
         "consumed samples": trainer.loader.consumed_samples,
         "elapsed time per iteration (ms)": seconds * 1000,
         "learning rate": trainer.optimizer.param_groups[0]["lr"],
         "global batch size": samples,
+        "skipped samples": trainer.loader.skipped_samples,
         "loss": (sums.sum() / counts.sum()).item(),
         "grad norm": grad_norm,
         "samples/s": samples / seconds,
-        "tokens/s": tokens * parallel_state.get_data_parallel_world_size() / seconds,
+        "tokens/s": tokens / seconds,
         "TFLOP/s": tflops_per_gpu,
         "MFU": tflops_per_gpu / peak if peak else None,
         "skipped steps": trainer.state.skipped_steps,
-        "flops per step": total_flops,
+        "flops per step": flops,
     }
     for task, s, n in zip(TASKS, sums.tolist(), counts.tolist()):
         if n:
@@ -338,4 +366,6 @@ def train(config: RunConfig) -> Trainer:
             save(trainer)
     trainer.checkpointer.wait()
     trainer.logger.close()
+    if isinstance(trainer.loader, ShardLoader):
+        trainer.loader.close()
     return trainer
