@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from megatron_mfm.data.catalog import INDEX
+from megatron_mfm.data.encoders import EncoderConfig
 from megatron_mfm.data.stages import StageConfig
 from megatron_mfm.data.streaming import ShardDataConfig
 from megatron_mfm.data.synthetic import SyntheticConfig
@@ -211,6 +212,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tasks: TaskMixtureConfig = field(default_factory=TaskMixtureConfig)
     flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    encoders: EncoderConfig = field(default_factory=EncoderConfig)
+    """Frozen VAE / T5 / depth model: built-in stand-ins or pretrained weights from local folders."""
 
     def check_world(self, world_size: int) -> None:
         """Checks that need the number of processes."""

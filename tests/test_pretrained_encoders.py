@@ -125,3 +125,27 @@ def test_bad_paths_and_widths_are_named(paths, tmp_path):
         build_encoders(tiny_config({**paths, "depth_path": str(empty)}), TEXT_WIDTH, CPU)
     with pytest.raises(ValueError, match=f"d_model={TEXT_WIDTH} differs from the model's text_hidden_size=32"):
         build_encoders(tiny_config(paths), 32, CPU)
+
+
+def test_training_step_gives_the_model_estimated_depth(encoders, single_process_world):
+    """Real media carry no depth: the step fills the revealed frames' depth channel from the
+    depth model before the DiT sees the condition (and nothing else)."""
+    from megatron_mfm.data.loader import collate
+    from megatron_mfm.diffusion.flow_matching import FlowMatchingConfig
+    from megatron_mfm.model import MfMDiT, local_layer_spec
+    from megatron_mfm.model.config import preset_config
+    from megatron_mfm.tasks.builders import Clip, build_task_sample
+    from megatron_mfm.training.step import make_forward_step
+
+    clip = Clip(pixels=smooth_clip(5, 32, 32), caption="a gradient", fps=16.0, key="real")
+    sample = build_task_sample(clip, "i2v", torch.Generator().manual_seed(0))
+    assert sample.depth_to_estimate == [0] and sample.condition[3].abs().sum() == 0
+    model = MfMDiT(preset_config("tiny", pipeline_dtype=torch.float32), local_layer_spec())
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[4].clone()))
+    step = make_forward_step(encoders, FlowMatchingConfig(), seed=0, patch_size=2, dtype=torch.float32, device=CPU)
+    step(iter([collate([sample], [0])]), model)
+    expected = encoders.estimate_depth(sample.pixels, [0])
+    assert expected[0, 0].abs().sum() > 0
+    assert torch.equal(seen[0][0, 3:4], expected)
+    assert torch.equal(seen[0][0, [0, 1, 2, 4]], sample.condition[[0, 1, 2, 4]])

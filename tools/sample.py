@@ -36,7 +36,7 @@ from megatron_mfm.utils.warnings_filter import quiet_known_warnings  # noqa: E40
 
 quiet_known_warnings()
 
-from megatron_mfm.data.encoders import builtin_encoders  # noqa: E402
+from megatron_mfm.data.encoders import EncoderConfig, build_encoders  # noqa: E402
 from megatron_mfm.data.synthetic import SyntheticConfig, SyntheticVideoDataset  # noqa: E402
 from megatron_mfm.diffusion.pipeline import (  # noqa: E402
     OFFICIAL_NEGATIVE_PROMPT,
@@ -127,6 +127,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="official: the MfM time warp; shifted: linear sigmas with --shift")
     parser.add_argument("--shift", type=float, default=3.0, help="shift of the shifted schedule")
     parser.add_argument("--seed", type=int, default=0, help="noise (and random mask) seed; a prompt-file line may set its own")
+    parser.add_argument("--encoders", default="",
+                        help="pipeline folder whose vae/, text_encoder/, tokenizer/ are loaded (default: built-in stand-ins)")
+    parser.add_argument("--depth-path", default="", help="Depth-Anything-V2 folder: depth for i2v/itrans/vexd/vtrans")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (torchrun --nproc-per-node tp*cp)")
     parser.add_argument("--cp", type=int, default=1, help="context-parallel size: tokens split over cp ranks")
     args = parser.parse_args(argv)
@@ -135,12 +138,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def encoder_config(args: argparse.Namespace) -> EncoderConfig:
+    """Built-in stand-ins, or the pretrained encoders of a pipeline folder (local files only)."""
+    if not args.encoders:
+        if args.depth_path:
+            raise SystemExit("sample.py: --depth-path needs --encoders (the pretrained VAE and text encoder)")
+        return EncoderConfig()
+    folder = Path(args.encoders)
+    try:
+        return EncoderConfig(kind="pretrained", vae_path=str(folder / "vae"), text_encoder_path=str(folder / "text_encoder"),
+                             tokenizer_path=str(folder / "tokenizer"), depth_path=args.depth_path)
+    except ValueError as error:
+        raise SystemExit(f"sample.py: --encoders {folder}: {error}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         requests = requests_of(args)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"sample.py: {error}") from None
+    encoders_wanted = encoder_config(args)  # a bad folder fails before any process group exists
     initialize_parallel(tensor_parallel_size=args.tp, context_parallel_size=args.cp)
     writer = torch.distributed.get_rank() == 0  # every rank samples (TP/CP), one writes
     layout = dict(tensor_model_parallel_size=args.tp, context_parallel_size=args.cp)
@@ -151,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
             model = build_from_checkpoint(args.load, args.weights, backend="auto", **layout)
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         model.to(device).eval()
-        encoders = builtin_encoders(model.config.text_hidden_size)
+        encoders = build_encoders(encoders_wanted, model.config.text_hidden_size, device)
         out = Path(args.output)
         rows = []
         for number, request in enumerate(tqdm(requests, desc="samples", unit="sample", disable=not writer)):

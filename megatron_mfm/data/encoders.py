@@ -75,6 +75,16 @@ class FrozenEncoders:
             depth[0, frames] = self.depth(pixels[:, frames].transpose(0, 1)).to(depth)
         return depth
 
+    def with_estimated_depth(self, condition: torch.Tensor, pixels: torch.Tensor, frames: Sequence[int]) -> torch.Tensor:
+        """``condition`` (5, F, H, W) with the depth of ``frames`` estimated from ``pixels``
+        (3, F, H, W); unchanged without a depth model or frames (real media with no depth model
+        keep zero depth, as a depth-dropped sample)."""
+        if self.depth is None or not frames:
+            return condition
+        condition = condition.clone()
+        condition[3:4] = self.estimate_depth(pixels, frames).to(condition.dtype)
+        return condition
+
 
 def require_folder(field: str, path: str) -> None:
     """Weights load from local folders only: a missing one is named with its config field."""

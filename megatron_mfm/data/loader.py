@@ -30,6 +30,8 @@ class MicroBatch:
     tasks: list[str]
     sample_ids: torch.Tensor
     """(B,) global sample indices: seed the per-sample noise and timestep."""
+    depth_to_estimate: list[list[int]]
+    """Per sample, the frames whose depth channel the depth model fills in (see TaskSample)."""
 
 
 def collate(samples: list[TaskSample], sample_ids: list[int]) -> MicroBatch:
@@ -41,6 +43,7 @@ def collate(samples: list[TaskSample], sample_ids: list[int]) -> MicroBatch:
         motion_score=torch.tensor([s.motion_score for s in samples]),
         tasks=[s.task for s in samples],
         sample_ids=torch.tensor(sample_ids),
+        depth_to_estimate=[s.depth_to_estimate for s in samples],
     )
 
 

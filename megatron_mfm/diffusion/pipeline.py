@@ -66,7 +66,8 @@ def generate(model: torch.nn.Module, encoders: FrozenEncoders, sample: TaskSampl
     noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(config.seed))[None].to(device)
     text_c, mask_c = encoders.encode_text([sample.prompt], device)
     text_u, mask_u = encoders.encode_text([config.negative_prompt], device)
-    condition = sample.condition[None].to(device, dtype)
+    condition = encoders.with_estimated_depth(sample.condition.to(device), sample.pixels.to(device),
+                                              sample.depth_to_estimate)[None].to(dtype)
     uncond_condition = condition.clone()
     uncond_condition[:, 3] = 0
     motion = torch.tensor([sample.motion_score], device=device)

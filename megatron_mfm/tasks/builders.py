@@ -70,8 +70,9 @@ class TaskSample:
     prompt: str
     motion_score: float
     key: str = ""
-    known_frames: list[int] = field(default_factory=list)
-    """Frames whose every pixel is given (the generation tasks' context)."""
+    depth_to_estimate: list[int] = field(default_factory=list)
+    """Frames whose depth the condition should carry but the clip lacks (real media): the
+    training step fills them with the depth model's estimate."""
 
 
 @dataclass
@@ -168,5 +169,5 @@ def build_task_sample(
         prompt=task_prompt(clip.caption, task, clip.fps),
         motion_score=0.0 if clip.is_image else video_motion_score,
         key=clip.key,
-        known_frames=cond.depth_frames,
+        depth_to_estimate=cond.depth_frames if clip.depth is None else [],
     )

@@ -70,4 +70,5 @@ class TaskMixture:
             sample.prompt = ""
         if torch.rand(1, generator=generator).item() < self.config.depth_dropout:
             sample.condition[3] = 0
+            sample.depth_to_estimate = []
         return sample

@@ -23,7 +23,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_mfm.config import ModelConfig, RunConfig, config_to_dict
-from megatron_mfm.data.encoders import FrozenEncoders, builtin_encoders
+from megatron_mfm.data.encoders import FrozenEncoders, build_encoders
 from megatron_mfm.data.loader import SyntheticLoader
 from megatron_mfm.data.streaming import ShardLoader
 from megatron_mfm.data.synthetic import SyntheticVideoDataset
@@ -145,7 +145,7 @@ def setup(config: RunConfig) -> Trainer:
     trainer = Trainer(
         config=config, model_config=model_config, model=model, ddp=ddp, optimizer=optimizer, scheduler=scheduler,
         ema=EMA(model, config.train.ema_decay) if config.train.ema_decay > 0 else None, loader=loader,
-        encoders=builtin_encoders(model_config.text_hidden_size),
+        encoders=build_encoders(config.encoders, model_config.text_hidden_size, device),
         checkpointer=Checkpointer(config.checkpoint.save, config.checkpoint.keep_last, config.checkpoint.async_save,
                                   config.parallel.distributed_optimizer, config.checkpoint.reshardable_optimizer),
         logger=MetricsLogger(config.logging, config_to_dict(config), iterations),

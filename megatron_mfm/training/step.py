@@ -66,14 +66,19 @@ def make_forward_step(encoders: FrozenEncoders, flow: FlowMatchingConfig, seed: 
 
     def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
         batch = next(data_iterator)
-        latents = encoders.encode_video(batch.pixels.to(device))
+        pixels = batch.pixels.to(device)
+        condition = torch.stack([
+            encoders.with_estimated_depth(c, p, frames)
+            for c, p, frames in zip(batch.condition.to(device), pixels, batch.depth_to_estimate)
+        ])
+        latents = encoders.encode_video(pixels)
         text, text_mask = encoders.encode_text(batch.prompts, device)
         t, h, w = latents.shape[2:]
         noise, sigma = noise_and_sigma(latents, batch.sample_ids, seed, flow, t * (h // patch_size) * (w // patch_size))
         noisy, target = add_noise(latents, noise, sigma)
         output = model(
             noisy.to(dtype), sigma * 1000.0, text.to(dtype), text_mask,
-            batch.condition.to(device, dtype), batch.motion_score.to(device),
+            condition.to(dtype), batch.motion_score.to(device),
         )
         return output, partial(_loss, target, batch.tasks, model)
 
