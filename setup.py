@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+PRETRAINED = ["diffusers>=0.30", "transformers>=4.56", "sentencepiece"]
+
 setup(
     name="megatron_mfm",
     version="0.1.0",
@@ -27,6 +29,9 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]==2.20.2"],
         "dali": ["nvidia-dali-cuda130"],
-        "dev": ["pytest>=8", "pytest-timeout"],
+        # the real frozen encoders (CogVideoX VAE, T5 + sentencepiece tokenizer, Depth-Anything-V2)
+        "pretrained": PRETRAINED,
+        # the tests build tiny random versions of the pretrained encoders and compare against them
+        "dev": ["pytest>=8", "pytest-timeout", *PRETRAINED],
     },
 )
