@@ -169,12 +169,19 @@ def kernel_roofline_seconds(config: MfMConfig, tokens: int, batch: int, dtype, d
     return total * config.num_layers / pp
 
 
-def profile_one(args, layout: Layout, preset: str, frames: int, height: int, width: int, recompute: bool,
+RECOMPUTE = {
+    "none": ["model.recompute=false"],
+    "full": ["model.recompute=true"],
+    "selective": ["model.recompute=false", "model.recompute_modules=[layernorm, mlp]"],
+}
+
+
+def profile_one(args, layout: Layout, preset: str, frames: int, height: int, width: int, recompute: str,
                 precision: str) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     data_parallel = world // (layout.tp * layout.pp * layout.cp)
     overrides = [
-        f"model.preset={preset}", f"model.backend={args.backend}", f"model.recompute={recompute}",
+        f"model.preset={preset}", f"model.backend={args.backend}", *RECOMPUTE[recompute],
         f"parallel.tensor_parallel={layout.tp}", f"parallel.pipeline_parallel={layout.pp}",
         f"parallel.context_parallel={layout.cp}", f"parallel.sequence_parallel={layout.tp > 1}",
         f"train.precision={'bf16' if precision == 'fp8' else precision}",
@@ -195,12 +202,10 @@ def profile_one(args, layout: Layout, preset: str, frames: int, height: int, wid
         return out, lambda output: (output.float().square().mean(), {})
 
     def step():
-        for chunk in ddp:
-            chunk.zero_grad_buffer()
+        ddp.zero_grad_buffer()
         trainer.optimizer.zero_grad()
         get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=[iter([batch]) for _ in ddp] if len(ddp) > 1
-            else iter([batch]), model=ddp, num_microbatches=1,
+            forward_step_func=forward_step, data_iterator=iter([batch]), model=[ddp], num_microbatches=1,
             seq_length=tokens, micro_batch_size=args.micro_batch_size, forward_only=False,
         )
         trainer.optimizer.step()
@@ -218,7 +223,7 @@ def profile_one(args, layout: Layout, preset: str, frames: int, height: int, wid
     return {
         "layout": layout.name, "tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": data_parallel,
         "preset": preset, "frames": frames, "height": height, "width": width, "tokens": tokens,
-        "recompute": "full" if recompute else "none", "precision": precision,
+        "recompute": recompute, "precision": precision,
         "fp8_recipe": args.fp8_recipe if precision == "fp8" else None,
         "backend": args.backend, "micro_batch_size": args.micro_batch_size,
         "step_s": seconds, "tokens_per_s": tokens * samples / seconds,
@@ -259,7 +264,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--frames", nargs="+", type=int, default=[9], help="pixel frames (4k+1) to sweep")
     parser.add_argument("--height", nargs="+", type=int, default=[64], help="pixel heights to sweep")
     parser.add_argument("--width", nargs="+", type=int, default=[64], help="pixel widths (paired with heights)")
-    parser.add_argument("--recompute", nargs="+", default=["none"], choices=["none", "full"])
+    parser.add_argument("--recompute", nargs="+", default=["none"], choices=sorted(RECOMPUTE),
+                        help="none, full (every block), selective (norms/modulation and MLP recomputed)")
     parser.add_argument("--precision", nargs="+", default=None, choices=["fp32", "bf16", "fp8"],
                         help="default: bf16 on GPU, fp32 on CPU; fp8 = bf16 weights + Transformer Engine FP8 GEMMs")
     parser.add_argument("--fp8-recipe", default="delayed", choices=["delayed", "current"],
@@ -313,7 +319,7 @@ def main(argv=None) -> list[dict]:
             what = {"layout": layout.name, "preset": preset, "frames": frames, "height": height, "width": width,
                     "recompute": recompute, "precision": precision}
             try:
-                rows.append(profile_one(args, layout, preset, frames, height, width, recompute == "full", precision))
+                rows.append(profile_one(args, layout, preset, frames, height, width, recompute, precision))
             except torch.OutOfMemoryError:
                 rows.append({**what, "error": "out of memory"})
             except ConfigError as error:  # e.g. a layout that does not divide this preset's heads
