@@ -187,7 +187,7 @@ def profile_one(args, layout: Layout, preset: str, frames: int, height: int, wid
         f"train.precision={'bf16' if precision == 'fp8' else precision}",
         f"train.micro_batch_size={args.micro_batch_size}",
         f"train.global_batch_size={args.micro_batch_size * data_parallel}", "train.ema_decay=0",
-        "checkpoint.save=", "logging.tensorboard_dir=",
+        "checkpoint.save=", "logging.tensorboard_dir=", f"parallel.distributed_optimizer={args.distributed_optimizer}",
     ]
     trainer = setup(load_config(overrides=overrides))
     config, ddp = trainer.model_config, trainer.ddp
@@ -272,6 +272,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="FP8 scaling: delayed (amax history) or current (per-tensor, per step)")
     parser.add_argument("--backend", default="auto", choices=["auto", "te", "local"])
     parser.add_argument("--micro-batch-size", type=int, default=1)
+    parser.add_argument("--distributed-optimizer", action="store_true",
+                        help="shard optimizer state over DP x CP (what makes MfM-8B fit at CP4)")
     parser.add_argument("--iterations", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=0.0,
