@@ -31,7 +31,8 @@ setup(
         "dali": ["nvidia-dali-cuda130"],
         # the real frozen encoders (CogVideoX VAE, T5 + sentencepiece tokenizer, Depth-Anything-V2)
         "pretrained": PRETRAINED,
-        # the tests build tiny random versions of the pretrained encoders and compare against them
-        "dev": ["pytest>=8", "pytest-timeout", *PRETRAINED],
+        # the tests build tiny random versions of the pretrained encoders and compare against them,
+        # and check DALI's CPU decoder (VP9) against PyAV (the CUDA-13 wheel runs on CPU-only machines)
+        "dev": ["pytest>=8", "pytest-timeout", *PRETRAINED, "nvidia-dali-cuda130"],
     },
 )

@@ -65,13 +65,25 @@ def probe(data: bytes, name: str) -> MediaInfo:
     return MediaInfo("video", width, height, frames, fps, codec)
 
 
-def _resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(F, 3, h, w) float -> (F, 3, height, width): scale to cover, centre crop."""
-    h, w = frames.shape[-2:]
+def frame_indices(source_fps: float, frames: int, fps: float | None) -> list[int]:
+    """Source frame numbers of the ``frames`` output frames at ``fps`` (never faster than the
+    source), shared by all backends so they pick the same frames."""
+    step = max(source_fps / fps, 1.0) if fps else 1.0
+    return [round(i * step) for i in range(frames)]
+
+
+def cover_crop_box(h: int, w: int, height: int, width: int) -> tuple[tuple[int, int], int, int]:
+    """((resized h, resized w), top, left): scale an h x w frame to cover height x width, then
+    centre crop; shared by all backends so they crop the same window."""
     scale = max(height / h, width / w)
     size = (max(height, round(h * scale)), max(width, round(w * scale)))
+    return size, (size[0] - height) // 2, (size[1] - width) // 2
+
+
+def _resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(F, 3, h, w) float -> (F, 3, height, width): scale to cover, centre crop."""
+    size, top, left = cover_crop_box(*frames.shape[-2:], height, width)
     frames = F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=True)
-    top, left = (size[0] - height) // 2, (size[1] - width) // 2
     return frames[..., top:top + height, left:left + width]
 
 
@@ -91,8 +103,7 @@ def decode_clip(data: bytes, name: str, frames: int, height: int, width: int, fp
             with av.open(io.BytesIO(data)) as container:
                 stream = container.streams.video[0]
                 source_fps = float(stream.average_rate or fps or 1)
-                step = max(source_fps / fps, 1.0) if fps else 1.0
-                wanted = {round(i * step) for i in range(frames)}
+                wanted = set(frame_indices(source_fps, frames, fps))
                 decoded = []
                 for index, frame in enumerate(container.decode(stream)):
                     if index in wanted:

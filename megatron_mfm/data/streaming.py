@@ -11,6 +11,7 @@ before the first step not yet trained on; prefetched steps are planned again aft
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import multiprocessing
 from collections import deque
@@ -20,7 +21,8 @@ from pathlib import Path
 
 from megatron_mfm.data.buckets import Bucket
 from megatron_mfm.data.catalog import SampleEntry, load_catalog, read_sample
-from megatron_mfm.data.decode import MediaError, decode_clip
+from megatron_mfm.data.dali_decode import DALI_INSTALL, DECODE_BACKENDS, DecodeFn, decode_backend
+from megatron_mfm.data.decode import MediaError
 from megatron_mfm.data.loader import MicroBatch, collate, sample_generator
 from megatron_mfm.data.planner import MicroBatchPlanner
 from megatron_mfm.data.stages import StageConfig, StageSchedule
@@ -43,10 +45,17 @@ class ShardDataConfig:
     """Decoding processes per rank (0: decode in the training process)."""
     prefetch_steps: int = 2
     """Steps decoded ahead of the one training."""
+    decode_backend: str = "pyav"
+    """pyav (CPU, any codec) or dali (NVDEC on this rank's GPU: H.264/HEVC; DALI's CPU decoder
+    takes VP8/VP9/MJPEG only). Each worker process builds its own decoder."""
 
     def __post_init__(self) -> None:
         if self.fps <= 0 or self.shuffle_window < 1 or self.workers < 0 or self.prefetch_steps < 0:
             raise ValueError("data.shards: need fps > 0, shuffle_window >= 1, workers >= 0, prefetch_steps >= 0")
+        if self.decode_backend not in DECODE_BACKENDS:
+            raise ValueError(f"data.shards.decode_backend={self.decode_backend!r}: choose one of {DECODE_BACKENDS}")
+        if self.decode_backend == "dali" and importlib.util.find_spec("nvidia.dali") is None:
+            raise ValueError(f"data.shards.decode_backend=dali: NVIDIA DALI is not installed ({DALI_INSTALL})")
 
 
 @dataclass
@@ -60,6 +69,7 @@ class DecodeJob:
     fps: float
     tasks: TaskMixtureConfig
     seed: int
+    backend: str
 
 
 @dataclass
@@ -67,6 +77,16 @@ class DecodedMicroBatch:
     batch: MicroBatch
     failures: list[str]
     """``shard/key: reason`` of samples that could not be decoded (replaced by a good one)."""
+
+
+_decoders: dict[str, DecodeFn] = {}
+
+
+def _decoder(backend: str) -> DecodeFn:
+    """This process's decoder of ``backend``, built once (DALI pipelines are reused)."""
+    if backend not in _decoders:
+        _decoders[backend] = decode_backend(backend, flag="data.shards.decode_backend")
+    return _decoders[backend]
 
 
 def decode_micro_batch(job: DecodeJob) -> DecodedMicroBatch:
@@ -77,7 +97,7 @@ def decode_micro_batch(job: DecodeJob) -> DecodedMicroBatch:
     for entry in job.entries:
         try:
             media, record = read_sample(job.directory, entry)
-            pixels = decode_clip(media, entry.media_name, job.bucket.frames, job.bucket.height, job.bucket.width,
+            pixels = _decoder(job.backend)(media, entry.media_name, job.bucket.frames, job.bucket.height, job.bucket.width,
                                  None if entry.is_image else job.fps)
             clips.append(Clip(pixels=pixels, caption=record["caption"], fps=job.fps, key=entry.key))
         except (MediaError, ValueError, OSError) as error:
@@ -124,7 +144,7 @@ class ShardLoader:
             jobs = [
                 self._submit(DecodeJob(str(Path(self.config.path)), [self.planner.catalog[i] for i in mb.entries],
                                        mb.sample_ids, mb.bucket, self.config.fps, self.stage_tasks[mb.stage],
-                                       self.seed))
+                                       self.seed, self.config.decode_backend))
                 for mb in step[self.dp_rank::self.dp_size]
             ]
             self._queue.append((before, sum(len(mb.entries) for mb in step), jobs))

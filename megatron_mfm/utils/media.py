@@ -14,8 +14,9 @@ def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
     return frames.permute(1, 2, 3, 0).cpu().numpy()
 
 
-def write_mp4(path: str | Path, pixels: torch.Tensor, fps: float = 16.0) -> Path:
-    """Encode a clip (3, F, H, W) in [-1, 1] as H.264 mp4 (yuv420p, even sizes)."""
+def write_mp4(path: str | Path, pixels: torch.Tensor, fps: float = 16.0, codec: str = "libx264") -> Path:
+    """Encode a clip (3, F, H, W) in [-1, 1] as mp4 (yuv420p, even sizes); H.264 unless ``codec``
+    names another encoder (``libvpx-vp9`` for decoders that refuse H.264)."""
     import av
 
     path = Path(path)
@@ -23,7 +24,7 @@ def write_mp4(path: str | Path, pixels: torch.Tensor, fps: float = 16.0) -> Path
     frames = to_uint8_frames(pixels)
     height, width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=round(fps))
+        stream = container.add_stream(codec, rate=round(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": "18"}
         for frame in frames:
