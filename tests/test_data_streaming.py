@@ -124,9 +124,9 @@ STAGES = [StageConfig(name="a", iterations=2, resolutions=[[32, 48], [48, 32], [
                       token_budget=60)]
 
 
-def loader(shard_dir: Path, dp_rank: int, workers: int = 0) -> ShardLoader:
+def loader(shard_dir: Path, dp_rank: int, workers: int = 0, stages: list[StageConfig] = STAGES) -> ShardLoader:
     config = ShardDataConfig(path=str(shard_dir), fps=16, shuffle_window=4, workers=workers, prefetch_steps=1)
-    return ShardLoader(config, STAGES, TaskMixtureConfig(), micro_batch_size=1, global_batch_size=4,
+    return ShardLoader(config, stages, TaskMixtureConfig(), micro_batch_size=1, global_batch_size=4,
                        dp_rank=dp_rank, dp_size=2, seed=11)
 
 
@@ -167,14 +167,14 @@ def test_undecodable_sample_is_replaced_and_counted(shard_dir, tmp_path):
     with open(broken / victim.shard, "r+b") as shard:  # same size, garbage content
         shard.seek(victim.media_offset)
         shard.write(b"\0" * victim.media_size)
-    rank_loader = loader(broken, 0)
-    for _ in range(6):
-        for batch in rank_loader.next_global_batch():
-            assert torch.isfinite(batch.pixels).all()
-    other = loader(broken, 1)
-    for _ in range(6):
-        other.next_global_batch()
-    assert rank_loader.skipped_samples + other.skipped_samples >= 1
+    one_per_micro_batch = [StageConfig(resolutions=[[32, 48], [48, 32], [32, 32]], frames=[9, 17])]
+    for stages in (STAGES, one_per_micro_batch):  # the victim shares a micro-batch / is one alone
+        ranks = [loader(broken, rank, stages=stages) for rank in range(2)]
+        for _ in range(6):
+            for rank_loader in ranks:
+                batches = rank_loader.next_global_batch()
+                assert len(batches) == 2 and all(torch.isfinite(b.pixels).all() for b in batches)
+        assert sum(rank_loader.skipped_samples for rank_loader in ranks) >= 1
 
 
 def test_training_on_shards_resumes_exactly_across_a_stage_switch(shard_dir, tmp_path):

@@ -74,7 +74,8 @@ class DecodeJob:
 
 @dataclass
 class DecodedMicroBatch:
-    batch: MicroBatch
+    batch: MicroBatch | None
+    """None when no sample of it could be decoded."""
     failures: list[str]
     """``shard/key: reason`` of samples that could not be decoded (replaced by a good one)."""
 
@@ -105,7 +106,7 @@ def decode_micro_batch(job: DecodeJob) -> DecodedMicroBatch:
             failures.append(f"{entry.shard}/{entry.key}: {error}")
     good = [c for c in clips if c is not None]
     if not good:
-        raise MediaError("no sample of a micro-batch could be decoded: " + "; ".join(failures))
+        return DecodedMicroBatch(None, failures)
     mixture = TaskMixture(job.tasks)
     samples = [
         mixture.sample(clip or good[n % len(good)], sample_generator(job.seed, sample_id, TASK_STREAM))
@@ -133,6 +134,7 @@ class ShardLoader:
         self._pool = (ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn"))
                       if config.workers else None)
         self._queue: deque[tuple[dict, int, list[Future | DecodedMicroBatch]]] = deque()
+        self._last_good: MicroBatch | None = None
 
     def _submit(self, job: DecodeJob) -> Future | DecodedMicroBatch:
         return self._pool.submit(decode_micro_batch, job) if self._pool else decode_micro_batch(job)
@@ -160,7 +162,18 @@ class ShardLoader:
             self.skipped_samples += len(result.failures)
         self.consumed_samples += samples
         self._plan_ahead()
-        return [result.batch for result in decoded]
+        return [self._decodable(result, decoded) for result in decoded]
+
+    def _decodable(self, result: DecodedMicroBatch, step: list[DecodedMicroBatch]) -> MicroBatch:
+        """A micro-batch whose every sample failed is replaced by another of the step, else by
+        this rank's previous one: the step keeps its size, the failures are counted."""
+        if result.batch is not None:
+            self._last_good = result.batch
+            return result.batch
+        fallback = next((r.batch for r in step if r.batch is not None), self._last_good)
+        if fallback is None:
+            raise MediaError("no sample of this rank's first micro-batch could be decoded: " + "; ".join(result.failures))
+        return fallback
 
     def state_dict(self) -> dict:
         planner = self._queue[0][0] if self._queue else self.planner.state_dict()
