@@ -141,3 +141,18 @@ def test_recompute_gives_the_same_gradients_and_saves_less(single_process_world)
             error = (grads[mode][name] - grad).abs().max() / grad.abs().max().clamp_min(1e-12)
             assert error < 1e-5, (mode, name, error.item())  # summation order differs, nothing else
     assert saved_bytes["full"] < saved_bytes["selective"] < saved_bytes["none"], saved_bytes
+
+
+def test_text_rows_are_padded_for_fp8_gemms():
+    """77 text tokens become 80 rows (FP8 GEMMs need multiples of 8/16), the added keys masked;
+    the parity tests above run through this padding, so it is exact."""
+    from megatron_mfm.model.dit import pad_text
+
+    text = torch.randn(2, 77, 8)
+    padded, mask = pad_text(text, None)
+    assert padded.shape == (80, 2, 8) and torch.equal(padded[:77], text.transpose(0, 1))
+    assert mask[:, :77].all() and not mask[:, 77:].any()
+    given = torch.rand(2, 77) > 0.5
+    assert torch.equal(pad_text(text, given)[1][:, :77], given)
+    aligned = torch.randn(1, 32, 8)
+    assert pad_text(aligned, None)[1] is None  # already a multiple: untouched

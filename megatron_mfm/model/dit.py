@@ -138,8 +138,7 @@ class MfMDiT(MegatronModule):
             x, c = self.input_tensor[:-1], self.input_tensor[-1]
         cos, sin = pad_rope(*rope_cos_sin(grid, self.config.kv_channels, self.config.rope_theta, latents.device), layout)
         token_mask = layout.key_padding_mask(batch, latents.device)
-        text_sbh = text.transpose(0, 1)
-        mask = None if text_mask is None else text_mask.bool()
+        text_sbh, mask = pad_text(text, text_mask)
         recompute = self.training and self.config.recompute_granularity == "full"
         for layer in self.layers:
             if recompute:
@@ -195,6 +194,23 @@ class MfMDiT(MegatronModule):
             key = f"{prefix}layers.{layer.layer_number - 1}."
             state.update(layer.sharded_state_dict(prefix=key, sharded_offsets=sharded_offsets, metadata=metadata))
         return state
+
+
+TEXT_ROW_MULTIPLE = 16
+"""FP8 GEMMs (Transformer Engine) need row counts divisible by 8/16; the 77 text tokens are not."""
+
+
+def pad_text(text: torch.Tensor, text_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, L, C) text -> (L', B, C) with L' a multiple of ``TEXT_ROW_MULTIPLE`` and the mask
+    (B, L') False on the added rows: masked keys change nothing, so this is exact."""
+    batch, length, _ = text.shape
+    extra = -length % TEXT_ROW_MULTIPLE
+    mask = None if text_mask is None else text_mask.bool()
+    if extra:
+        text = F.pad(text, (0, 0, 0, extra))
+        real = torch.ones(batch, length, dtype=torch.bool, device=text.device) if mask is None else mask
+        mask = F.pad(real, (0, extra), value=False)
+    return text.transpose(0, 1), mask
 
 
 @contextlib.contextmanager
