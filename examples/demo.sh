@@ -14,7 +14,7 @@ ckpt="$OUT/checkpoints/$(cat "$OUT/checkpoints/latest")"
 "$PY" tools/convert_checkpoint.py export-official --load "$ckpt" --output "$OUT/export/transformer" --weights ema
 # The tiny run trains at small shifts: sample on a matching schedule (the official warp suits 2B/8B).
 "$PY" tools/sample.py --load "$ckpt" --tasks t2v i2v --output "$OUT/samples" --steps 30 --guidance-scale 3 \
-  --schedule shifted --shift 1.5
+  --schedule shifted --shift 1.5 --frames 9 --height 64 --width 64 --negative-prompt ""  # the demo's clip size
 "$PY" - "$OUT/metrics.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
