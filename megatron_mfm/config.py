@@ -72,12 +72,25 @@ class ParallelConfig:
     ranks; needs only heads % tp == 0)."""
     sequence_parallel: bool = False
     """Split tokens across TP ranks outside attention/MLP GEMMs (needs tensor_parallel > 1)."""
+    virtual_pipeline_stages: int = 1
+    """Model chunks per pipeline rank (interleaved 1F1B: a smaller pipeline bubble for more
+    point-to-point traffic); > 1 needs pipeline_parallel >= 3."""
     distributed_optimizer: bool = False
     """Shard optimizer state across data-parallel ranks (megatron DistributedOptimizer)."""
 
     def __post_init__(self) -> None:
         if min(self.tensor_parallel, self.pipeline_parallel, self.context_parallel) < 1:
             raise ConfigError("parallel.tensor_parallel, pipeline_parallel and context_parallel must be >= 1")
+        if self.virtual_pipeline_stages < 1:
+            raise ConfigError(f"parallel.virtual_pipeline_stages={self.virtual_pipeline_stages} must be >= 1")
+        if self.virtual_pipeline_stages > 1 and self.pipeline_parallel < 3:
+            # With two stages the previous and the next rank are the same peer, and megatron's
+            # interleaved p2p (batched or not) then swaps activations and gradients (measured on
+            # gloo: zero inputs, gradients where there must be none) or aborts on shape messages.
+            raise ConfigError(
+                f"parallel.virtual_pipeline_stages={self.virtual_pipeline_stages} needs parallel.pipeline_parallel >= 3 "
+                f"(got {self.pipeline_parallel})"
+            )
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
         if self.context_parallel_comm not in CONTEXT_PARALLEL_COMM:
@@ -224,8 +237,18 @@ class RunConfig:
                 f"the world size {world_size}"
             )
         layers = self.model.num_layers or PRESETS[self.model.preset]["num_layers"]
-        if layers % pp:
-            raise ConfigError(f"parallel.pipeline_parallel={pp} does not divide the {layers} layers of {self.model.preset}")
+        chunks = pp * self.parallel.virtual_pipeline_stages
+        if layers % chunks:
+            raise ConfigError(
+                f"parallel.pipeline_parallel={pp} x virtual_pipeline_stages={self.parallel.virtual_pipeline_stages} "
+                f"does not divide the {layers} layers of {self.model.preset}"
+            )
+        micro_batches = self.train.global_batch_size // self.train.micro_batch_size
+        if self.parallel.virtual_pipeline_stages > 1 and (micro_batches // max(1, world_size // (tp * pp * cp))) % pp:
+            raise ConfigError(
+                f"parallel.virtual_pipeline_stages > 1: the micro-batches per step and DP rank must be a multiple of "
+                f"parallel.pipeline_parallel={pp} (megatron's interleaved schedule)"
+            )
         if (pp > 1 or cp > 1) and self.logging.sample_interval:
             raise ConfigError("logging.sample_interval: validation sampling needs pipeline_parallel=1 and context_parallel=1")
         dp = world_size // (tp * pp * cp)

@@ -180,7 +180,7 @@ def test_undecodable_sample_is_replaced_and_counted(shard_dir, tmp_path):
 def test_training_on_shards_resumes_exactly_across_a_stage_switch(shard_dir, tmp_path):
     stages = ("data.stages=[{name: low, iterations: 2, resolutions: [[32, 32], [32, 48]], frames: [9], "
               "token_budget: 32}, {name: high, resolutions: [[48, 48]], frames: [17], token_budget: 0}]")
-    common = [f"data.source=shards", f"data.shards.path={shard_dir}", "data.shards.workers=1", stages,
+    common = ["data.source=shards", f"data.shards.path={shard_dir}", "data.shards.workers=1", stages,
               "train.micro_batch_size=1", "train.global_batch_size=2", "train.ema_decay=0"]
     full, part = tmp_path / "full", tmp_path / "part"
     full.mkdir(), part.mkdir()

@@ -19,7 +19,7 @@ def test_nonfinite_steps_are_skipped_then_stop(single_process_world):
     assert applied and grad_norm is not None and grad_norm > 0
 
     with torch.no_grad():
-        trainer.model.layers[0].mlp.linear_fc2.bias[0] = float("nan")  # corrupt one weight
+        trainer.model[0].layers[0].mlp.linear_fc2.bias[0] = float("nan")  # corrupt one weight
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     ema_before = {n: t.clone() for n, t in trainer.ema.shadow.items()}
     for expected_skips in (1, 2):

@@ -149,3 +149,17 @@ def test_training_step_gives_the_model_estimated_depth(encoders, single_process_
     assert expected[0, 0].abs().sum() > 0
     assert torch.equal(seen[0][0, 3:4], expected)
     assert torch.equal(seen[0][0, [0, 1, 2, 4]], sample.condition[[0, 1, 2, 4]])
+
+
+def test_posterior_draws_follow_the_sample_not_the_batch(paths):
+    """The training step seeds the VAE posterior per sample id: the same clip gets the same
+    latents alone or next to another clip (so PP stages and layouts agree), a new id differs."""
+    from megatron_mfm.data.loader import sample_generator
+
+    sampling = build_encoders(tiny_config(paths, sample_posterior=True), TEXT_WIDTH, CPU)
+    a, b = smooth_clip(5, 32, 32), smooth_clip(5, 32, 32).flip(-1)
+    pair = sampling.encode_video(torch.stack([a, b]), [sample_generator(0, i, 4) for i in (7, 8)])
+    alone = sampling.encode_video(a[None], [sample_generator(0, 7, 4)])
+    other = sampling.encode_video(a[None], [sample_generator(0, 9, 4)])
+    assert torch.allclose(pair[:1], alone, atol=1e-5)  # batched convolutions round differently
+    assert (alone - other).abs().max() > 1e-2

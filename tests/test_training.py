@@ -67,6 +67,11 @@ def losses(tmp: Path) -> dict[int, float]:
     return {r["iteration"]: r["loss"] for r in records}
 
 
+def logged_iterations(tmp: Path) -> list[int]:
+    """Every logged iteration in order: a resumed run continues, a restarted one repeats."""
+    return [json.loads(line)["iteration"] for line in (tmp / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory) -> dict[int, float]:
     """12 uninterrupted iterations, one process."""
@@ -171,12 +176,30 @@ def test_four_rank_layouts_match(tmp_path, reference_run, layout):
         assert abs(parallel[i] - reference_run[i]) <= 1e-5 * abs(reference_run[i]), (i, parallel[i], reference_run[i])
 
 
+def test_interleaved_pipeline_matches_one_process_and_resumes_at_plain_pp(tmp_path):
+    """PP3 with two virtual stages per rank (6 layers: rank r runs layers r and r + 3), images and
+    videos mixed, against one process; its checkpoint then resumes at plain PP2."""
+    depth = ["model.num_layers=6", "train.iterations=5", "train.micro_batch_size=1", "train.global_batch_size=6"]
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    train(reference, *depth)
+    ckpt = tmp_path / "ckpt"
+    train(tmp_path, *depth, "train.stop_iteration=3", "parallel.pipeline_parallel=3",
+          "parallel.virtual_pipeline_stages=2", f"checkpoint.save={ckpt}", ranks=3)
+    train(tmp_path, *depth, "parallel.pipeline_parallel=2", f"checkpoint.load={ckpt}", ranks=2)
+    assert logged_iterations(tmp_path) == [1, 2, 3, 4, 5]  # the second run resumed, not restarted
+    expected, interleaved = losses(reference), losses(tmp_path)
+    for i in range(1, 6):
+        assert abs(interleaved[i] - expected[i]) <= 1e-5 * abs(expected[i]), (i, interleaved[i], expected[i])
+
+
 def test_checkpoint_saved_at_pp2_resumes_at_dp2(tmp_path, reference_run):
     """Layout change on resume: the dist checkpoint reshards model and optimizer state."""
     ckpt = tmp_path / "ckpt"
     train(tmp_path, "train.iterations=12", "train.stop_iteration=8", "checkpoint.interval=4",
           "parallel.pipeline_parallel=2", f"checkpoint.save={ckpt}", ranks=2)
     train(tmp_path, "train.iterations=12", f"checkpoint.load={ckpt}", f"checkpoint.save={ckpt}", ranks=2)
+    assert logged_iterations(tmp_path) == list(range(1, 13))
     resumed = losses(tmp_path)
     for i in range(1, 13):
         assert abs(resumed[i] - reference_run[i]) <= 1e-5 * abs(reference_run[i]), i
@@ -196,6 +219,7 @@ def test_four_rank_checkpoint_changes_layout(tmp_path, first, second):
     ckpt = tmp_path / "ckpt"
     train(tmp_path, "train.iterations=8", "train.stop_iteration=4", mbs, f"checkpoint.save={ckpt}", *first, ranks=4)
     train(tmp_path, "train.iterations=8", mbs, f"checkpoint.load={ckpt}", f"checkpoint.save={ckpt}", *second, ranks=4)
+    assert logged_iterations(tmp_path) == list(range(1, 9))
     expected, resumed = losses(reference), losses(tmp_path)
     for i in range(1, 9):
         assert abs(resumed[i] - expected[i]) <= 1e-5 * abs(expected[i]), i
@@ -208,6 +232,7 @@ def test_distributed_optimizer_checkpoint_resumes_at_another_layout(tmp_path, re
     opts = ["parallel.distributed_optimizer=true", f"checkpoint.save={ckpt}"]
     train(tmp_path, "train.iterations=12", "train.stop_iteration=8", "checkpoint.interval=4", *opts, ranks=2)
     train(tmp_path, "train.iterations=12", f"checkpoint.load={ckpt}", "parallel.tensor_parallel=2", *opts, ranks=2)
+    assert logged_iterations(tmp_path) == list(range(1, 13))
     resumed = losses(tmp_path)
     for i in range(9, 13):
         assert abs(resumed[i] - reference_run[i]) <= 1e-5 * abs(reference_run[i]), i
@@ -222,6 +247,7 @@ def test_distributed_optimizer_checkpoint_resumes_at_another_layout(tmp_path, re
         ("optimizer.lr=fast", "optimizer.lr: expected float, got 'fast'"),
         ("data.synthetic.frames=8", "frames=8 must be 4k+1"),
         ("tasks.weights={t2x: 1.0}", "unknown tasks ['t2x']"),
+        ("parallel.virtual_pipeline_stages=2", "virtual_pipeline_stages=2 needs parallel.pipeline_parallel >= 3"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, override, message):

@@ -202,10 +202,11 @@ def profile_one(args, layout: Layout, preset: str, frames: int, height: int, wid
         return out, lambda output: (output.float().square().mean(), {})
 
     def step():
-        ddp.zero_grad_buffer()
+        for chunk in ddp:
+            chunk.zero_grad_buffer()
         trainer.optimizer.zero_grad()
         get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([batch]), model=[ddp], num_microbatches=1,
+            forward_step_func=forward_step, data_iterator=iter([batch]), model=ddp, num_microbatches=1,
             seq_length=tokens, micro_batch_size=args.micro_batch_size, forward_only=False,
         )
         trainer.optimizer.step()

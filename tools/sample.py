@@ -138,6 +138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+CONTACT_SHEET_SAMPLES = 16
+
+
 def encoder_config(args: argparse.Namespace) -> EncoderConfig:
     """Built-in stand-ins, or the pretrained encoders of a pipeline folder (local files only)."""
     if not args.encoders:
@@ -180,13 +183,14 @@ def main(argv: list[str] | None = None) -> None:
             except (ValueError, FileNotFoundError) as error:
                 raise SystemExit(f"sample.py: {error}") from None
             clip = generate(model, encoders, sample, sampling)
-            rows += [sample.condition[:3], clip]
+            if writer and len(rows) < 2 * CONTACT_SHEET_SAMPLES:  # memory stays bounded over a long prompt file
+                rows += [sample.condition[:3], clip]
             if writer:
                 name = f"{number:04d}_{request.task}" if args.prompt_file else request.task
                 tqdm.write(f"{write_sample(out, name, clip, args.fps)}  prompt: {sample.prompt!r}")
         if writer:
             sheet = write_atomically(out / "contact_sheet.png", lambda p: write_png(p, contact_sheet(rows)))
-            print(f"contact sheet (per sample: condition row, sample row): {sheet}")
+            print(f"contact sheet (up to {CONTACT_SHEET_SAMPLES} samples: condition row, sample row): {sheet}")
     finally:
         destroy_parallel()
 

@@ -58,7 +58,8 @@ class LowFrequencyVideoCodec:
     def __init__(self):
         self.basis = _low_frequency_basis()
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode(self, pixels: torch.Tensor, generator: list[torch.Generator] | None = None) -> torch.Tensor:
+        """Deterministic: ``generator`` is accepted for the codec interface and unused."""
         frames = pixels.shape[2]
         if (frames - 1) % TIME_STRIDE:
             raise ValueError(f"video of {frames} frames: the codec needs 4k+1 frames")

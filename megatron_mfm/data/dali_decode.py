@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -262,5 +263,6 @@ def decode_backend(name: str, device: str | None = None, flag: str = "--decode-b
         raise ImportError(f"{flag} dali needs NVIDIA DALI, which is not installed: {DALI_INSTALL}; "
                           f"or use {flag} pyav") from error
     device = device or ("gpu" if torch.cuda.is_available() else "cpu")
-    device_id = torch.cuda.current_device() if device == "gpu" else 0  # this rank's GPU
+    # this rank's GPU: LOCAL_RANK reaches spawned loader workers too, where current_device() is 0
+    device_id = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())) if device == "gpu" else 0
     return DaliDecoder(DaliDecodeConfig(device=device, device_id=device_id))

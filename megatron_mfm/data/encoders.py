@@ -22,7 +22,9 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 class VideoCodec(Protocol):
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor: ...
+    def encode(self, pixels: torch.Tensor, generator: list[torch.Generator] | None = None) -> torch.Tensor:
+        """``generator``: one per clip, for codecs that sample (the VAE posterior)."""
+        ...
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
 
@@ -49,9 +51,11 @@ class FrozenEncoders:
     depth: DepthEstimator | None = None
 
     @torch.no_grad()
-    def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, F, H, W) in [-1, 1] -> float32 latents (B, 16, (F-1)/4+1, H/8, W/8)."""
-        return self.video.encode(pixels.float()).float()
+    def encode_video(self, pixels: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        """(B, 3, F, H, W) in [-1, 1] -> float32 latents (B, 16, (F-1)/4+1, H/8, W/8); per-clip
+        ``generators`` make a sampling codec's draws a function of the sample, so every pipeline
+        stage (input on the first, target on the last) and every layout sees the same latents."""
+        return self.video.encode(pixels.float(), generators).float()
 
     @torch.no_grad()
     def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
@@ -133,6 +137,9 @@ class EncoderConfig:
             raise ValueError(f"vae_scaling_factor={self.vae_scaling_factor} must be > 0")
         if self.text_max_length < 1:
             raise ValueError(f"text_max_length={self.text_max_length} must be >= 1")
+        given = [name for name in ("vae_path", "text_encoder_path", "tokenizer_path", "depth_path") if getattr(self, name)]
+        if self.kind == "builtin" and given:
+            raise ValueError(f"{', '.join(given)} set but kind=builtin (the stand-ins): set kind=pretrained to use them")
         if self.kind == "pretrained":
             for name in ("vae_path", "text_encoder_path", "tokenizer_path"):
                 if not getattr(self, name):

@@ -32,8 +32,9 @@ class CogVideoXCodec:
         return next(self.vae.parameters())
 
     @torch.no_grad()
-    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Float32 latents; ``generator`` (on the VAE's device) makes posterior samples repeatable."""
+    def encode(self, pixels: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+               ) -> torch.Tensor:
+        """Float32 latents; ``generator`` (one, or one per clip) makes posterior samples repeatable."""
         if pixels.ndim != 5 or pixels.shape[1] != 3:
             raise ValueError(f"pixels of shape {tuple(pixels.shape)}: expected (B, 3, F, H, W)")
         frames, height, width = pixels.shape[2:]

@@ -19,6 +19,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from megatron_mfm.data.buckets import Bucket
 from megatron_mfm.data.catalog import SampleEntry, load_catalog, read_sample
 from megatron_mfm.data.dali_decode import DALI_INSTALL, DECODE_BACKENDS, DecodeFn, decode_backend
@@ -26,7 +28,7 @@ from megatron_mfm.data.decode import MediaError
 from megatron_mfm.data.loader import MicroBatch, collate, sample_generator
 from megatron_mfm.data.planner import MicroBatchPlanner
 from megatron_mfm.data.stages import StageConfig, StageSchedule
-from megatron_mfm.tasks.builders import Clip
+from megatron_mfm.tasks.builders import IMAGE_TASKS, VIDEO_TASKS, Clip
 from megatron_mfm.tasks.mixture import TaskMixture, TaskMixtureConfig
 
 TASK_STREAM = 1
@@ -98,8 +100,9 @@ def decode_micro_batch(job: DecodeJob) -> DecodedMicroBatch:
     for entry in job.entries:
         try:
             media, record = read_sample(job.directory, entry)
-            pixels = _decoder(job.backend)(media, entry.media_name, job.bucket.frames, job.bucket.height, job.bucket.width,
-                                 None if entry.is_image else job.fps)
+            decode = _decoder(job.backend)
+            pixels = decode(media, entry.media_name, job.bucket.frames, job.bucket.height, job.bucket.width,
+                            None if entry.is_image else job.fps).cpu()  # NVDEC output joins the CPU task builders
             clips.append(Clip(pixels=pixels, caption=record["caption"], fps=job.fps, key=entry.key))
         except (MediaError, ValueError, OSError) as error:
             clips.append(None)
@@ -115,6 +118,18 @@ def decode_micro_batch(job: DecodeJob) -> DecodedMicroBatch:
     return DecodedMicroBatch(collate(samples, job.sample_ids), failures)
 
 
+def _check_tasks_fit(catalog: list[SampleEntry], stages: list[StageConfig], tasks: list[TaskMixtureConfig]) -> None:
+    """Every stage must have a task for every kind of media in the shards (else the first such
+    sample would stop training)."""
+    kinds = {entry.kind for entry in catalog}
+    for stage, mixture in zip(stages, tasks):
+        for kind in sorted(kinds):
+            fitting = IMAGE_TASKS if kind == "image" else VIDEO_TASKS
+            if not any(mixture.weights.get(t, 0) > 0 for t in fitting):
+                raise ValueError(f"data.stages[{stage.name}]: the shards hold {kind}s but no {kind} task has weight "
+                                 f"(tasks.weights / task_weights; {kind} tasks: {list(fitting)})")
+
+
 class ShardLoader:
     """This data-parallel rank's micro-batches of each step, from shards (same interface as
     ``SyntheticLoader``)."""
@@ -126,13 +141,16 @@ class ShardLoader:
         self.config, self.dp_rank, self.dp_size, self.seed = config, dp_rank, dp_size, seed
         self.num_microbatches = global_batch_size // (micro_batch_size * dp_size)
         self.stage_tasks = [replace(tasks, weights=s.task_weights) if s.task_weights else tasks for s in stages]
-        self.planner = MicroBatchPlanner(load_catalog(config.path), StageSchedule(stages), seed, config.fps,
-                                         config.shuffle_window, micro_batch_size)
+        catalog = load_catalog(config.path)
+        _check_tasks_fit(catalog, stages, self.stage_tasks)
+        self.planner = MicroBatchPlanner(catalog, StageSchedule(stages), seed, config.fps, config.shuffle_window,
+                                         micro_batch_size)
         self.consumed_samples = 0
         self.skipped_samples = 0
         """Samples of this rank that failed to decode (each replaced, logged)."""
-        self._pool = (ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn"))
-                      if config.workers else None)
+        self._pool = (ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn"),
+                                          initializer=torch.set_num_threads, initargs=(1,))
+                      if config.workers else None)  # one thread each: the workers are the parallelism
         self._queue: deque[tuple[dict, int, list[Future | DecodedMicroBatch]]] = deque()
         self._last_good: MicroBatch | None = None
 
@@ -180,6 +198,8 @@ class ShardLoader:
         return {"planner": planner, "consumed_samples": self.consumed_samples}
 
     def load_state_dict(self, state: dict) -> None:
+        if "planner" not in state:
+            raise ValueError("the checkpoint's data state is not from data.source=shards (it cannot resume a shard run)")
         for _, _, jobs in self._queue:
             for job in jobs:
                 if isinstance(job, Future):

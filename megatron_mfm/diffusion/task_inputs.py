@@ -4,8 +4,9 @@ Frames are placed as the official pipeline places them: i2v puts the image at fr
 two images at the first and last frame, vexd the last context frames of the video at the start,
 vtrans the last context frames of video A at the start and the first of video B at the end. The
 remaining tasks see the whole input. Super-resolution takes the low-resolution input as given
-(upscaled), and a user mask replaces the builders' random masks. Depth is zero: no depth model
-runs here.
+(upscaled), and a user mask replaces the builders' random masks. The generation tasks' revealed
+frames are marked for depth, which the depth model fills in at sampling (``--depth-path``; zero
+without one).
 """
 
 from __future__ import annotations

@@ -44,7 +44,11 @@ class OfficialWeights:
         self.config: dict = json.loads(config_path.read_text())
         self._stack = contextlib.ExitStack()
         self._files: dict[str, object] = {}
-        self._file_of: dict[str, str] = self._weight_map()
+        try:
+            self._file_of: dict[str, str] = self._weight_map()
+        except BaseException:
+            self._stack.close()  # the shards opened while checking the index
+            raise
 
     def _weight_map(self) -> dict[str, str]:
         if (self.folder / WEIGHTS_NAME).is_file():

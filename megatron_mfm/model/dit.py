@@ -46,8 +46,10 @@ class MfMDiT(MegatronModule):
         layer_spec: ModuleSpec,
         pre_process: bool = True,
         post_process: bool = True,
+        vp_stage: int | None = None,
     ):
         super().__init__(config)
+        self.vp_stage = vp_stage  # this chunk's virtual pipeline stage (interleaved 1F1B), else None
         self.pre_process, self.post_process = pre_process, post_process
         dim, patch = config.hidden_size, config.patch_size
         if pre_process:
@@ -56,9 +58,9 @@ class MfMDiT(MegatronModule):
                 self.cond_adapter = ConditionAdapter(config.condition_channels, dim)
                 self.timestep_embedder = TimestepMLP(dim)
                 self.motion_embedder = TimestepMLP(dim) if config.use_motion_score else None
-        offset = get_transformer_layer_offset(config)
+        offset = get_transformer_layer_offset(config, vp_stage)
         layers = []
-        for i in range(get_num_layers_to_build(config)):
+        for i in range(get_num_layers_to_build(config, vp_stage)):
             with _init_stream(config, offset + i + 1):
                 layers.append(build_module(layer_spec, config=config, layer_number=offset + i + 1))
         self.layers = torch.nn.ModuleList(layers)
@@ -234,13 +236,39 @@ def _run_layer(layer: torch.nn.Module):
     return run
 
 
-def build_model(config: MfMConfig, layer_spec: ModuleSpec | None = None) -> MfMDiT:
-    """The DiT for this rank's pipeline stage (megatron's parallel_state must be initialised)."""
+def build_model(config: MfMConfig, layer_spec: ModuleSpec | None = None, vp_stage: int | None = None) -> MfMDiT:
+    """The DiT for this rank's pipeline stage, or for one of its virtual stages (megatron's
+    parallel_state must be initialised)."""
     from megatron_mfm.model.specs import default_layer_spec
 
     return MfMDiT(
         config,
         layer_spec or default_layer_spec(),
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        vp_stage=vp_stage,
     )
+
+
+class ModelChunks(torch.nn.ModuleList):
+    """This rank's model: one MfMDiT, or one per virtual pipeline stage (interleaved 1F1B: with
+    p pipeline ranks and V chunks, chunk v of rank r holds the (v * p + r)-th slice of layers).
+    Checkpoint keys are global layer indices, so the chunks' sharded state dicts merge."""
+
+    @property
+    def config(self) -> MfMConfig:
+        return self[0].config
+
+    def sharded_state_dict(self) -> dict:
+        state = {}
+        for chunk in self:
+            state.update(chunk.sharded_state_dict())
+        return state
+
+
+def build_model_chunks(config: MfMConfig, layer_spec: ModuleSpec | None = None) -> ModelChunks:
+    """Every model chunk this rank runs (one unless ``virtual_pipeline_model_parallel_size``)."""
+    stages = config.virtual_pipeline_model_parallel_size
+    if not stages:
+        return ModelChunks([build_model(config, layer_spec)])
+    return ModelChunks([build_model(config, layer_spec, vp_stage=v) for v in range(stages)])

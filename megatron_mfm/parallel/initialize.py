@@ -17,6 +17,7 @@ def initialize_parallel(
     pipeline_parallel_size: int = 1,
     context_parallel_size: int = 1,
     seed: int = 1234,
+    virtual_pipeline_size: int | None = None,
     timeout_minutes: int = 30,
 ) -> None:
     """Initialise torch.distributed (from torchrun's env, or as a single process) and megatron's
@@ -53,6 +54,7 @@ def initialize_parallel(
             tensor_model_parallel_size=tensor_parallel_size,
             pipeline_model_parallel_size=pipeline_parallel_size,
             context_parallel_size=context_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_size,
         )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

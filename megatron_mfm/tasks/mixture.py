@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_mfm.tasks.builders import IMAGE_TASKS, TASKS, Clip, TaskSample, build_task_sample
+from megatron_mfm.tasks.builders import IMAGE_TASKS, TASKS, VIDEO_TASKS, Clip, TaskSample, build_task_sample
 
 
 def _uniform() -> dict[str, float]:
@@ -49,7 +49,7 @@ class TaskMixture:
 
     def candidates(self, clip: Clip) -> list[str]:
         """Tasks with positive weight that fit the clip (vedit needs an edit pair)."""
-        fits = IMAGE_TASKS if clip.is_image else tuple(t for t in TASKS if t not in IMAGE_TASKS)
+        fits = IMAGE_TASKS if clip.is_image else VIDEO_TASKS
         return [
             t for t in fits
             if self.config.weights.get(t, 0.0) > 0 and (t != "vedit" or clip.edit_source is not None)

@@ -32,7 +32,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 
 from megatron_mfm.export.model_checkpoint import CONFIG_FILE, LATEST, latest_checkpoint, to_local_keys
 from megatron_mfm.model.config import architecture_of
-from megatron_mfm.model.dit import MfMDiT
+from megatron_mfm.model.dit import ModelChunks
 from megatron_mfm.training.ema import EMA, EMA_PREFIX
 
 _ITER = re.compile(r"^iter_(\d{7})$")
@@ -51,6 +51,9 @@ class TrainingState:
 
     iteration: int = 0
     skipped_steps: int = 0
+    skipped_samples: int = 0
+    """Undecodable samples replaced since this launch started, over all DP ranks (logged; the
+    loaders count afresh after a resume)."""
 
 
 def _rng_object() -> ShardedObject:
@@ -72,7 +75,7 @@ def _restore_rng(states: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(states["tracker"])
 
 
-def _state(model: MfMDiT, optimizer, ema: EMA | None, optimizer_format: str | None, loading: bool) -> dict:
+def _state(model: ModelChunks, optimizer, ema: EMA | None, optimizer_format: str | None, loading: bool) -> dict:
     """The sharded state of a checkpoint; ``optimizer_format`` is the distributed optimizer's
     sharding type (None for the regular optimizer)."""
     sharded = model.sharded_state_dict()
@@ -100,7 +103,7 @@ class Checkpointer:
             self.save_format = "fully_reshardable" if reshardable_optimizer else "dp_reshardable"
         self.queue = AsyncCallsQueue() if async_save else None
 
-    def save(self, iteration: int, model: MfMDiT, optimizer, scheduler, ema: EMA | None, data_state: dict,
+    def save(self, iteration: int, model: ModelChunks, optimizer, scheduler, ema: EMA | None, data_state: dict,
              training: TrainingState, run_config: dict) -> None:
         """Collective. Returns once the files are written (or queued, with async_save)."""
         if self.save_dir is None:
@@ -161,7 +164,7 @@ class Checkpointer:
         for old in done[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, load_dir: str, model: MfMDiT, optimizer, scheduler, ema: EMA | None, data,
+    def load(self, load_dir: str, model: ModelChunks, optimizer, scheduler, ema: EMA | None, data,
              training: TrainingState) -> int:
         """Resume from ``load_dir``'s latest checkpoint; returns its iteration (0 if none)."""
         path = latest_checkpoint(load_dir)
@@ -171,8 +174,8 @@ class Checkpointer:
         saved_format = common["optimizer"].get("param_state_sharding_type") if self.save_format else None
         state = _state(model, optimizer, ema, saved_format or self.save_format, loading=True)
         loaded = dist_checkpointing.load(state, str(path))
-        model_state = {k: v for k, v in loaded.items() if k in model.sharded_state_dict()}
-        model.load_state_dict(to_local_keys(model, model_state))
+        for chunk in model:
+            chunk.load_state_dict(to_local_keys(chunk, {k: loaded[k] for k in chunk.sharded_state_dict()}))
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
         if ema is not None:

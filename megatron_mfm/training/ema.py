@@ -7,12 +7,12 @@ import dataclasses
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-from megatron_mfm.model.dit import MfMDiT
+from megatron_mfm.model.dit import MfMDiT, ModelChunks
 
 EMA_PREFIX = "ema."
 
 
-def _parameters_by_key(model: MfMDiT) -> dict[str, tuple[torch.nn.Parameter, ShardedTensor]]:
+def _parameters_by_key(model: MfMDiT | ModelChunks) -> dict[str, tuple[torch.nn.Parameter, ShardedTensor]]:
     """This rank's parameters keyed as in checkpoints (global layer indices, so the same key on
     every pipeline layout), with their sharding."""
     return {
@@ -25,7 +25,7 @@ def _parameters_by_key(model: MfMDiT) -> dict[str, tuple[torch.nn.Parameter, Sha
 class EMA:
     """fp32 shadow of this rank's parameter shards: ema = decay * ema + (1 - decay) * param."""
 
-    def __init__(self, model: MfMDiT, decay: float):
+    def __init__(self, model: MfMDiT | ModelChunks, decay: float):
         self.decay = decay
         self.params = _parameters_by_key(model)
         self.shadow = {key: param.detach().float().clone() for key, (param, _) in self.params.items()}

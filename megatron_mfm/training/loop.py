@@ -29,7 +29,7 @@ from megatron_mfm.data.streaming import ShardLoader
 from megatron_mfm.data.synthetic import SyntheticVideoDataset
 from megatron_mfm.diffusion.pipeline import SamplingConfig, generate, task_sample_for
 from megatron_mfm.model.config import MfMConfig, preset_config
-from megatron_mfm.model.dit import MfMDiT, build_model
+from megatron_mfm.model.dit import ModelChunks, build_model_chunks
 from megatron_mfm.model.specs import default_layer_spec
 from megatron_mfm.parallel.initialize import initialize_parallel
 from megatron_mfm.tasks.builders import TASKS
@@ -54,8 +54,9 @@ class Trainer:
 
     config: RunConfig
     model_config: MfMConfig
-    model: MfMDiT
-    ddp: DistributedDataParallel
+    model: ModelChunks
+    """This rank's model chunks (one unless parallel.virtual_pipeline_stages > 1)."""
+    ddp: list[DistributedDataParallel]
     optimizer: object
     scheduler: OptimizerParamScheduler
     ema: EMA | None
@@ -80,9 +81,11 @@ def recompute_options(model: ModelConfig) -> dict:
 def model_config_for(config: RunConfig) -> MfMConfig:
     bf16 = config.train.precision == "bf16"
     depth = {"num_layers": config.model.num_layers} if config.model.num_layers else {}
+    virtual = config.parallel.virtual_pipeline_stages
     return preset_config(
         config.model.preset,
         **depth,
+        virtual_pipeline_model_parallel_size=virtual if virtual > 1 else None,
         tensor_model_parallel_size=config.parallel.tensor_parallel,
         pipeline_model_parallel_size=config.parallel.pipeline_parallel,
         context_parallel_size=config.parallel.context_parallel,
@@ -115,14 +118,17 @@ def setup(config: RunConfig) -> Trainer:
     config.check_world(world_size)
     initialize_parallel(tensor_parallel_size=config.parallel.tensor_parallel,
                         pipeline_parallel_size=config.parallel.pipeline_parallel,
-                        context_parallel_size=config.parallel.context_parallel, seed=config.train.seed)
+                        context_parallel_size=config.parallel.context_parallel, seed=config.train.seed,
+                        virtual_pipeline_size=model_config_for(config).virtual_pipeline_model_parallel_size)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model_config = model_config_for(config)
-    model = build_model(model_config, default_layer_spec(config.model.backend)).to(device)
+    model = build_model_chunks(model_config, default_layer_spec(config.model.backend)).to(device)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=config.parallel.distributed_optimizer
     )
-    ddp = DistributedDataParallel(model_config, ddp_config, model)
+    # one DDP per chunk; only the first chunk's gradients are bucketed for overlap (megatron's rule)
+    ddp = [DistributedDataParallel(model_config, ddp_config, chunk, disable_bucketing=i > 0)
+           for i, chunk in enumerate(model)]
     model_config.finalize_model_grads_func = finalize_model_grads
     opt = config.optimizer
     optimizer = get_megatron_optimizer(
@@ -132,7 +138,7 @@ def setup(config: RunConfig) -> Trainer:
             bf16=model_config.bf16, params_dtype=model_config.params_dtype,
             use_distributed_optimizer=config.parallel.distributed_optimizer,
         ),
-        [ddp],
+        ddp,
     )
     gbs, iterations = config.train.global_batch_size, config.train.iterations
     warmup = opt.warmup_iterations * gbs
@@ -156,14 +162,16 @@ def setup(config: RunConfig) -> Trainer:
         iteration = trainer.checkpointer.load(config.checkpoint.load, model, optimizer, scheduler, trainer.ema,
                                               loader, trainer.state)
         trainer.state.iteration = iteration
-        trainer.logger.print(f"resumed from {config.checkpoint.load} at iteration {iteration}")
+        trainer.logger.print(f"resumed from {config.checkpoint.load} at iteration {iteration}" if iteration else
+                             f"checkpoint.load={config.checkpoint.load}: no complete checkpoint there, starting from scratch")
     return trainer
 
 
-def _grads_finite(ddp: DistributedDataParallel) -> bool:
-    """All gradient buckets finite on every rank."""
-    finite = all(torch.isfinite(buffer.grad_data).all() for buffer in ddp.buffers)
-    flag = torch.tensor([1.0 if finite else 0.0], device=ddp.buffers[0].grad_data.device)
+def _grads_finite(ddp: list[DistributedDataParallel]) -> bool:
+    """All gradient buckets of every chunk finite on every rank."""
+    buffers = [buffer for chunk in ddp for buffer in chunk.buffers]
+    finite = all(torch.isfinite(buffer.grad_data).all() for buffer in buffers)
+    flag = torch.tensor([1.0 if finite else 0.0], device=buffers[0].grad_data.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
@@ -185,7 +193,7 @@ def _reduce_task_losses(reports: list[dict], device: torch.device) -> torch.Tens
 
 def _step_totals(trainer: Trainer, micro_batches: list, latent_frames: list[int]) -> tuple[int, int]:
     """FLOPs and video tokens of the whole step, summed over data-parallel ranks (token-budget
-    micro-batches differ in size between ranks)."""
+    micro-batches differ in size between ranks); also sums the ranks' skipped-sample counts."""
     flops = sum(
         training_flops(trainer.model_config, (t, mb.pixels.shape[3] // 8, mb.pixels.shape[4] // 8),
                        trainer.encoders.text.max_length) * len(mb.prompts)
@@ -193,9 +201,10 @@ def _step_totals(trainer: Trainer, micro_batches: list, latent_frames: list[int]
     )
     tokens = sum(t * mb.pixels.shape[3] * mb.pixels.shape[4] // 256 * len(mb.prompts)
                  for t, mb in zip(latent_frames, micro_batches))
-    totals = torch.tensor([flops, tokens], dtype=torch.float64, device=trainer.device)
+    totals = torch.tensor([flops, tokens, trainer.loader.skipped_samples], dtype=torch.float64, device=trainer.device)
     if parallel_state.get_data_parallel_world_size() > 1:
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    trainer.state.skipped_samples = int(totals[2].item())
     return int(totals[0].item()), int(totals[1].item())
 
 
@@ -204,7 +213,8 @@ def train_step(trainer: Trainer) -> tuple[torch.Tensor, float | None, bool, int,
     tokens of the step over all DP ranks)."""
     config, ddp = trainer.config, trainer.ddp
     micro_batches = trainer.loader.next_global_batch()
-    ddp.zero_grad_buffer()
+    for chunk in ddp:
+        chunk.zero_grad_buffer()
     trainer.optimizer.zero_grad()
     forward_step = make_forward_step(trainer.encoders, config.flow_matching, config.train.seed,
                                      trainer.model_config.patch_size, trainer.dtype, trainer.device)
@@ -216,7 +226,9 @@ def train_step(trainer: Trainer) -> tuple[torch.Tensor, float | None, bool, int,
     longest = max(t * mb.pixels.shape[3] * mb.pixels.shape[4] // 256 for t, mb in zip(latent_frames, micro_batches))
     seq = -(-longest // multiple) * multiple // config.parallel.context_parallel + sp
     reports = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[ddp],
+        # every chunk reads each micro-batch: text, timestep and targets are needed on all stages
+        forward_step_func=forward_step, data_iterator=[iter(micro_batches) for _ in ddp] if len(ddp) > 1
+        else iter(micro_batches), model=ddp,
         num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=config.train.micro_batch_size,
         forward_only=False,
     )
@@ -251,7 +263,9 @@ def _metrics(trainer: Trainer, task_losses: torch.Tensor, grad_norm, seconds: fl
         "elapsed time per iteration (ms)": seconds * 1000,
         "learning rate": trainer.optimizer.param_groups[0]["lr"],
         "global batch size": samples,
-        "skipped samples": trainer.loader.skipped_samples,
+        "skipped samples": trainer.state.skipped_samples,
+        # clips shorter than every frame count of their stage, passed over by the planner
+        "too-short clips": trainer.loader.planner.state["too_short"] if isinstance(trainer.loader, ShardLoader) else 0,
         "loss": (sums.sum() / counts.sum()).item(),
         "grad norm": grad_norm,
         "samples/s": samples / seconds,
@@ -273,7 +287,7 @@ def sample_validation(trainer: Trainer, iteration: int) -> list[Path]:
     out_dir = Path(config.logging.sample_dir or Path(config.checkpoint.save or ".") / "samples")
     dataset = SyntheticVideoDataset(config.data.synthetic)
     reference = dataset.clip(10**6, is_image=False)  # outside the training indices' usual range
-    model = trainer.model
+    (model,) = trainer.model  # validation sampling runs without pipeline parallelism (config check)
     saved = None
     if trainer.ema is not None:
         saved = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -330,15 +344,28 @@ def save(trainer: Trainer) -> None:
 def train(config: RunConfig) -> Trainer:
     """Run (or resume) training to ``train.iterations``; returns the trainer."""
     trainer = setup(config)
-    stop = _StopFlag()
-    log, ckpt = config.logging, config.checkpoint
     trainer.logger.print(
         f"training {config.model.preset}: {sum(p.numel() for p in trainer.model.parameters()):,} parameters on this "
         f"rank, world size {dist.get_world_size()}, tp {config.parallel.tensor_parallel}, "
         f"pp {config.parallel.pipeline_parallel}, cp {config.parallel.context_parallel}, "
         f"dp {parallel_state.get_data_parallel_world_size()}"
     )
-    trainer.ddp.train()
+    try:
+        _train_loop(trainer)
+    finally:
+        trainer.checkpointer.wait()
+        trainer.logger.close()
+        if isinstance(trainer.loader, ShardLoader):
+            trainer.loader.close()
+    return trainer
+
+
+def _train_loop(trainer: Trainer) -> None:
+    config = trainer.config
+    stop = _StopFlag()
+    log, ckpt = config.logging, config.checkpoint
+    for chunk in trainer.ddp:
+        chunk.train()
     first_iteration = trainer.state.iteration
     last_iteration = min(config.train.iterations, config.train.stop_iteration or config.train.iterations)
     while trainer.state.iteration < last_iteration:
@@ -364,8 +391,3 @@ def train(config: RunConfig) -> Trainer:
         saved_already = ckpt.interval and trainer.state.iteration % ckpt.interval == 0
         if ckpt.save and trainer.state.iteration > first_iteration and not saved_already:
             save(trainer)
-    trainer.checkpointer.wait()
-    trainer.logger.close()
-    if isinstance(trainer.loader, ShardLoader):
-        trainer.loader.close()
-    return trainer

@@ -13,7 +13,7 @@ from megatron_mfm.diffusion.flow_matching import FlowMatchingConfig, add_noise, 
 from megatron_mfm.tasks.builders import TASKS
 from megatron_mfm.data.encoders import FrozenEncoders
 
-NOISE_STREAM, SIGMA_STREAM = 2, 3
+NOISE_STREAM, SIGMA_STREAM, LATENT_STREAM = 2, 3, 4
 
 
 def noise_and_sigma(latents: torch.Tensor, sample_ids: torch.Tensor, seed: int, flow: FlowMatchingConfig,
@@ -71,7 +71,8 @@ def make_forward_step(encoders: FrozenEncoders, flow: FlowMatchingConfig, seed: 
             encoders.with_estimated_depth(c, p, frames)
             for c, p, frames in zip(batch.condition.to(device), pixels, batch.depth_to_estimate)
         ])
-        latents = encoders.encode_video(pixels)
+        latents = encoders.encode_video(
+            pixels, [sample_generator(seed, int(i), LATENT_STREAM) for i in batch.sample_ids])
         text, text_mask = encoders.encode_text(batch.prompts, device)
         t, h, w = latents.shape[2:]
         noise, sigma = noise_and_sigma(latents, batch.sample_ids, seed, flow, t * (h // patch_size) * (w // patch_size))
