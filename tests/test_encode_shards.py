@@ -4,7 +4,6 @@ encoders give for the decoded clip, ranks split the shards, re-runs resume."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import subprocess
@@ -21,20 +20,14 @@ from megatron_mfm.data.encoders import build_encoders
 from megatron_mfm.data.shards import clip_from_sample, iter_shard
 from megatron_mfm.tasks.builders import IMAGE_TASKS, VIDEO_TASKS, task_prompt
 from megatron_mfm.utils.media import write_mp4
+from conftest import load_script
 from tiny_pretrained import save_tiny_pretrained, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = ["--frames", "9", "--height", "32", "--width", "48", "--fps", "12"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("encode_shards", ROOT / "data_prep" / "encode_shards.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-encode_shards = load_script()
+encode_shards = load_script(ROOT / "data_prep" / "encode_shards.py")
 
 
 @pytest.fixture(scope="module")
