@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,12 @@ def losses(tmp: Path) -> dict[int, float]:
     return {r["iteration"]: r["loss"] for r in records}
 
 
+def assert_losses_match(got: dict[int, float], expected: dict[int, float], iterations: Iterable[int],
+                        relative: float) -> None:
+    for i in iterations:
+        assert abs(got[i] - expected[i]) <= relative * abs(expected[i]), (i, got[i], expected[i])
+
+
 def logged_iterations(tmp: Path) -> list[int]:
     """Every logged iteration in order: a resumed run continues, a restarted one repeats."""
     return [json.loads(line)["iteration"] for line in (tmp / "metrics.jsonl").read_text().splitlines()]
@@ -101,8 +108,7 @@ def test_resume_is_exact(tmp_path, reference_run, async_save):
         assert list((tmp_path / "tb" / "wandb").glob("offline-run-*")), "wandb writes an offline run"
     train(tmp_path, "train.iterations=12", f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}", *extra)
     resumed = losses(tmp_path)
-    for i in range(1, 13):
-        assert abs(resumed[i] - reference_run[i]) <= 1e-6 * abs(reference_run[i]), i
+    assert_losses_match(resumed, reference_run, range(1, 13), 1e-6)
 
 
 def test_crash_during_save_resumes_from_previous_checkpoint(tmp_path, reference_run):
@@ -115,8 +121,7 @@ def test_crash_during_save_resumes_from_previous_checkpoint(tmp_path, reference_
     train(tmp_path, "train.iterations=12", f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}",
           "checkpoint.interval=4", "checkpoint.keep_last=2")
     resumed = losses(tmp_path)
-    for i in range(5, 13):
-        assert abs(resumed[i] - reference_run[i]) <= 1e-6 * abs(reference_run[i]), i
+    assert_losses_match(resumed, reference_run, range(5, 13), 1e-6)
     assert not (ckpt / "iter_0000008.tmp").exists(), "the stray partial save is cleaned up"
     kept = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_"))
     assert kept == ["iter_0000008", "iter_0000012"], "keep_last=2 prunes older checkpoints"
@@ -145,8 +150,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path, reference_run):
     train(uninterrupted, "train.iterations=400", end)
     expected, resumed = losses(uninterrupted), losses(interrupted)
     assert sorted(expected) == list(range(1, stopped + 3))
-    for i in expected:
-        assert abs(resumed[i] - expected[i]) <= 1e-6 * abs(expected[i]), i
+    assert_losses_match(resumed, expected, expected, 1e-6)
 
 
 @pytest.mark.parametrize(
@@ -159,8 +163,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path, reference_run):
 def test_two_rank_layouts_match_one_process(tmp_path, reference_run, layout):
     train(tmp_path, "train.iterations=12", "train.stop_iteration=6", *layout, ranks=2)
     parallel = losses(tmp_path)
-    for i in range(1, 7):
-        assert abs(parallel[i] - reference_run[i]) <= 1e-5 * abs(reference_run[i]), (i, parallel[i], reference_run[i])
+    assert_losses_match(parallel, reference_run, range(1, 7), 1e-5)
 
 
 @pytest.mark.parametrize(
@@ -172,8 +175,7 @@ def test_two_rank_layouts_match_one_process(tmp_path, reference_run, layout):
 def test_four_rank_layouts_match(tmp_path, reference_run, layout):
     train(tmp_path, "train.iterations=12", "train.stop_iteration=4", *layout, ranks=4)
     parallel = losses(tmp_path)
-    for i in range(1, 5):
-        assert abs(parallel[i] - reference_run[i]) <= 1e-5 * abs(reference_run[i]), (i, parallel[i], reference_run[i])
+    assert_losses_match(parallel, reference_run, range(1, 5), 1e-5)
 
 
 def test_interleaved_pipeline_matches_one_process_and_resumes_at_plain_pp(tmp_path):
@@ -189,8 +191,7 @@ def test_interleaved_pipeline_matches_one_process_and_resumes_at_plain_pp(tmp_pa
     train(tmp_path, *depth, "parallel.pipeline_parallel=2", f"checkpoint.load={ckpt}", ranks=2)
     assert logged_iterations(tmp_path) == [1, 2, 3, 4, 5]  # the second run resumed, not restarted
     expected, interleaved = losses(reference), losses(tmp_path)
-    for i in range(1, 6):
-        assert abs(interleaved[i] - expected[i]) <= 1e-5 * abs(expected[i]), (i, interleaved[i], expected[i])
+    assert_losses_match(interleaved, expected, range(1, 6), 1e-5)
 
 
 def test_checkpoint_saved_at_pp2_resumes_at_dp2(tmp_path, reference_run):
@@ -201,8 +202,7 @@ def test_checkpoint_saved_at_pp2_resumes_at_dp2(tmp_path, reference_run):
     train(tmp_path, "train.iterations=12", f"checkpoint.load={ckpt}", f"checkpoint.save={ckpt}", ranks=2)
     assert logged_iterations(tmp_path) == list(range(1, 13))
     resumed = losses(tmp_path)
-    for i in range(1, 13):
-        assert abs(resumed[i] - reference_run[i]) <= 1e-5 * abs(reference_run[i]), i
+    assert_losses_match(resumed, reference_run, range(1, 13), 1e-5)
 
 
 @pytest.mark.parametrize(
@@ -221,8 +221,7 @@ def test_four_rank_checkpoint_changes_layout(tmp_path, first, second):
     train(tmp_path, "train.iterations=8", mbs, f"checkpoint.load={ckpt}", f"checkpoint.save={ckpt}", *second, ranks=4)
     assert logged_iterations(tmp_path) == list(range(1, 9))
     expected, resumed = losses(reference), losses(tmp_path)
-    for i in range(1, 9):
-        assert abs(resumed[i] - expected[i]) <= 1e-5 * abs(expected[i]), i
+    assert_losses_match(resumed, expected, range(1, 9), 1e-5)
 
 
 def test_distributed_optimizer_checkpoint_resumes_at_another_layout(tmp_path, reference_run):
@@ -234,8 +233,7 @@ def test_distributed_optimizer_checkpoint_resumes_at_another_layout(tmp_path, re
     train(tmp_path, "train.iterations=12", f"checkpoint.load={ckpt}", "parallel.tensor_parallel=2", *opts, ranks=2)
     assert logged_iterations(tmp_path) == list(range(1, 13))
     resumed = losses(tmp_path)
-    for i in range(9, 13):
-        assert abs(resumed[i] - reference_run[i]) <= 1e-5 * abs(reference_run[i]), i
+    assert_losses_match(resumed, reference_run, range(9, 13), 1e-5)
 
 
 @pytest.mark.parametrize(

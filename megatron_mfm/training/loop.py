@@ -116,12 +116,12 @@ def setup(config: RunConfig) -> Trainer:
     """Validate, create process groups, build every component, resume if asked."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     config.check_world(world_size)
+    model_config = model_config_for(config)
     initialize_parallel(tensor_parallel_size=config.parallel.tensor_parallel,
                         pipeline_parallel_size=config.parallel.pipeline_parallel,
                         context_parallel_size=config.parallel.context_parallel, seed=config.train.seed,
-                        virtual_pipeline_size=model_config_for(config).virtual_pipeline_model_parallel_size)
+                        virtual_pipeline_size=model_config.virtual_pipeline_model_parallel_size)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model_config = model_config_for(config)
     model = build_model_chunks(model_config, default_layer_spec(config.model.backend)).to(device)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=config.parallel.distributed_optimizer

@@ -66,11 +66,12 @@ def make_forward_step(encoders: FrozenEncoders, flow: FlowMatchingConfig, seed: 
 
     def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
         batch = next(data_iterator)
-        pixels = batch.pixels.to(device)
-        condition = torch.stack([
-            encoders.with_estimated_depth(c, p, frames)
-            for c, p, frames in zip(batch.condition.to(device), pixels, batch.depth_to_estimate)
-        ])
+        pixels, condition = batch.pixels.to(device), batch.condition.to(device)
+        if encoders.depth is not None and any(batch.depth_to_estimate):  # else no copy of the condition
+            condition = torch.stack([
+                encoders.with_estimated_depth(c, p, frames)
+                for c, p, frames in zip(condition, pixels, batch.depth_to_estimate)
+            ])
         latents = encoders.encode_video(
             pixels, [sample_generator(seed, int(i), LATENT_STREAM) for i in batch.sample_ids])
         text, text_mask = encoders.encode_text(batch.prompts, device)
