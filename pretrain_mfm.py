@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         train(config)
+    except ConfigError as error:  # checks that need the world size or the machine
+        sys.exit(f"config error: {error}")
     finally:
         destroy_parallel()
 

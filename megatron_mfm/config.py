@@ -26,6 +26,9 @@ from megatron_mfm.model.config import CONTEXT_PARALLEL_COMM, PRESETS
 from megatron_mfm.model.layer import SELECTIVE_RECOMPUTE_MODULES
 from megatron_mfm.tasks.mixture import TaskMixtureConfig
 
+FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise"}
+"""``train.fp8_recipe`` -> megatron's ``Fp8Recipe`` (current scaling is its "tensorwise")."""
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the field."""
@@ -41,6 +44,9 @@ class ModelConfig:
     """Layer spec: auto (TE on GPU when installed), te or local."""
     recompute: bool = False
     """Recompute each block's activations in backward (full activation checkpointing)."""
+    recompute_num_layers: int = 0
+    """With ``recompute``: recompute only the first N blocks of each pipeline stage (megatron's
+    "block" method) and keep the others' activations, to spend spare memory on speed; 0: all."""
     recompute_modules: list[str] = field(default_factory=list)
     """Selective recompute instead: any of layernorm (norm/modulation intermediates) and mlp
     (the 4x-wide MLP activations); [] keeps everything unless ``recompute`` is set."""
@@ -57,6 +63,10 @@ class ModelConfig:
             raise ConfigError(f"model.recompute_modules: unknown {unknown}; choose from {SELECTIVE_RECOMPUTE_MODULES}")
         if self.recompute and self.recompute_modules:
             raise ConfigError("model.recompute_modules: selective recompute needs model.recompute=false (full)")
+        if self.recompute_num_layers < 0 or (self.recompute_num_layers and not self.recompute):
+            raise ConfigError(
+                f"model.recompute_num_layers={self.recompute_num_layers}: needs model.recompute=true and >= 0 (0: all)"
+            )
 
 
 @dataclass
@@ -130,7 +140,10 @@ class TrainConfig:
     """Samples per optimizer step over all data-parallel ranks and micro-batches."""
     seed: int = 1234
     precision: str = "fp32"
-    """fp32 or bf16 (bf16 keeps fp32 master weights in the optimizer)."""
+    """fp32, bf16 (fp32 master weights in the optimizer) or fp8 (bf16 plus Transformer Engine
+    FP8 GEMMs in the blocks; GPU only)."""
+    fp8_recipe: str = "delayed"
+    """FP8 scaling with ``precision=fp8``: delayed (amax history) or current (per-tensor, per step)."""
     ema_decay: float = 0.999
     """EMA of the weights (0 disables)."""
     stop_iteration: int = 0
@@ -147,8 +160,10 @@ class TrainConfig:
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size={self.micro_batch_size}"
             )
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"train.precision={self.precision!r}: choose fp32 or bf16")
+        if self.precision not in ("fp32", "bf16", "fp8"):
+            raise ConfigError(f"train.precision={self.precision!r}: choose fp32, bf16 or fp8")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise ConfigError(f"train.fp8_recipe={self.fp8_recipe!r}: choose one of {sorted(FP8_RECIPES)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay={self.ema_decay} must be within [0, 1)")
 
@@ -249,6 +264,8 @@ class RunConfig:
                 f"parallel.virtual_pipeline_stages > 1: the micro-batches per step and DP rank must be a multiple of "
                 f"parallel.pipeline_parallel={pp} (megatron's interleaved schedule)"
             )
+        if self.train.precision == "fp8" and self.model.backend == "local":
+            raise ConfigError("train.precision=fp8 needs the Transformer Engine layers: model.backend=te (or auto)")
         if (pp > 1 or cp > 1) and self.logging.sample_interval:
             raise ConfigError("logging.sample_interval: validation sampling needs pipeline_parallel=1 and context_parallel=1")
         dp = world_size // (tp * pp * cp)

@@ -113,12 +113,13 @@ RECOMPUTE = {
     "none": {},
     "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
     "selective": dict(recompute_granularity="selective", recompute_modules=["layernorm", "mlp"]),
+    "first block": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1),
 }
 
 
 def test_recompute_gives_the_same_gradients_and_saves_less(single_process_world):
-    """Full and selective recompute change what backward keeps (counted through the saved-tensor
-    hooks), never the gradients."""
+    """Full, partial (first block only) and selective recompute change what backward keeps
+    (counted through the saved-tensor hooks), never the gradients."""
     reference = make_reference()
     inputs = make_inputs(3)
     grads, saved_bytes = {}, {}
@@ -136,11 +137,12 @@ def test_recompute_gives_the_same_gradients_and_saves_less(single_process_world)
         loss.backward()
         grads[mode] = {n: p.grad for n, p in model.named_parameters()}
         saved_bytes[mode] = sum(sizes)
-    for mode in ("full", "selective"):
+    for mode in ("full", "selective", "first block"):
         for name, grad in grads["none"].items():
             error = (grads[mode][name] - grad).abs().max() / grad.abs().max().clamp_min(1e-12)
             assert error < 1e-5, (mode, name, error.item())  # summation order differs, nothing else
     assert saved_bytes["full"] < saved_bytes["selective"] < saved_bytes["none"], saved_bytes
+    assert saved_bytes["full"] < saved_bytes["first block"] < saved_bytes["none"], saved_bytes
 
 
 def test_text_rows_are_padded_for_fp8_gemms():

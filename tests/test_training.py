@@ -236,6 +236,17 @@ def test_distributed_optimizer_checkpoint_resumes_at_another_layout(tmp_path, re
     assert_losses_match(resumed, reference_run, range(9, 13), 1e-5)
 
 
+def test_dp_reshardable_checkpoint_at_another_tp_names_the_option(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    opts = ["parallel.distributed_optimizer=true", "checkpoint.reshardable_optimizer=false", f"checkpoint.save={ckpt}"]
+    train(tmp_path, "train.iterations=4", "train.stop_iteration=2", "checkpoint.interval=2", *opts, ranks=2)
+    result = train(tmp_path, "train.iterations=4", f"checkpoint.load={ckpt}", "parallel.tensor_parallel=2", *opts,
+                   ranks=2, check=False)
+    assert result.returncode != 0
+    assert "checkpoint.reshardable_optimizer=false (dp_reshardable)" in result.stdout, result.stdout[-2000:]
+    assert "parallel.tensor_parallel=1 -> 2" in result.stdout
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
@@ -246,6 +257,8 @@ def test_distributed_optimizer_checkpoint_resumes_at_another_layout(tmp_path, re
         ("data.synthetic.frames=8", "frames=8 must be 4k+1"),
         ("tasks.weights={t2x: 1.0}", "unknown tasks ['t2x']"),
         ("parallel.virtual_pipeline_stages=2", "virtual_pipeline_stages=2 needs parallel.pipeline_parallel >= 3"),
+        ("model.recompute_num_layers=1", "model.recompute_num_layers=1: needs model.recompute=true"),
+        ("train.precision=fp8", "train.precision=fp8 needs"),  # TE layers on a GPU
     ],
 )
 def test_bad_config_names_the_field(tmp_path, override, message):

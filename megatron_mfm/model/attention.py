@@ -46,6 +46,10 @@ class SDPACoreAttention(torch.nn.Module):
     def __init__(self, config: MfMConfig, cross_attention: bool):
         super().__init__()
 
+    def runs_ring(self, query: torch.Tensor, key_padding_mask: torch.Tensor | None) -> bool:
+        """SDPA sees only local tokens: ring CP goes through ``ring_attention``."""
+        return False
+
     def forward(
         self,
         query: torch.Tensor,
@@ -60,18 +64,30 @@ class SDPACoreAttention(torch.nn.Module):
 
 
 class TECoreAttention(torch.nn.Module):
-    """Transformer Engine's fused attention (cuDNN / flash) in sbhd layout, same interface."""
+    """Transformer Engine's fused attention (cuDNN / flash) in sbhd layout, same interface.
+
+    Under ring CP (``cp_comm_type="p2p"``) self-attention is TE's own ring: it takes this rank's
+    tokens and passes keys and values around the CP group itself, overlapping the exchange with
+    the fused kernels. TE's ring takes no padding mask in sbhd, nor fp32: such clips go through
+    the torch ring (``runs_ring`` is False for them).
+    """
 
     def __init__(self, config: MfMConfig, cross_attention: bool):
         super().__init__()
         import transformer_engine.pytorch as te
 
+        cp_size = parallel_state.get_context_parallel_world_size()
         # Self-attention runs on heads / CP after the all-to-all; cross-attention, and
-        # self-attention under ring CP (which bypasses this module), on all local heads.
+        # self-attention under ring CP, on all local heads.
         heads_split_over_cp = not cross_attention and config.cp_comm_type == "a2a"
-        cp = parallel_state.get_context_parallel_world_size() if heads_split_over_cp else 1
+        self.ring = not cross_attention and config.cp_comm_type == "p2p" and cp_size > 1
+        ring = {}
+        if self.ring:
+            ring = dict(cp_group=parallel_state.get_context_parallel_group(),
+                        cp_global_ranks=parallel_state.get_context_parallel_global_ranks(),
+                        cp_stream=torch.cuda.Stream(), cp_comm_type="p2p")
         self.attention = te.DotProductAttention(
-            num_attention_heads=config.num_attention_heads // cp,
+            num_attention_heads=config.num_attention_heads // (cp_size if heads_split_over_cp else 1),
             kv_channels=config.kv_channels,
             attention_dropout=0.0,
             qkv_format="sbhd",
@@ -79,7 +95,13 @@ class TECoreAttention(torch.nn.Module):
             attention_type="cross" if cross_attention else "self",
             tp_size=parallel_state.get_tensor_model_parallel_world_size(),
             tp_group=parallel_state.get_tensor_model_parallel_group(check_initialized=False),
+            **ring,
         )
+
+    def runs_ring(self, query: torch.Tensor, key_padding_mask: torch.Tensor | None) -> bool:
+        """TE's ring needs an unpadded clip, an even local length and 16-bit inputs."""
+        return (self.ring and key_padding_mask is None and query.shape[0] % 2 == 0
+                and query.dtype in (torch.bfloat16, torch.float16))
 
     def forward(self, query, key, value, key_padding_mask=None):
         if key_padding_mask is None:
@@ -137,8 +159,7 @@ class SelfAttention(MegatronModule):
 
     Under context parallelism ``config.cp_comm_type`` picks the exchange: "a2a" swaps the token
     split for a head split around the core attention; "p2p" runs ring attention on the local
-    tokens instead of the core attention (which is still built, so checkpoints do not depend on
-    the exchange).
+    tokens: Transformer Engine's own when the core attention can, else ``ring_attention``.
     """
 
     def __init__(self, config: MfMConfig, submodules: SelfAttentionSubmodules):
@@ -163,7 +184,9 @@ class SelfAttention(MegatronModule):
         q = self.q_norm(q.flatten(2)).view_as(v)
         k = self.k_norm(k.flatten(2)).view_as(v)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.ring:  # (S/cp, B, heads*D): keys and values travel around the CP ring
+        if self.ring and self.core_attention.runs_ring(q, key_mask):  # TE's fused ring
+            out = self.core_attention(q, k, v)
+        elif self.ring:  # (S/cp, B, heads*D): keys and values travel around the CP ring
             out = ring_attention(q, k, v, key_mask, parallel_state.get_context_parallel_group())
         elif self.all_to_all:
             q, k, v = (sequence_to_heads(t) for t in (q, k, v))  # all tokens, heads/cp

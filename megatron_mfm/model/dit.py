@@ -141,22 +141,30 @@ class MfMDiT(MegatronModule):
         cos, sin = pad_rope(*rope_cos_sin(grid, self.config.kv_channels, self.config.rope_theta, latents.device), layout)
         token_mask = layout.key_padding_mask(batch, latents.device)
         text_sbh, mask = pad_text(text, text_mask)
-        recompute = self.training and self.config.recompute_granularity == "full"
-        for layer in self.layers:
-            if recompute:
-                # Keep only the block inputs; recompute the block in backward. c goes in as an
-                # argument so its gradient is returned, not recomputed through the embedder.
-                x = tensor_parallel.checkpoint(_run_layer(layer), False, x, c, text_sbh, mask, cos, sin, token_mask)
-            else:
-                x = layer(x, c, text_sbh, mask, (cos, sin), token_mask)
+        with fp8_context(self.config):
+            for index, layer in enumerate(self.layers):
+                if self.recomputes(index):
+                    # Keep only the block inputs; recompute the block in backward. c goes in as an
+                    # argument so its gradient is returned, not recomputed through the embedder.
+                    x = checkpoint_layer(self.config, layer, x, c, text_sbh, mask, cos, sin, token_mask)
+                else:
+                    x = layer(x, c, text_sbh, mask, (cos, sin), token_mask)
         if not self.post_process:
             return make_viewless_tensor(torch.cat([x, c[None]]), requires_grad=True, keep_graph=True)
         return self.head(x, c, grid, layout)
 
+    def recomputes(self, index: int) -> bool:
+        """Whether this chunk's ``index``-th block is recomputed in backward (full recompute of
+        every block, or of the first ``recompute_num_layers`` with the "block" method)."""
+        if not self.training or self.config.recompute_granularity != "full":
+            return False
+        return self.config.recompute_method != "block" or index < self.config.recompute_num_layers
+
     def token_layout(self, grid: tuple[int, int, int]) -> TokenLayout:
-        """How a clip of this latent grid is padded and split over CP (and SP) ranks."""
+        """How a clip of this latent grid is padded and split over CP (and SP) ranks; under FP8
+        each rank's rows are also a multiple of 16, as FP8 GEMMs need."""
         sp = parallel_state.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
-        return token_layout(grid[0] * grid[1] * grid[2], sp)
+        return token_layout(grid[0] * grid[1] * grid[2], sp, FP8_ROW_MULTIPLE if self.config.fp8 else 1)
 
     def head(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int, int], layout: TokenLayout) -> torch.Tensor:
         """adaLN output head. Without CP: unpatchified velocity (B, C, T, H, W). With CP: this
@@ -198,15 +206,15 @@ class MfMDiT(MegatronModule):
         return state
 
 
-TEXT_ROW_MULTIPLE = 16
+FP8_ROW_MULTIPLE = 16
 """FP8 GEMMs (Transformer Engine) need row counts divisible by 8/16; the 77 text tokens are not."""
 
 
 def pad_text(text: torch.Tensor, text_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, L, C) text -> (L', B, C) with L' a multiple of ``TEXT_ROW_MULTIPLE`` and the mask
+    """(B, L, C) text -> (L', B, C) with L' a multiple of ``FP8_ROW_MULTIPLE`` and the mask
     (B, L') False on the added rows: masked keys change nothing, so this is exact."""
     batch, length, _ = text.shape
-    extra = -length % TEXT_ROW_MULTIPLE
+    extra = -length % FP8_ROW_MULTIPLE
     mask = None if text_mask is None else text_mask.bool()
     if extra:
         text = F.pad(text, (0, 0, 0, extra))
@@ -227,13 +235,30 @@ def _init_stream(config: MfMConfig, part: int):
         yield
 
 
-def _run_layer(layer: torch.nn.Module):
-    """``layer`` with flat tensor arguments, as megatron's checkpoint function passes them."""
+def fp8_context(config: MfMConfig) -> contextlib.AbstractContextManager:
+    """Transformer Engine's FP8 autocast over the blocks (megatron's recipe and amax group), or
+    nothing without FP8."""
+    if not config.fp8:
+        return contextlib.nullcontext()
+    from megatron.core.fp8_utils import get_fp8_context
+
+    return get_fp8_context(config)
+
+
+def checkpoint_layer(config: MfMConfig, layer: torch.nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
+    """``layer`` run without keeping its activations, recomputed in backward. Under FP8 this is
+    Transformer Engine's checkpoint: it re-enters the FP8 autocast for the recompute and keeps the
+    recompute from updating the scaling state (torch's would recompute in bf16)."""
 
     def run(x, c, text, mask, cos, sin, token_mask):
         return layer(x, c, text, mask, (cos, sin), token_mask)
 
-    return run
+    if config.fp8:
+        from megatron.core.extensions.transformer_engine import te_checkpoint
+
+        return te_checkpoint(run, False, tensor_parallel.random.get_cuda_rng_tracker,
+                             parallel_state.get_tensor_model_parallel_group(), *args)
+    return tensor_parallel.checkpoint(run, False, *args)
 
 
 def build_model(config: MfMConfig, layer_spec: ModuleSpec | None = None, vp_stage: int | None = None) -> MfMDiT:

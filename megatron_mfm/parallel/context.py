@@ -10,6 +10,7 @@ split. The ring (p2p) alternative, selected by ``cp_comm_type="p2p"``, is ``ring
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -55,9 +56,10 @@ class TokenLayout:
         return torch.arange(self.padded, device=device)[self.local] < self.tokens
 
 
-def token_layout(tokens: int, sequence_parallel_size: int = 1) -> TokenLayout:
+def token_layout(tokens: int, sequence_parallel_size: int = 1, row_multiple: int = 1) -> TokenLayout:
+    """Pad to a multiple of CP x SP (x ``row_multiple`` rows per CP rank, for FP8 GEMMs)."""
     cp = parallel_state.get_context_parallel_world_size()
-    multiple = cp * sequence_parallel_size
+    multiple = cp * math.lcm(sequence_parallel_size, row_multiple)
     return TokenLayout(
         tokens=tokens,
         padded=-(-tokens // multiple) * multiple,

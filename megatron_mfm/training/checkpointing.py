@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
+from megatron_mfm.config import ConfigError
 from megatron_mfm.export.model_checkpoint import CONFIG_FILE, LATEST, latest_checkpoint, to_local_keys
 from megatron_mfm.model.config import architecture_of
 from megatron_mfm.model.dit import ModelChunks
@@ -172,6 +173,8 @@ class Checkpointer:
             return 0
         common = dist_checkpointing.load_common_state_dict(str(path))
         saved_format = common["optimizer"].get("param_state_sharding_type") if self.save_format else None
+        if saved_format == "dp_reshardable":
+            _check_model_parallel_layout(path, common["run_config"]["parallel"])
         state = _state(model, optimizer, ema, saved_format or self.save_format, loading=True)
         loaded = dist_checkpointing.load(state, str(path))
         for chunk in model:
@@ -187,6 +190,25 @@ class Checkpointer:
         if any(key.startswith(rng.key) for key in _saved_object_keys(path)):
             _restore_rng(dist_checkpointing.load({"rng": rng}, str(path))["rng"])
         return int(common["iteration"])
+
+
+def _check_model_parallel_layout(path: Path, saved: dict) -> None:
+    """A ``dp_reshardable`` optimizer state is flat per-rank buffers: it loads at another DP size
+    but only at the TP/PP layout it was saved with; say so instead of megatron's shape error."""
+    current = {
+        "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
+        "virtual_pipeline_stages": parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
+    }
+    changed = {key: (saved.get(key, 1), size) for key, size in current.items() if saved.get(key, 1) != size}
+    if changed:
+        what = ", ".join(f"parallel.{key}={was} -> {now}" for key, (was, now) in changed.items())
+        raise ConfigError(
+            f"checkpoint {path}: its distributed-optimizer state was saved with "
+            f"checkpoint.reshardable_optimizer=false (dp_reshardable), which loads only at the same "
+            f"tensor/pipeline layout ({what}). Resume at the saved layout, save a checkpoint there with "
+            f"checkpoint.reshardable_optimizer=true, then change the layout."
+        )
 
 
 def _saved_object_keys(path: Path) -> set[str]:

@@ -22,7 +22,7 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_mfm.config import ModelConfig, RunConfig, config_to_dict
+from megatron_mfm.config import FP8_RECIPES, ConfigError, ModelConfig, RunConfig, TrainConfig, config_to_dict
 from megatron_mfm.data.encoders import FrozenEncoders, build_encoders
 from megatron_mfm.data.loader import SyntheticLoader
 from megatron_mfm.data.streaming import ShardLoader
@@ -30,7 +30,7 @@ from megatron_mfm.data.synthetic import SyntheticVideoDataset
 from megatron_mfm.diffusion.pipeline import SamplingConfig, generate, task_sample_for
 from megatron_mfm.model.config import MfMConfig, preset_config
 from megatron_mfm.model.dit import ModelChunks, build_model_chunks
-from megatron_mfm.model.specs import default_layer_spec
+from megatron_mfm.model.specs import default_layer_spec, transformer_engine_available
 from megatron_mfm.parallel.initialize import initialize_parallel
 from megatron_mfm.tasks.builders import TASKS
 from megatron_mfm.tasks.mixture import TaskMixture
@@ -71,6 +71,8 @@ class Trainer:
 
 def recompute_options(model: ModelConfig) -> dict:
     """megatron TransformerConfig fields for full, selective or no activation recompute."""
+    if model.recompute and model.recompute_num_layers:
+        return dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=model.recompute_num_layers)
     if model.recompute:
         return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     if model.recompute_modules:
@@ -78,8 +80,19 @@ def recompute_options(model: ModelConfig) -> dict:
     return dict(recompute_granularity=None)
 
 
+def precision_options(train: TrainConfig) -> dict:
+    """megatron TransformerConfig fields for fp32, bf16 or bf16 + FP8 GEMMs."""
+    bf16 = train.precision in ("bf16", "fp8")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    options = dict(bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype)
+    if train.precision == "fp8":
+        # E4M3 forward, E5M2 gradients; delayed scaling over a 1024-step amax history (max)
+        options.update(fp8="hybrid", fp8_recipe=FP8_RECIPES[train.fp8_recipe], fp8_amax_history_len=1024,
+                       fp8_amax_compute_algo="max")
+    return options
+
+
 def model_config_for(config: RunConfig) -> MfMConfig:
-    bf16 = config.train.precision == "bf16"
     depth = {"num_layers": config.model.num_layers} if config.model.num_layers else {}
     virtual = config.parallel.virtual_pipeline_stages
     return preset_config(
@@ -90,13 +103,11 @@ def model_config_for(config: RunConfig) -> MfMConfig:
         pipeline_model_parallel_size=config.parallel.pipeline_parallel,
         context_parallel_size=config.parallel.context_parallel,
         cp_comm_type=config.parallel.context_parallel_comm,
-        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         variable_seq_lengths=config.parallel.pipeline_parallel > 1,  # image and video micro-batches
         moe_token_dispatcher_type="alltoall",  # no MoE here; megatron's check for variable lengths
         init_seed=config.train.seed,
         sequence_parallel=config.parallel.sequence_parallel,
-        bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        **precision_options(config.train),
         **recompute_options(config.model),
     )
 
@@ -116,6 +127,9 @@ def setup(config: RunConfig) -> Trainer:
     """Validate, create process groups, build every component, resume if asked."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     config.check_world(world_size)
+    if config.train.precision == "fp8" and not transformer_engine_available():
+        raise ConfigError("train.precision=fp8 needs Transformer Engine on a GPU: pip install 'megatron_mfm[gpu]' "
+                          "on a GPU machine, or train.precision=bf16")
     model_config = model_config_for(config)
     initialize_parallel(tensor_parallel_size=config.parallel.tensor_parallel,
                         pipeline_parallel_size=config.parallel.pipeline_parallel,
