@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from reference_mfm import ReferenceMfM
+from megatron_mfm.reference_mfm import Attention, ReferenceMfM, softmax_attention
 
 # Tiny but complete: 2 layers, 4 heads of 32, text width 48, attention biases on.
 TINY = dict(layers=2, heads=4, head_dim=32, text_dim=48, bias=True)
 
 
-def make_reference(seed: int = 0, **overrides) -> ReferenceMfM:
+def make_reference(seed: int = 0, attention: Attention = softmax_attention, **overrides) -> ReferenceMfM:
     """Reference model with every parameter random (official init zeroes the adaLN and head
-    projections, which would hide most of the network from a parity test)."""
+    projections, which would hide most of the network from a parity test); the same ``seed``
+    gives the same weights whatever the ``attention``."""
     spec = {**TINY, **overrides}
     torch.manual_seed(seed)
-    model = ReferenceMfM(spec["layers"], spec["heads"], spec["head_dim"], spec["text_dim"], bias=spec["bias"])
+    model = ReferenceMfM(spec["layers"], spec["heads"], spec["head_dim"], spec["text_dim"], bias=spec["bias"],
+                         attention=attention)
     with torch.no_grad():
         for p in model.parameters():
             fan_in = p[0].numel() if p.dim() > 1 else 0

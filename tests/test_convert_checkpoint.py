@@ -125,7 +125,7 @@ def diffusers_reference(folder: Path) -> dict[str, torch.Tensor]:
     from diffusers import ConfigMixin, ModelMixin
     from diffusers.configuration_utils import register_to_config
 
-    from reference_mfm import ReferenceMfM
+    from megatron_mfm.reference_mfm import ReferenceMfM
 
     class Transformer3DModel(ModelMixin, ConfigMixin):
         config_name = "config.json"

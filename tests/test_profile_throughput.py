@@ -1,5 +1,6 @@
 """tools/profile_throughput.py on CPU: a 2-rank sweep of layouts (DP2, TP2, CP2, PP2) and recompute
-writes one row per configuration to JSON/CSV, counting the FLOPs the training logs count."""
+writes one row per configuration to JSON/CSV, counting the FLOPs the training logs count; with
+--compare-plain each row also times the plain-PyTorch implementation's step from the same start."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ def test_two_rank_sweep_agrees_with_training_flops(tmp_path):
         assert row["flops_per_step"] == per_sample * row["dp"], "FLOPs of the whole launch's step"
         assert row["samples_per_s"] == pytest.approx(row["dp"] / row["step_s"])
         assert row["mfu"] is None and row["peak_memory_gib"] is None, "no MFU or GPU memory claims on CPU"
+        # same weights, inputs and optimizer in every layout: the same losses
+        assert row["losses"] == pytest.approx(rows[0]["losses"], rel=1e-5) and len(row["losses"]) == 2
     with open(tmp_path / "profile" / "results.csv") as handle:
         assert [r["layout"] for r in csv.DictReader(handle)] == [r["layout"] for r in rows]
 
@@ -54,13 +57,47 @@ def test_two_rank_sweep_agrees_with_training_flops(tmp_path):
     assert logged["flops per step"] == rows[2]["flops_per_step"]  # tp2: one sample a step, as logged
 
 
+def test_compare_plain_times_the_same_step(tmp_path):
+    """The plain model starts from our weights on our inputs: its losses are ours; recompute
+    (checkpointed blocks) changes neither."""
+    profile = subprocess.run(
+        [sys.executable, str(TOOL), "--presets", "tiny", "--frames", "5", "--height", "32", "--width", "48",
+         "--recompute", "none", "full", "first1", "--iterations", "2", "--warmup", "1", "--backend", "local",
+         "--compare-plain", "--plain-sdpa-backends", "flash", "math", "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=600)
+    assert profile.returncode == 0, profile.stderr[-3000:]
+    assert "speedup_vs_plain" in profile.stdout
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [r["recompute"] for r in rows] == ["none", "full", "first1"]
+    for row in rows:
+        assert row["plain_attention"] == "sdpa:flash,math"
+        assert row["plain_step_s"] > 0 and row["plain_tflops_per_gpu"] > 0 and row["speedup_vs_plain"] > 0
+        assert row["speedup_vs_plain"] == pytest.approx(row["plain_step_s"] / row["step_s"])
+        assert row["plain_tflops_per_gpu"] == pytest.approx(row["flops_per_step"] / row["plain_step_s"] / 1e12)
+        assert row["plain_mfu"] is None and row["plain_peak_memory_gib"] is None
+        assert row["plain_losses"] == pytest.approx(row["losses"], rel=1e-5) and len(row["losses"]) == 2
+        assert row["losses"][1] < row["losses"][0]
+    with open(tmp_path / "results.csv") as handle:
+        assert all(float(r["speedup_vs_plain"]) > 0 for r in csv.DictReader(handle))
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--precision", "fp8"], "--precision fp8 needs Transformer Engine layers on a GPU"),
     (["--layouts", "tp3x"], "--layouts"),
     (["--layouts", "tp2"], "--layouts tp2pp1cp1: tp*pp*cp does not divide the world size 1"),
-], ids=["fp8-on-cpu", "bad-layout", "layout-too-big"])
+    (["--fp8-recipe", "just-in-time"], "--fp8-recipe"),
+    (["--recompute", "half"], "'half': choose none, full, selective or first<N>"),
+    (["--compare-plain", "--plain-sdpa-backends", "fastest"], "--plain-sdpa-backends"),
+], ids=["fp8-on-cpu", "bad-layout", "layout-too-big", "bad-fp8-recipe", "bad-recompute", "bad-sdpa-backend"])
 def test_bad_arguments_name_the_flag(argv, message, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(SystemExit):
         load_script(TOOL).parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_compare_plain_needs_one_process(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        load_script(TOOL).parse_args(["--compare-plain"])
+    assert "--compare-plain runs the plain model in one process" in capsys.readouterr().err

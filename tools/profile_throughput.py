@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Training throughput of the MfM DiT: step time, tokens/s, TFLOP/s, MFU, memory, roofline.
 
-Each configuration runs the real training step (megatron schedule, DDP, optimizer) on random
-on-device inputs, so the data pipeline is excluded. FLOPs come from ``training/flops.py``, the
+Each configuration runs the real training step (megatron schedule, DDP, optimizer; flow-matching
+MSE against a random velocity) on random on-device inputs drawn from the training seed, so the
+data pipeline is excluded and every row sees the same numbers; each timed step's loss is kept
+("losses": bf16 and fp8 rows compare at the same seed). FLOPs come from ``training/flops.py``, the
 formula the training logs use. The roofline ratio is the measured step time over the sum of the
 best times of the blocks' GEMMs and attention kernels, each timed alone (forward + backward) on
 the same device; it leaves out the adapter, embeddings and optimizer, so it reads "how far the
@@ -12,18 +14,29 @@ One launch sweeps layouts x presets x frames x resolutions x recompute x precisi
 (``tp2``, ``tp2cp2``, ``pp2``...) share the launch's processes: megatron's parallel state is
 torn down and rebuilt for each, and the data-parallel size is what the world size leaves.
 MFU is against the named GPU's dense peak (--peak-tflops overrides it); the CPU gets no MFU.
+FP8 rows set ``train.precision=fp8`` and ``train.fp8_recipe``: the model enters Transformer
+Engine's FP8 autocast itself, as in training; one launch sweeps several recipes.
+
+--compare-plain (one process) also times, for every row, the same training step of
+``megatron_mfm/reference_mfm.py``: a plain-PyTorch implementation of the same architecture
+(``F.scaled_dot_product_attention`` on the named backends, torch.optim.AdamW with the run's
+settings and gradient clipping, bf16 weights for bf16 and fp8 rows, each block checkpointed when
+the row recomputes fully), started from our initial weights on the same inputs. The row gets its
+step time, MFU, memory, losses and ``speedup_vs_plain`` = plain step / our step.
 
   python tools/profile_throughput.py --presets tiny --frames 9 --height 64 --width 64      # CPU
   torchrun --nproc-per-node 8 tools/profile_throughput.py --presets mfm-2b --frames 97 \
       --height 352 --width 640 --layouts tp1 tp2 tp2cp2 tp4 --recompute none full \
-      --precision bf16 fp8 --fp8-recipe delayed --output runs/profile                    # GPU
+      --precision bf16 fp8 --fp8-recipe delayed current --output runs/profile            # GPU
+  python tools/profile_throughput.py --presets mfm-2b --frames 97 --height 352 --width 640 \
+      --recompute full --compare-plain --output runs/plain                                 # 1 GPU
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
+import gc
 import io
 import itertools
 import json
@@ -43,17 +56,24 @@ from megatron_mfm.utils.warnings_filter import quiet_known_warnings  # noqa: E40
 
 quiet_known_warnings()
 
+import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+from torch.nn.attention import SDPBackend  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
-from megatron_mfm.config import ConfigError, load_config  # noqa: E402
-from megatron_mfm.model.config import MfMConfig  # noqa: E402
+from megatron_mfm.config import FP8_RECIPES, ConfigError, OptimizerConfig, load_config  # noqa: E402
+from megatron_mfm.diffusion.flow_matching import per_sample_mse  # noqa: E402
+from megatron_mfm.export.model_checkpoint import OfficialTensors  # noqa: E402
+from megatron_mfm.model.config import MfMConfig, to_official_config  # noqa: E402
 from megatron_mfm.parallel.initialize import destroy_parallel  # noqa: E402
+from megatron_mfm.reference_mfm import ReferenceMfM, sdpa_attention  # noqa: E402
 from megatron_mfm.training.flops import training_flops  # noqa: E402
-from megatron_mfm.training.loop import H100_BF16_PEAK_TFLOPS, setup  # noqa: E402
+from megatron_mfm.training.loop import H100_BF16_PEAK_TFLOPS, Trainer, setup  # noqa: E402
+from megatron_mfm.training.step import context_parallel_mse  # noqa: E402
 from megatron_mfm.utils.atomic import atomic_write_text  # noqa: E402
 
 TEXT_TOKENS = 77
@@ -64,6 +84,8 @@ PEAK_TFLOPS = {
     "B200": {"bf16": 2250.0, "fp8": 4500.0},
     "A100": {"bf16": 312.0},
 }
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
 @dataclass(frozen=True)
@@ -102,20 +124,16 @@ def peak_tflops(precision: str, override: float) -> tuple[float | None, str]:
     return None, f"{name}: peak unknown, pass --peak-tflops"
 
 
-def fp8_autocast(precision: str, recipe_name: str):
-    """Transformer Engine's FP8 autocast with the chosen scaling recipe (a no-op otherwise)."""
-    if precision != "fp8":
-        return contextlib.nullcontext()
-    import transformer_engine.pytorch as te
-    from transformer_engine.common import recipe
-
-    scaling = {"delayed": recipe.DelayedScaling, "current": recipe.Float8CurrentScaling}[recipe_name]
-    return te.fp8_autocast(enabled=True, fp8_recipe=scaling(fp8_format=recipe.Format.HYBRID))
-
-
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def release_memory() -> None:
+    """Free what the last model left (DDP hooks make reference cycles) before the next one."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def timed(fn, repeats: int, warmup: int) -> float:
@@ -132,16 +150,43 @@ def timed(fn, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def random_batch(config: MfMConfig, frames: int, height: int, width: int, batch: int, device, dtype) -> dict:
+def random_batch(config: MfMConfig, frames: int, height: int, width: int, batch: int, device: torch.device,
+                 dtype: torch.dtype, seed: int) -> tuple[dict, torch.Tensor]:
+    """Model inputs and a velocity target, drawn from ``seed`` alone (not from whatever the
+    model's construction left in the global generator)."""
+    generator = torch.Generator(device).manual_seed(seed)
+
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+
     t, h, w = (frames - 1) // 4 + 1, height // 8, width // 8
-    return dict(
-        latents=torch.randn(batch, config.in_channels, t, h, w, device=device, dtype=dtype),
-        timestep=torch.rand(batch, device=device) * 1000,
-        text=torch.randn(batch, TEXT_TOKENS, config.text_hidden_size, device=device, dtype=dtype),
+    inputs = dict(
+        latents=normal(batch, config.in_channels, t, h, w),
+        timestep=torch.rand(batch, generator=generator, device=device) * 1000,
+        text=normal(batch, TEXT_TOKENS, config.text_hidden_size),
         text_mask=torch.ones(batch, TEXT_TOKENS, device=device),
-        condition=torch.randn(batch, config.condition_channels, frames, height, width, device=device, dtype=dtype),
+        condition=normal(batch, config.condition_channels, frames, height, width),
         motion_score=torch.full((batch,), 5.0, device=device),
     )
+    return inputs, normal(batch, config.out_channels, t, h, w)
+
+
+def velocity_loss(output: torch.Tensor, target: torch.Tensor, model: torch.nn.Module) -> tuple[torch.Tensor, dict]:
+    """Flow-matching MSE against ``target`` (under CP ``output`` holds this rank's tokens and the
+    loss is its share, as in training); the dict carries the value to the row's losses (a copy:
+    megatron scales the loss by the CP size in place)."""
+    per_sample = context_parallel_mse(output, target, model) if output.dim() == 3 else per_sample_mse(output, target)
+    loss = per_sample.mean()
+    return loss, {"loss": loss.detach().clone()}
+
+
+def launch_losses(losses: list[torch.Tensor], copies: int) -> list[float]:
+    """Each step's loss averaged over data-parallel ranks. Ranks of the last pipeline stage hold
+    a value (each TP rank a copy, each CP rank a share summing to the loss), the others zero: so
+    the world's sum over tp * dp."""
+    total = torch.stack(losses).float()
+    dist.all_reduce(total)
+    return (total / copies).tolist()
 
 
 def kernel_roofline_seconds(config: MfMConfig, tokens: int, batch: int, dtype, device, repeats: int) -> float:
@@ -174,42 +219,83 @@ RECOMPUTE = {
     "full": ["model.recompute=true"],
     "selective": ["model.recompute=false", "model.recompute_modules=[layernorm, mlp]"],
 }
+PARTIAL_RECOMPUTE = re.compile(r"first(\d+)")
+"""``first<N>``: full recompute of the first N blocks of each stage only (model.recompute_num_layers)."""
+
+
+def parse_recompute(text: str) -> str:
+    if text in RECOMPUTE or PARTIAL_RECOMPUTE.fullmatch(text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: choose {', '.join(RECOMPUTE)} or first<N> (recompute N blocks)")
+
+
+def recompute_overrides(recompute: str) -> list[str]:
+    partial = PARTIAL_RECOMPUTE.fullmatch(recompute)
+    if partial:
+        return ["model.recompute=true", f"model.recompute_num_layers={partial[1]}"]
+    return RECOMPUTE[recompute]
+
+
+@dataclass
+class PlainCase:
+    """What a row's plain step shares with ours: the sizes, our initial weights (official names,
+    on the CPU while our model is freed), the inputs and target, the optimizer settings and
+    whether each block is recomputed."""
+
+    config: MfMConfig
+    weights: dict[str, torch.Tensor]
+    inputs: dict[str, torch.Tensor]
+    target: torch.Tensor
+    optimizer: OptimizerConfig
+    recompute: bool
+
+    @classmethod
+    def before_training(cls, trainer: Trainer, inputs: dict[str, torch.Tensor], target: torch.Tensor,
+                        recompute: bool) -> PlainCase:
+        """Taken before our first step, which updates the weights in place (so copied, on the
+        CPU too, where ``.cpu()`` would alias them)."""
+        weights = {name: t.to("cpu", copy=True) for name, t in OfficialTensors(trainer.model[0])}
+        return cls(trainer.model_config, weights, inputs, target, trainer.config.optimizer, recompute)
 
 
 def profile_one(args, layout: Layout, preset: str, frames: int, height: int, width: int, recompute: str,
-                precision: str) -> dict:
+                precision: str, fp8_recipe: str | None) -> tuple[dict, PlainCase | None]:
+    """Our row, and with --compare-plain what the plain step of the row needs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     data_parallel = world // (layout.tp * layout.pp * layout.cp)
     overrides = [
-        f"model.preset={preset}", f"model.backend={args.backend}", *RECOMPUTE[recompute],
+        f"model.preset={preset}", f"model.backend={args.backend}", *recompute_overrides(recompute),
         f"parallel.tensor_parallel={layout.tp}", f"parallel.pipeline_parallel={layout.pp}",
         f"parallel.context_parallel={layout.cp}", f"parallel.sequence_parallel={layout.tp > 1}",
-        f"train.precision={'bf16' if precision == 'fp8' else precision}",
+        f"train.precision={precision}", *([f"train.fp8_recipe={fp8_recipe}"] if fp8_recipe else []),
         f"train.micro_batch_size={args.micro_batch_size}",
         f"train.global_batch_size={args.micro_batch_size * data_parallel}", "train.ema_decay=0",
         "checkpoint.save=", "logging.tensorboard_dir=", f"parallel.distributed_optimizer={args.distributed_optimizer}",
+        *args.set,
     ]
     trainer = setup(load_config(overrides=overrides))
     config, ddp = trainer.model_config, trainer.ddp
-    batch = random_batch(config, frames, height, width, args.micro_batch_size, trainer.device, trainer.dtype)
+    batch, target = random_batch(config, frames, height, width, args.micro_batch_size, trainer.device, trainer.dtype,
+                                 trainer.config.train.seed)
     latent = ((frames - 1) // 4 + 1, height // 8, width // 8)
     tokens = latent[0] * (latent[1] // config.patch_size) * (latent[2] // config.patch_size)
+    plain = PlainCase.before_training(trainer, batch, target, recompute not in ("none", "selective")) if args.compare_plain else None
 
     def forward_step(data_iterator, model):
-        inputs = next(data_iterator)
-        with fp8_autocast(precision, args.fp8_recipe):  # forward only, as TE prescribes
-            out = model(**inputs)
-        return out, lambda output: (output.float().square().mean(), {})
+        return model(**next(data_iterator)), lambda output: velocity_loss(output, target, model)
+
+    losses = []
 
     def step():
         for chunk in ddp:
             chunk.zero_grad_buffer()
         trainer.optimizer.zero_grad()
-        get_forward_backward_func()(
+        reported = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter([batch]), model=ddp, num_microbatches=1,
             seq_length=tokens, micro_batch_size=args.micro_batch_size, forward_only=False,
         )
         trainer.optimizer.step()
+        losses.append(reported[0]["loss"] if reported else torch.zeros((), device=trainer.device))
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -221,40 +307,128 @@ def profile_one(args, layout: Layout, preset: str, frames: int, height: int, wid
     peak, peak_name = peak_tflops(precision, args.peak_tflops)
     roofline = kernel_roofline_seconds(config, tokens, args.micro_batch_size, trainer.dtype, trainer.device,
                                        max(3, args.iterations))
-    return {
+    row = {
         "layout": layout.name, "tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": data_parallel,
         "preset": preset, "frames": frames, "height": height, "width": width, "tokens": tokens,
-        "recompute": recompute, "precision": precision,
-        "fp8_recipe": args.fp8_recipe if precision == "fp8" else None,
+        "recompute": recompute, "precision": precision, "fp8_recipe": fp8_recipe,
         "backend": args.backend, "micro_batch_size": args.micro_batch_size,
         "step_s": seconds, "tokens_per_s": tokens * samples / seconds,
         "samples_per_s": samples / seconds, "flops_per_step": flops,
         "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None, "peak_tflops": peak, "peak": peak_name,
         "peak_memory_gib": peak_memory, "roofline_s": roofline, "roofline_ratio": seconds / roofline,
+        "losses": launch_losses(losses[-args.iterations:], layout.tp * data_parallel),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+    return row, plain
+
+
+class Checkpointed(torch.nn.Module):
+    """A block whose activations are recomputed in backward (what ``model.recompute=true`` does
+    to ours), keeping only its inputs."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args):
+        return checkpoint(self.block, *args, use_reentrant=False)
+
+
+def build_plain(case: PlainCase, backends: list[str]) -> ReferenceMfM:
+    """The plain model on the inputs' device and dtype with our initial weights (built on the
+    meta device: no transient fp32 copy of a large model)."""
+    latents = case.inputs["latents"]
+    attention = sdpa_attention([SDPA_BACKENDS[name] for name in backends])
+    with torch.device("meta"):
+        model = ReferenceMfM.from_official_config(to_official_config(case.config), attention)
+    model = model.to(latents.dtype).to_empty(device=latents.device)
+    model.load_state_dict(case.weights)
+    if case.recompute:
+        model.transformer_blocks = torch.nn.ModuleList(Checkpointed(b) for b in model.transformer_blocks)
+    return model
+
+
+def time_plain(args, case: PlainCase) -> dict:
+    """Step time, peak memory and losses of the plain training step: forward, MSE, backward,
+    gradient clipping, AdamW (decay on matrices only, as megatron's optimizer)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    model = build_plain(case, args.plain_sdpa_backends)
+    params, opt = list(model.parameters()), case.optimizer
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() > 1]}, {"params": [p for p in params if p.dim() == 1],
+                                                          "weight_decay": 0.0}],
+        lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay,
+        fused=torch.cuda.is_available(),
+    )
+    losses = []
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = per_sample_mse(model(**case.inputs), case.target).mean()
+        loss.backward()
+        if opt.clip_grad:
+            torch.nn.utils.clip_grad_norm_(params, opt.clip_grad)
+        optimizer.step()
+        losses.append(loss.detach())
+
+    seconds = timed(step, args.iterations, args.warmup)
+    return {
+        "plain_step_s": seconds,
+        "plain_peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "plain_losses": torch.stack(losses[-args.iterations:]).float().tolist(),
     }
 
 
+def compare_with_plain(args, row: dict, case: PlainCase, measured: dict) -> dict:
+    """The row's plain columns. Rows differing only in precision share one plain run (fp8 rows
+    compare against the bf16 plain step); an out-of-memory plain model is reported, not raised."""
+    key = (row["preset"], row["frames"], row["height"], row["width"], row["recompute"], case.target.dtype)
+    if key not in measured:
+        try:
+            measured[key] = time_plain(args, case)
+        except torch.OutOfMemoryError:
+            measured[key] = {"plain_error": "out of memory"}
+        release_memory()
+    plain = measured[key]
+    columns = {"plain_attention": "sdpa:" + ",".join(args.plain_sdpa_backends), **plain}
+    if "plain_error" in plain:
+        return columns
+    tflops = row["flops_per_step"] / plain["plain_step_s"] / 1e12
+    peak, _ = peak_tflops("bf16" if row["precision"] == "fp8" else row["precision"], args.peak_tflops)
+    return {**columns, "plain_tflops_per_gpu": tflops, "plain_mfu": tflops / peak if peak else None,
+            "speedup_vs_plain": plain["plain_step_s"] / row["step_s"]}
+
+
+TABLE = ("layout", "dp", "preset", "tokens", "recompute", "precision", "step_s", "tokens_per_s", "samples_per_s",
+         "tflops_per_gpu", "mfu", "peak_memory_gib", "roofline_ratio")
+PLAIN_TABLE = ("plain_step_s", "plain_mfu", "speedup_vs_plain")
+
+
+def cell(row: dict, column: str) -> str:
+    """One table cell, 14 wide: fp8 rows name their recipe, a plain OOM reads "oom"."""
+    value = row.get(column)
+    if column == "precision" and row.get("fp8_recipe"):
+        value = f"fp8/{row['fp8_recipe']}"
+    if column == "plain_step_s" and "plain_error" in row:
+        value = "oom"
+    if value is None:
+        return f"{'-':>14s}"
+    if column.endswith("mfu"):
+        return f"{value:>14.1%}"
+    if isinstance(value, float):
+        return f"{value:>14.4g}"
+    return f"{value!s:>14s}"
+
+
 def print_table(rows: list[dict]) -> None:
-    header = ("layout", "dp", "preset", "tokens", "recompute", "precision", "step_s", "tokens_per_s", "samples_per_s",
-              "tflops_per_gpu", "mfu", "peak_memory_gib", "roofline_ratio")
+    header = TABLE + (PLAIN_TABLE if any("plain_attention" in row for row in rows) else ())
     print(" | ".join(f"{h:>14s}" for h in header))
     for row in rows:
         if "error" in row:
-            print(" | ".join(f"{row[h]!s:>14s}" for h in ("layout", "preset", "recompute", "precision")), "|", row["error"])
-            continue
-        cells = []
-        for h in header:
-            v = row[h]
-            if v is None:
-                cells.append(f"{'-':>14s}")
-            elif h == "mfu":
-                cells.append(f"{v:>14.1%}")
-            elif isinstance(v, float):
-                cells.append(f"{v:>14.4g}")
-            else:
-                cells.append(f"{v!s:>14s}")
-        print(" | ".join(cells))
+            print(" | ".join(cell(row, h) for h in ("layout", "preset", "recompute", "precision")), "|", row["error"])
+        else:
+            print(" | ".join(cell(row, h) for h in header))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -265,12 +439,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--frames", nargs="+", type=int, default=[9], help="pixel frames (4k+1) to sweep")
     parser.add_argument("--height", nargs="+", type=int, default=[64], help="pixel heights to sweep")
     parser.add_argument("--width", nargs="+", type=int, default=[64], help="pixel widths (paired with heights)")
-    parser.add_argument("--recompute", nargs="+", default=["none"], choices=sorted(RECOMPUTE),
-                        help="none, full (every block), selective (norms/modulation and MLP recomputed)")
+    parser.add_argument("--recompute", nargs="+", default=["none"], type=parse_recompute,
+                        help="none, full (every block), first<N> (the first N blocks of each stage), "
+                             "selective (norms/modulation and MLP recomputed)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="extra config overrides for every row, e.g. parallel.context_parallel_comm=p2p")
     parser.add_argument("--precision", nargs="+", default=None, choices=["fp32", "bf16", "fp8"],
                         help="default: bf16 on GPU, fp32 on CPU; fp8 = bf16 weights + Transformer Engine FP8 GEMMs")
-    parser.add_argument("--fp8-recipe", default="delayed", choices=["delayed", "current"],
-                        help="FP8 scaling: delayed (amax history) or current (per-tensor, per step)")
+    parser.add_argument("--fp8-recipe", nargs="+", default=["delayed"], choices=sorted(FP8_RECIPES),
+                        help="FP8 scalings to sweep (one fp8 row each): delayed (amax history) or current "
+                             "(per-tensor, per step)")
     parser.add_argument("--backend", default="auto", choices=["auto", "te", "local"])
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--distributed-optimizer", action="store_true",
@@ -279,6 +457,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="per-GPU peak for MFU (default: the detected GPU's dense peak at the precision)")
+    parser.add_argument("--compare-plain", action="store_true",
+                        help="also time the plain-PyTorch SDPA implementation's step (one process only)")
+    parser.add_argument("--plain-sdpa-backends", nargs="+", default=["cudnn", "flash", "efficient"],
+                        choices=sorted(SDPA_BACKENDS),
+                        help="SDPA backends the plain model may use, in priority order (the text "
+                             "cross-attention carries a key mask, which flash does not take: list another after it)")
     parser.add_argument("--output", default="", help="folder for results.json and results.csv")
     args = parser.parse_args(argv)
     if len(args.height) != len(args.width):
@@ -291,6 +475,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error("--precision fp8 needs Transformer Engine layers on a GPU (--backend te or auto on a GPU "
                          "with transformer_engine installed)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.compare_plain and world != 1:
+        parser.error(f"--compare-plain runs the plain model in one process; launch without torchrun "
+                     f"(world size {world})")
     for layout in args.layouts:
         if world % (layout.tp * layout.pp * layout.cp):
             parser.error(f"--layouts {layout.name}: tp*pp*cp does not divide the world size {world} "
@@ -312,24 +499,28 @@ def write_results(rows: list[dict], folder: Path) -> None:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    precisions = [(p, recipe) for p in args.precision for recipe in (args.fp8_recipe if p == "fp8" else [None])]
     sweep = list(itertools.product(args.layouts, args.presets, args.frames, list(zip(args.height, args.width)),
-                                   args.recompute, args.precision))
-    rows = []
+                                   args.recompute, precisions))
+    rows, plain_measured = [], {}
     rank = int(os.environ.get("RANK", "0"))
     try:
-        for layout, preset, frames, (height, width), recompute, precision in tqdm(
+        for layout, preset, frames, (height, width), recompute, (precision, recipe) in tqdm(
                 sweep, desc="configurations", disable=rank != 0):
             what = {"layout": layout.name, "preset": preset, "frames": frames, "height": height, "width": width,
-                    "recompute": recompute, "precision": precision}
+                    "recompute": recompute, "precision": precision, "fp8_recipe": recipe}
+            plain = None
             try:
-                rows.append(profile_one(args, layout, preset, frames, height, width, recompute, precision))
+                row, plain = profile_one(args, layout, preset, frames, height, width, recompute, precision, recipe)
             except torch.OutOfMemoryError:
-                rows.append({**what, "error": "out of memory"})
+                row = {**what, "error": "out of memory"}
             except ConfigError as error:  # e.g. a layout that does not divide this preset's heads
-                rows.append({**what, "error": str(error)})
+                row = {**what, "error": str(error)}
             parallel_state.destroy_model_parallel()  # the next configuration builds its own groups
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_memory()
+            if plain is not None:
+                row.update(compare_with_plain(args, row, plain, plain_measured))
+            rows.append(row)
     finally:
         destroy_parallel()
     if rank != 0:
