@@ -236,6 +236,17 @@ def test_distributed_optimizer_checkpoint_resumes_at_another_layout(tmp_path, re
     assert_losses_match(resumed, reference_run, range(9, 13), 1e-5)
 
 
+def test_bf16_checkpoint_keeps_the_fp32_ema_and_resumes(tmp_path):
+    """bf16 weights beside an fp32 EMA: each is saved at its own dtype, and the resumed run
+    continues (logs only the later iterations) with the EMA intact."""
+    ckpt = tmp_path / "ckpt"
+    opts = ["train.precision=bf16", "train.iterations=4", f"checkpoint.save={ckpt}"]
+    train(tmp_path, *opts, "train.stop_iteration=2", "checkpoint.interval=2")
+    train(tmp_path, *opts, f"checkpoint.load={ckpt}")
+    assert logged_iterations(tmp_path) == [1, 2, 3, 4]
+    assert (ckpt / "latest").read_text().strip() == "iter_0000004"
+
+
 def test_dp_reshardable_checkpoint_at_another_tp_names_the_option(tmp_path):
     ckpt = tmp_path / "ckpt"
     opts = ["parallel.distributed_optimizer=true", "checkpoint.reshardable_optimizer=false", f"checkpoint.save={ckpt}"]

@@ -80,6 +80,7 @@ class TECoreAttention(torch.nn.Module):
         # Self-attention runs on heads / CP after the all-to-all; cross-attention, and
         # self-attention under ring CP, on all local heads.
         heads_split_over_cp = not cross_attention and config.cp_comm_type == "a2a"
+        self.cross_attention = cross_attention
         self.ring = not cross_attention and config.cp_comm_type == "p2p" and cp_size > 1
         ring = {}
         if self.ring:
@@ -107,11 +108,14 @@ class TECoreAttention(torch.nn.Module):
         if key_padding_mask is None:
             out = self.attention(query, key, value, attn_mask_type="no_mask")
         else:
-            # TE masks where True. Queries: every video token is kept (padding rows are dropped
-            # by the loss); keys: the padding mask.
-            q_mask = torch.zeros(query.shape[1], 1, 1, query.shape[0], dtype=torch.bool, device=query.device)
-            out = self.attention(query, key, value, attention_mask=(q_mask, ~key_padding_mask[:, None, None, :]),
-                                 attn_mask_type="padding")
+            # TE masks where True. Cross-attention: every video token queries (padding rows are
+            # dropped by the loss), keys are masked. Self-attention takes one mask for both:
+            # padded tokens (at the end) neither query nor are attended to.
+            key_mask = ~key_padding_mask[:, None, None, :]
+            if self.cross_attention:
+                q_mask = torch.zeros(query.shape[1], 1, 1, query.shape[0], dtype=torch.bool, device=query.device)
+                key_mask = (q_mask, key_mask)
+            out = self.attention(query, key, value, attention_mask=key_mask, attn_mask_type="padding")
         return out.flatten(2) if out.dim() == 4 else out
 
 

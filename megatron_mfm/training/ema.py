@@ -38,7 +38,8 @@ class EMA:
     def sharded_state_dict(self) -> dict:
         """ShardedTensors laid out as the model's, keyed ``ema.<model key>``."""
         return {
-            EMA_PREFIX + key: dataclasses.replace(sh, key=EMA_PREFIX + sh.key, data=self.shadow[key])
+            EMA_PREFIX + key: dataclasses.replace(sh, key=EMA_PREFIX + sh.key, data=self.shadow[key],
+                                                  dtype=self.shadow[key].dtype)  # fp32 under bf16 training
             for key, (_, sh) in self.params.items()
         }
 
