@@ -10,7 +10,8 @@ For every sample KEY of ``--shards/shard-XXXXXX.tar`` the sidecar shard of the s
 Weights load from local folders only. Shards are split round-robin over ranks (torchrun's
 RANK/WORLD_SIZE/LOCAL_RANK, or --rank/--world-size); each sidecar is written under a temporary
 name and renamed, so a re-run skips finished ones. A sample that cannot be decoded is skipped and
-listed in the shard's report, never fatal. Each rank writes summary-rankNNNNN.json.
+listed in the shard's report, never fatal. Each rank writes summary-rankNNNNN.json. Training
+reads the sidecars with ``data.shards.precomputed=OUTPUT`` (``megatron_mfm/data/precomputed.py``).
 
   torchrun --nproc-per-node 8 data_prep/encode_shards.py --shards shards/ --output latents/ \\
       --vae-path mfm/vae --text-encoder-path mfm/text_encoder --tokenizer-path mfm/tokenizer \\
@@ -37,11 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_mfm.data.decode import MediaError  # noqa: E402
 from megatron_mfm.data.encoders import DTYPES, EncoderConfig, FrozenEncoders, build_encoders  # noqa: E402
+from megatron_mfm.data.precomputed import SETTINGS  # noqa: E402
 from megatron_mfm.data.shards import clip_from_sample, iter_shard  # noqa: E402
 from megatron_mfm.tasks.builders import IMAGE_TASKS, TASKS, VIDEO_TASKS, Clip, task_prompt  # noqa: E402
 from megatron_mfm.utils.atomic import atomic_write_text  # noqa: E402
-
-SETTINGS = "encode-settings.json"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

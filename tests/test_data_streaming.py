@@ -1,9 +1,11 @@
 """The shard loader: planning (DP split, epoch coverage, token budgets, stages, resume) on a
-catalog, then decoding real media the test writes, and training from shards with an exact resume."""
+catalog, then decoding real media the test writes, the exact packed transport from workers, and
+training from shards with an exact resume."""
 
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +17,11 @@ from PIL import Image
 
 from megatron_mfm.data.buckets import Bucket
 from megatron_mfm.data.catalog import SampleEntry, load_catalog
+from megatron_mfm.data.loader import MicroBatch, collate
 from megatron_mfm.data.planner import MicroBatchPlanner
 from megatron_mfm.data.stages import StageConfig, StageSchedule
-from megatron_mfm.data.streaming import ShardDataConfig, ShardLoader
+from megatron_mfm.data.streaming import DecodedMicroBatch, ShardDataConfig, ShardLoader, pack_frames
+from megatron_mfm.tasks.builders import IMAGE_TASKS, TASKS, Clip, build_task_sample
 from megatron_mfm.tasks.mixture import TaskMixtureConfig
 from megatron_mfm.utils.media import write_mp4
 from test_data_shards import moving_square
@@ -130,6 +134,19 @@ def loader(shard_dir: Path, dp_rank: int, workers: int = 0, stages: list[StageCo
                        dp_rank=dp_rank, dp_size=2, seed=11)
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Float32 tensors equal bit for bit (torch.equal takes -0.0 for 0.0)."""
+    return a.dtype == b.dtype == torch.float32 and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def assert_same_batches(got: list[MicroBatch], expected: list[MicroBatch]) -> None:
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert same_bits(a.pixels, b.pixels) and same_bits(a.condition, b.condition)
+        assert a.tasks == b.tasks and a.prompts == b.prompts and torch.equal(a.sample_ids, b.sample_ids)
+        assert a.depth_to_estimate == b.depth_to_estimate and torch.equal(a.motion_score, b.motion_score)
+
+
 def test_shard_loader_decodes_disjoint_deterministic_resumable_batches(shard_dir):
     catalog = load_catalog(shard_dir)
     assert len(catalog) == 9 and len(list(shard_dir.glob("shard-*.json"))) == len(list(shard_dir.glob("*.tar")))
@@ -152,10 +169,67 @@ def test_shard_loader_decodes_disjoint_deterministic_resumable_batches(shard_dir
         got = with_workers.next_global_batch()
     finally:
         with_workers.close()
-    assert len(got) == len(expected)
-    for a, b in zip(got, expected):
-        assert torch.equal(a.pixels, b.pixels) and torch.equal(a.condition, b.condition)
-        assert a.tasks == b.tasks and a.prompts == b.prompts and torch.equal(a.sample_ids, b.sample_ids)
+    assert_same_batches(got, expected)  # packed by the workers (resized media: float32 pixels, uint8 mask)
+
+
+def test_packed_transport_gives_every_task_back_bit_for_bit():
+    """What a worker pickles (``DecodedMicroBatch.__getstate__``) unpickles to the very float
+    tensors the task builders made, for every task, for pixels on 8-bit levels (shipped as uint8)
+    and off them (a resized clip: float32); the mask always travels as uint8."""
+    levels = torch.randint(0, 256, (3, 9, 16, 24)).float() / 127.5 - 1  # as the decoders map uint8
+    resized = torch.nn.functional.interpolate(levels[:, :, None], size=(1, 12, 20), mode="trilinear")[:, :, 0]
+    for pixels in (levels, resized):
+        for task in TASKS:
+            frames = pixels[:, :1] if task in IMAGE_TASKS else pixels
+            clip = Clip(frames, "a caption", edit_source=frames.flip(-1) if task == "vedit" else None)
+            samples = [build_task_sample(clip, task, torch.Generator().manual_seed(seed)) for seed in (0, 1)]
+            decoded = DecodedMicroBatch(collate(samples, [0, 1]), [], [])
+            packed = pack_frames(decoded.batch.pixels, decoded.batch.condition)
+            assert packed["pixels"].dtype == (torch.uint8 if pixels is levels else torch.float32)
+            assert packed["mask"].dtype == torch.uint8 and packed["depth"] is None
+            degraded = task in ("isr", "vsr", "icolor", "vcolor", "vedit")
+            assert (packed["rgb"] is None) != degraded, task
+            shipped = sum(t.numel() * t.element_size() for t in packed.values() if t is not None)
+            bytes_per_pixel = shipped / (2 * frames[0].numel())  # float32 pixels + condition: 32
+            # uint8 pixels and mask; an edit source on levels as uint8 too; degraded RGB as float32
+            expected = {"levels": 16 if degraded else 4, "resized": 25 if degraded else 13}
+            expected["levels"] -= 9 * (task == "vedit")
+            assert bytes_per_pixel == expected["levels" if pixels is levels else "resized"], task
+            assert_same_batches([pickle.loads(pickle.dumps(decoded)).batch], [decoded.batch])
+
+
+@pytest.fixture(scope="module")
+def level_shard_dir(tmp_path_factory) -> Path:
+    """Media already at their bucket's size: decoding resizes nothing, pixels stay on 8-bit levels."""
+    media = tmp_path_factory.mktemp("level_media")
+    for i in range(2):
+        write_mp4(media / f"clip{i}.mp4", moving_square(24, 32, 48, (1.0, -1.0, 0.5)).roll(i, dims=-1), fps=16)
+        (media / f"clip{i}.txt").write_text(f"clip number {i}")
+    Image.fromarray(np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)).save(media / "image.png")
+    (media / "image.txt").write_text("a ramp")
+    out = tmp_path_factory.mktemp("level_shards")
+    subprocess.run([sys.executable, str(ROOT / "data_prep" / "make_shards.py"), "--input", str(media), "--output",
+                    str(out), "--workers", "1", "--min-frames", "17", "--min-side", "16"],
+                   check=True, capture_output=True, timeout=300)
+    return out
+
+
+def test_workers_ship_uint8_frames_and_deliver_the_same_bits(level_shard_dir):
+    """0 workers (no pickling: the float path as it always was) and 2 worker processes (frames
+    packed to uint8) give the trainer bit-identical micro-batches."""
+    stages = [StageConfig(resolutions=[[32, 48], [32, 32]], frames=[9])]
+    batches = {}
+    for workers in (0, 2):
+        rank_loader = loader(level_shard_dir, 0, workers=workers, stages=stages)
+        try:
+            batches[workers] = [b for _ in range(3) for b in rank_loader.next_global_batch()]
+        finally:
+            rank_loader.close()
+    assert {b.pixels.shape[2] for b in batches[0]} == {1, 9}  # images and videos
+    for batch in batches[0]:
+        packed = pack_frames(batch.pixels, batch.condition)
+        assert packed["pixels"].dtype == torch.uint8 and packed["mask"].dtype == torch.uint8
+    assert_same_batches(batches[2], batches[0])
 
 
 def test_undecodable_sample_is_replaced_and_counted(shard_dir, tmp_path):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_mfm.data.precomputed import Precomputed
 from megatron_mfm.data.synthetic import SyntheticVideoDataset
 from megatron_mfm.tasks.builders import TaskSample
 from megatron_mfm.tasks.mixture import TaskMixture
@@ -32,6 +33,8 @@ class MicroBatch:
     """(B,) global sample indices: seed the per-sample noise and timestep."""
     depth_to_estimate: list[list[int]]
     """Per sample, the frames whose depth channel the depth model fills in (see TaskSample)."""
+    precomputed: list[Precomputed] | None = None
+    """Per sample, its sidecar latents and text states (data.shards.precomputed), or None."""
 
 
 def collate(samples: list[TaskSample], sample_ids: list[int]) -> MicroBatch:

@@ -7,6 +7,12 @@
 Workers only decode: what a step contains is decided in the main process, so the number of
 workers or their speed never changes the data. The checkpointed state is the planner's state
 before the first step not yet trained on; prefetched steps are planned again after a resume.
+
+A decoded micro-batch travels from a worker in the smallest form that gives back its float
+tensors bit for bit (``pack_frames``): pixels as uint8 when every value is an 8-bit level (clips
+whose resize is the identity; a real resize leaves values between levels, which stay float32),
+the condition's mask as uint8, its RGB part dropped when it is pixels * mask (all tasks but the
+degradations) and its depth dropped when zero (real media: the step estimates it).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import multiprocessing
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +33,7 @@ from megatron_mfm.data.dali_decode import DALI_INSTALL, DECODE_BACKENDS, DecodeF
 from megatron_mfm.data.decode import MediaError
 from megatron_mfm.data.loader import MicroBatch, collate, sample_generator
 from megatron_mfm.data.planner import MicroBatchPlanner
+from megatron_mfm.data.precomputed import SidecarSettings, lookup
 from megatron_mfm.data.stages import StageConfig, StageSchedule
 from megatron_mfm.tasks.builders import IMAGE_TASKS, VIDEO_TASKS, Clip
 from megatron_mfm.tasks.mixture import TaskMixture, TaskMixtureConfig
@@ -50,10 +57,16 @@ class ShardDataConfig:
     decode_backend: str = "pyav"
     """pyav (CPU, any codec) or dali (NVDEC on this rank's GPU: H.264/HEVC; DALI's CPU decoder
     takes VP8/VP9/MJPEG only). Each worker process builds its own decoder."""
+    precomputed: str = ""
+    """Folder of data_prep/encode_shards.py sidecars of these shards: the step takes their VAE
+    latents and T5 states instead of encoding, for the samples decoded exactly as they were
+    encoded; '' encodes every sample in the step."""
 
     def __post_init__(self) -> None:
         if self.fps <= 0 or self.shuffle_window < 1 or self.workers < 0 or self.prefetch_steps < 0:
             raise ValueError("data.shards: need fps > 0, shuffle_window >= 1, workers >= 0, prefetch_steps >= 0")
+        if self.precomputed:
+            SidecarSettings.load(self.precomputed)  # a missing folder fails with the config, not at the loader
         if self.decode_backend not in DECODE_BACKENDS:
             raise ValueError(f"data.shards.decode_backend={self.decode_backend!r}: choose one of {DECODE_BACKENDS}")
         if self.decode_backend == "dali" and importlib.util.find_spec("nvidia.dali") is None:
@@ -72,6 +85,49 @@ class DecodeJob:
     tasks: TaskMixtureConfig
     seed: int
     backend: str
+    sidecars: SidecarSettings | None = None
+
+
+PIXEL_LEVELS = (127.5, 1.0)
+"""uint8 k stands for k / 127.5 - 1: the decoders' own mapping of 8-bit values to [-1, 1]."""
+MASK_LEVELS = (1.0, 0.0)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Float32 tensors equal bit for bit (-0.0 differs from 0.0)."""
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def _widen(x: torch.Tensor, levels: tuple[float, float]) -> torch.Tensor:
+    scale, offset = levels
+    return x.float() / scale - offset if x.dtype == torch.uint8 else x
+
+
+def _narrow(x: torch.Tensor, levels: tuple[float, float]) -> torch.Tensor:
+    """Float32 ``x`` as uint8 when ``_widen`` gives it back bit for bit, else a copy of ``x`` (a
+    view would take its whole storage along)."""
+    scale, offset = levels
+    levels_of_x = ((x + offset) * scale).round().clamp(0, 255).to(torch.uint8)
+    return levels_of_x if _same_bits(_widen(levels_of_x, levels), x) else x.clone()
+
+
+def pack_frames(pixels: torch.Tensor, condition: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """(B, 3, F, H, W) pixels and (B, 5, F, H, W) condition in the smallest exact form."""
+    mask, depth, rgb = condition[:, 4:5], condition[:, 3:4], condition[:, :3]
+    return {
+        "pixels": _narrow(pixels, PIXEL_LEVELS),
+        "mask": _narrow(mask, MASK_LEVELS),
+        "rgb": None if _same_bits(rgb, pixels * mask) else _narrow(rgb, PIXEL_LEVELS),
+        "depth": depth.clone() if depth.view(torch.int32).any() else None,
+    }
+
+
+def unpack_frames(packed: dict[str, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 pixels and condition ``pack_frames`` was given, bit for bit."""
+    pixels, mask = _widen(packed["pixels"], PIXEL_LEVELS), _widen(packed["mask"], MASK_LEVELS)
+    rgb = pixels * mask if packed["rgb"] is None else _widen(packed["rgb"], PIXEL_LEVELS)
+    depth = torch.zeros_like(mask) if packed["depth"] is None else packed["depth"]
+    return pixels, torch.cat([rgb, depth, mask], dim=1)
 
 
 @dataclass
@@ -80,6 +136,25 @@ class DecodedMicroBatch:
     """None when no sample of it could be decoded."""
     failures: list[str]
     """``shard/key: reason`` of samples that could not be decoded (replaced by a good one)."""
+    sidecar_misses: list[tuple[str, str]]
+    """(reason, detail) per sample part the step encodes although sidecars are configured."""
+
+    def __getstate__(self) -> dict:
+        """Pickled for the trip from a worker: frames packed (``pack_frames``)."""
+        state = dict(vars(self))
+        if self.batch is not None:
+            fields = dict(vars(self.batch))
+            fields["frames"] = pack_frames(fields.pop("pixels"), fields.pop("condition"))
+            state["batch"] = fields
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpacked in the training process (the pool's result thread, beside training)."""
+        if state["batch"] is not None:
+            fields = dict(state["batch"])
+            fields["pixels"], fields["condition"] = unpack_frames(fields.pop("frames"))
+            state["batch"] = MicroBatch(**fields)
+        vars(self).update(state)
 
 
 _decoders: dict[str, DecodeFn] = {}
@@ -93,9 +168,10 @@ def _decoder(backend: str) -> DecodeFn:
 
 
 def decode_micro_batch(job: DecodeJob) -> DecodedMicroBatch:
-    """Decode, resize/crop to the bucket and build task samples. An undecodable sample is
-    replaced by a decodable one of the same micro-batch (shapes stay fixed) and reported."""
-    clips: list[Clip | None] = []
+    """Decode, resize/crop to the bucket, build task samples and look up their sidecars. An
+    undecodable sample is replaced by a decodable one of the same micro-batch (shapes stay
+    fixed) and reported."""
+    clips: list[tuple[SampleEntry, Clip] | None] = []
     failures = []
     for entry in job.entries:
         try:
@@ -103,19 +179,24 @@ def decode_micro_batch(job: DecodeJob) -> DecodedMicroBatch:
             decode = _decoder(job.backend)
             pixels = decode(media, entry.media_name, job.bucket.frames, job.bucket.height, job.bucket.width,
                             None if entry.is_image else job.fps).cpu()  # NVDEC output joins the CPU task builders
-            clips.append(Clip(pixels=pixels, caption=record["caption"], fps=job.fps, key=entry.key))
+            clips.append((entry, Clip(pixels=pixels, caption=record["caption"], fps=job.fps, key=entry.key)))
         except (MediaError, ValueError, OSError) as error:
             clips.append(None)
             failures.append(f"{entry.shard}/{entry.key}: {error}")
     good = [c for c in clips if c is not None]
     if not good:
-        return DecodedMicroBatch(None, failures)
+        return DecodedMicroBatch(None, failures, [])
     mixture = TaskMixture(job.tasks)
-    samples = [
-        mixture.sample(clip or good[n % len(good)], sample_generator(job.seed, sample_id, TASK_STREAM))
-        for n, (clip, sample_id) in enumerate(zip(clips, job.sample_ids))
-    ]
-    return DecodedMicroBatch(collate(samples, job.sample_ids), failures)
+    chosen = [clip or good[n % len(good)] for n, clip in enumerate(clips)]
+    samples = [mixture.sample(clip, sample_generator(job.seed, sample_id, TASK_STREAM))
+               for (_, clip), sample_id in zip(chosen, job.sample_ids)]
+    batch, misses = collate(samples, job.sample_ids), []
+    if job.sidecars is not None:
+        found = [lookup(job.sidecars, entry, job.bucket, job.fps, sample.prompt)
+                 for (entry, _), sample in zip(chosen, samples)]
+        batch.precomputed = [precomputed for precomputed, _ in found]
+        misses = [miss for _, sample_misses in found for miss in sample_misses]
+    return DecodedMicroBatch(batch, failures, misses)
 
 
 def _check_tasks_fit(catalog: list[SampleEntry], stages: list[StageConfig], tasks: list[TaskMixtureConfig]) -> None:
@@ -143,11 +224,17 @@ class ShardLoader:
         self.stage_tasks = [replace(tasks, weights=s.task_weights) if s.task_weights else tasks for s in stages]
         catalog = load_catalog(config.path)
         _check_tasks_fit(catalog, stages, self.stage_tasks)
+        self.sidecars = SidecarSettings.load(config.precomputed) if config.precomputed else None
+        if self.sidecars is not None:
+            self.sidecars.check(stages, config.fps, any(not entry.is_image for entry in catalog))
         self.planner = MicroBatchPlanner(catalog, StageSchedule(stages), seed, config.fps, config.shuffle_window,
                                          micro_batch_size)
         self.consumed_samples = 0
         self.skipped_samples = 0
         """Samples of this rank that failed to decode (each replaced, logged)."""
+        self.sidecar_misses: Counter[str] = Counter()
+        """Sample parts of this rank encoded in the step although sidecars are configured, by
+        reason (``precomputed.lookup``); missing and corrupt ones are also logged."""
         self._pool = (ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn"),
                                           initializer=torch.set_num_threads, initargs=(1,))
                       if config.workers else None)  # one thread each: the workers are the parallelism
@@ -164,7 +251,7 @@ class ShardLoader:
             jobs = [
                 self._submit(DecodeJob(str(Path(self.config.path)), [self.planner.catalog[i] for i in mb.entries],
                                        mb.sample_ids, mb.bucket, self.config.fps, self.stage_tasks[mb.stage],
-                                       self.seed, self.config.decode_backend))
+                                       self.seed, self.config.decode_backend, self.sidecars))
                 for mb in step[self.dp_rank::self.dp_size]
             ]
             self._queue.append((before, sum(len(mb.entries) for mb in step), jobs))
@@ -178,6 +265,10 @@ class ShardLoader:
             for failure in result.failures:
                 log.warning("skipped undecodable sample %s", failure)
             self.skipped_samples += len(result.failures)
+            for reason, detail in result.sidecar_misses:
+                self.sidecar_misses[reason] += 1
+                if detail:
+                    log.warning("sidecar %s, encoding in the step: %s", reason, detail)
         self.consumed_samples += samples
         self._plan_ahead()
         return [self._decodable(result, decoded) for result in decoded]

@@ -9,6 +9,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_mfm.data.loader import MicroBatch, sample_generator
+from megatron_mfm.data.precomputed import Precomputed
 from megatron_mfm.diffusion.flow_matching import FlowMatchingConfig, add_noise, per_sample_mse, sample_sigma
 from megatron_mfm.tasks.builders import TASKS
 from megatron_mfm.data.encoders import FrozenEncoders
@@ -60,27 +61,72 @@ def _loss(target: torch.Tensor, tasks: list[str], model, output: torch.Tensor):
     return per_sample.mean(), {"task_loss": report}
 
 
+def merge_encoded(given: list[tuple[torch.Tensor, ...] | None], encode: Callable[[list[int]], tuple[torch.Tensor, ...]],
+                  device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Per-sample precomputed tensors stacked as float32 on ``device``, the samples without them
+    encoded in one batch by ``encode(rows)`` (all rows: its output as it is)."""
+    missing = [i for i, parts in enumerate(given) if parts is None]
+    if len(missing) == len(given):
+        return encode(missing)
+    encoded = zip(*encode(missing)) if missing else iter(())
+    rows = [next(encoded) if parts is None else tuple(p.to(device).float() for p in parts) for parts in given]
+    return tuple(torch.stack(column) for column in zip(*rows))
+
+
+def _latents(encoders: FrozenEncoders, batch: MicroBatch, pixels: torch.Tensor | None, seed: int,
+             device: torch.device) -> torch.Tensor:
+    """(B, C, T, H/8, W/8): the sidecar latents where the batch has them, else the VAE's of
+    ``pixels`` (the batch's on ``device``; None when every sample has sidecar latents)."""
+
+    def vae(rows: list[int]) -> tuple[torch.Tensor]:
+        clips = pixels if len(rows) == len(pixels) else pixels[rows]
+        return (encoders.encode_video(clips, [sample_generator(seed, int(batch.sample_ids[i]), LATENT_STREAM)
+                                              for i in rows]),)
+
+    return merge_encoded([None if p.latents is None else (p.latents,) for p in _precomputed(batch)], vae, device)[0]
+
+
+def _text(encoders: FrozenEncoders, batch: MicroBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, D) states and (B, L) mask: the sidecar's where the batch has them, else T5's."""
+    return merge_encoded([None if p.text is None else (p.text, p.text_mask) for p in _precomputed(batch)],
+                         lambda rows: encoders.encode_text([batch.prompts[i] for i in rows], device), device)
+
+
+def _precomputed(batch: MicroBatch) -> list[Precomputed]:
+    return batch.precomputed or [Precomputed()] * len(batch.prompts)
+
+
+def _condition(encoders: FrozenEncoders, batch: MicroBatch, pixels: torch.Tensor | None,
+               device: torch.device) -> torch.Tensor:
+    """The condition on ``device``; with ``pixels``, its revealed frames' depth estimated."""
+    condition = batch.condition.to(device)
+    if pixels is None:  # no depth to estimate: no copy of the condition
+        return condition
+    return torch.stack([encoders.with_estimated_depth(c, p, frames)
+                        for c, p, frames in zip(condition, pixels, batch.depth_to_estimate)])
+
+
 def make_forward_step(encoders: FrozenEncoders, flow: FlowMatchingConfig, seed: int, patch_size: int,
                       dtype: torch.dtype, device: torch.device) -> Callable:
     """The ``forward_step_func`` for megatron's ``get_forward_backward_func``."""
 
     def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
         batch = next(data_iterator)
-        pixels, condition = batch.pixels.to(device), batch.condition.to(device)
-        if encoders.depth is not None and any(batch.depth_to_estimate):  # else no copy of the condition
-            condition = torch.stack([
-                encoders.with_estimated_depth(c, p, frames)
-                for c, p, frames in zip(condition, pixels, batch.depth_to_estimate)
-            ])
-        latents = encoders.encode_video(
-            pixels, [sample_generator(seed, int(i), LATENT_STREAM) for i in batch.sample_ids])
-        text, text_mask = encoders.encode_text(batch.prompts, device)
+        # only the first pipeline stage embeds the condition (model/dit.py: pre_process); later
+        # stages need the latents (shape, target) and the text
+        first_stage = getattr(model, "module", model).pre_process
+        estimate_depth = first_stage and encoders.depth is not None and any(batch.depth_to_estimate)
+        encode_video = any(p.latents is None for p in _precomputed(batch))
+        pixels = batch.pixels.to(device) if encode_video or estimate_depth else None
+        latents = _latents(encoders, batch, pixels, seed, device)
+        text, text_mask = _text(encoders, batch, device)
+        condition = _condition(encoders, batch, pixels if estimate_depth else None, device) if first_stage else None
         t, h, w = latents.shape[2:]
         noise, sigma = noise_and_sigma(latents, batch.sample_ids, seed, flow, t * (h // patch_size) * (w // patch_size))
         noisy, target = add_noise(latents, noise, sigma)
         output = model(
             noisy.to(dtype), sigma * 1000.0, text.to(dtype), text_mask,
-            condition.to(dtype), batch.motion_score.to(device),
+            None if condition is None else condition.to(dtype), batch.motion_score.to(device),
         )
         return output, partial(_loss, target, batch.tasks, model)
 
