@@ -279,7 +279,8 @@ def profile_one(args, layout: Layout, preset: str, frames: int, height: int, wid
                                  trainer.config.train.seed)
     latent = ((frames - 1) // 4 + 1, height // 8, width // 8)
     tokens = latent[0] * (latent[1] // config.patch_size) * (latent[2] // config.patch_size)
-    plain = PlainCase.before_training(trainer, batch, target, recompute not in ("none", "selective")) if args.compare_plain else None
+    full_blocks = "model.recompute=true" in recompute_overrides(recompute)  # the plain step checkpoints every block
+    plain = PlainCase.before_training(trainer, batch, target, full_blocks) if args.compare_plain else None
 
     def forward_step(data_iterator, model):
         return model(**next(data_iterator)), lambda output: velocity_loss(output, target, model)
@@ -381,9 +382,10 @@ def time_plain(args, case: PlainCase) -> dict:
 
 
 def compare_with_plain(args, row: dict, case: PlainCase, measured: dict) -> dict:
-    """The row's plain columns. Rows differing only in precision share one plain run (fp8 rows
-    compare against the bf16 plain step); an out-of-memory plain model is reported, not raised."""
-    key = (row["preset"], row["frames"], row["height"], row["width"], row["recompute"], case.target.dtype)
+    """The row's plain columns. Rows whose plain step is the same share one run (fp8 rows compare
+    against the bf16 plain step; full and partial recompute both checkpoint every plain block); an
+    out-of-memory plain model is reported, not raised."""
+    key = (row["preset"], row["frames"], row["height"], row["width"], case.recompute, case.target.dtype)
     if key not in measured:
         try:
             measured[key] = time_plain(args, case)
