@@ -50,6 +50,10 @@ class ModelConfig:
     recompute_modules: list[str] = field(default_factory=list)
     """Selective recompute instead: any of layernorm (norm/modulation intermediates) and mlp
     (the 4x-wide MLP activations); [] keeps everything unless ``recompute`` is set."""
+    compile_glue: bool = False
+    """Fuse each block's fp32 glue (norms, modulation, QK-norm + RoPE, gated residuals) with
+    torch.compile (``model/glue.py``): fewer kernels, and only 16-bit activations kept for
+    backward. The first steps of each new clip shape pay the compilation."""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:

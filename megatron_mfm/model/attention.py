@@ -19,8 +19,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_mfm.model.config import MfMConfig
+from megatron_mfm.model.glue import BlockGlue, block_glue
 from megatron_mfm.model.norms import ShardedRMSNorm
-from megatron_mfm.model.rope import apply_rope
 from megatron_mfm.parallel.context import heads_to_sequence, sequence_to_heads
 from megatron_mfm.parallel.ring_attention import ring_attention
 
@@ -151,6 +151,18 @@ def _row_parallel(spec, config: MfMConfig, size: int, bias: bool):
     )
 
 
+def norm_rope(norm: ShardedRMSNorm, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+              glue: BlockGlue) -> torch.Tensor:
+    """QK-norm of x (S, B, heads, D), then RoPE unless ``rope`` is None: one glue region without
+    TP; under TP the norm's all-reduce sits between the two."""
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        normed = norm(x.flatten(2)).view_as(x)
+        return normed if rope is None else glue.rope(normed, *rope)
+    if rope is None:
+        return glue.rms_norm(x.flatten(2), norm.weight, norm.eps).view_as(x)
+    return glue.norm_rope(x, norm.weight, norm.eps, *rope)
+
+
 def _column_parallel(spec, config: MfMConfig, fan_in: int, out: int, fan_out: int, bias: bool):
     return build_module(
         spec, fan_in, out, config=config, init_method=xavier_uniform(fan_in, fan_out), bias=bias,
@@ -178,6 +190,7 @@ class SelfAttention(MegatronModule):
         self.k_norm = ShardedRMSNorm(config, dim)
         self.core_attention = build_module(submodules.core_attention, config=config, cross_attention=False)
         self.linear_proj = _row_parallel(submodules.linear_proj, config, dim, bias)
+        self.glue = block_glue(config.compile_glue)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | None = None
@@ -185,9 +198,7 @@ class SelfAttention(MegatronModule):
         """x (S/cp/sp, B, D); key_mask (B, S) marks real tokens when the sequence is padded."""
         qkv, _ = self.linear_qkv(x)  # (S/cp, B, 3*hidden/tp): this CP rank's tokens, SP gathered
         q, k, v = qkv.unflatten(-1, (self.heads, 3, -1)).unbind(dim=3)  # (S/cp, B, heads, D) each
-        q = self.q_norm(q.flatten(2)).view_as(v)
-        k = self.k_norm(k.flatten(2)).view_as(v)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = norm_rope(self.q_norm, q, rope, self.glue), norm_rope(self.k_norm, k, rope, self.glue)
         if self.ring and self.core_attention.runs_ring(q, key_mask):  # TE's fused ring
             out = self.core_attention(q, k, v)
         elif self.ring:  # (S/cp, B, heads*D): keys and values travel around the CP ring
@@ -216,6 +227,7 @@ class CrossAttention(MegatronModule):
         self.k_norm = ShardedRMSNorm(config, dim)
         self.core_attention = build_module(submodules.core_attention, config=config, cross_attention=True)
         self.linear_proj = _row_parallel(submodules.linear_proj, config, dim, bias)
+        self.glue = block_glue(config.compile_glue)
 
     def forward(
         self,
@@ -227,7 +239,7 @@ class CrossAttention(MegatronModule):
         q, _ = self.linear_q(x)  # (S, B, hidden/tp)
         kv, _ = self.linear_kv(text)  # (L, B, 2*hidden/tp)
         k, v = kv.unflatten(-1, (self.heads, 2, -1)).unbind(dim=3)  # (L, B, heads, D) each
-        q = apply_rope(self.q_norm(q).unflatten(-1, (self.heads, -1)), *rope)
-        k = self.k_norm(k.flatten(2)).view_as(v)
+        q = norm_rope(self.q_norm, q.unflatten(-1, (self.heads, -1)), rope, self.glue)
+        k = norm_rope(self.k_norm, k, None, self.glue)
         out, _ = self.linear_proj(self.core_attention(q, k, v, text_mask))
         return out

@@ -58,6 +58,10 @@ class MfMConfig(TransformerConfig):
     init_seed: int = 0
     """Seed of the (CPU) weight initialisation; each layer draws from its own stream."""
 
+    compile_glue: bool = False
+    """Fuse the block's fp32 glue (norms, modulation, QK-norm + RoPE, gated residuals) with
+    ``torch.compile`` (``model/glue.py``): fewer kernels and far less activation memory."""
+
     cp_comm_type: str = "a2a"
     """Megatron's field, narrowed to the context-parallel attentions we implement: "a2a"
     (all-to-all head exchange) or "p2p" (ring attention, ``parallel/ring_attention.py``)."""

@@ -29,7 +29,7 @@ from megatron.core.utils import make_viewless_tensor
 
 from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.embeddings import ConditionAdapter, PatchEmbed, TimestepMLP
-from megatron_mfm.model.norms import layer_norm
+from megatron_mfm.model.glue import block_glue
 from megatron_mfm.model.rope import rope_cos_sin
 from megatron_mfm.parallel.context import TokenLayout, pad_rope, scatter_tokens, token_layout
 
@@ -173,7 +173,7 @@ class MfMDiT(MegatronModule):
         if self.config.sequence_parallel:
             x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
         shift, scale = self.head_modulation(F.silu(c)).float().chunk(2, dim=-1)
-        x = (layer_norm(x).float() * (1 + scale[None]) + shift[None]).to(x.dtype)
+        x = block_glue(self.config.compile_glue).layer_norm_modulate(x, shift[None], scale[None])
         x = self.head_proj(x)  # (S_pad/cp, B, p*p*C)
         if layout.cp_size > 1:
             return x

@@ -24,7 +24,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_mfm.model.attention import without_sequence_parallel, xavier_uniform
 from megatron_mfm.model.config import MfMConfig
-from megatron_mfm.model.norms import RMSNorm, layer_norm
+from megatron_mfm.model.glue import block_glue
+from megatron_mfm.model.norms import RMSNorm
 
 SELECTIVE_RECOMPUTE_MODULES = ("layernorm", "mlp")
 
@@ -64,16 +65,6 @@ class LayerSubmodules:
     mlp: ModuleSpec
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x * (1 + scale) + shift in fp32, back to x's dtype (shift/scale: (1, B, D) fp32)."""
-    return (x.float() * (1 + scale) + shift).to(x.dtype)
-
-
-def gated(gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """gate * x in fp32, back to x's dtype."""
-    return (gate * x.float()).to(x.dtype)
-
-
 class TransformerLayer(MegatronModule):
     """The MfM block; ``layer_number`` is 1-based and global (across pipeline stages)."""
 
@@ -91,6 +82,7 @@ class TransformerLayer(MegatronModule):
         self.cross_attention = build_module(submodules.cross_attention, config=config)
         self.mlp_norm = RMSNorm(config, dim)
         self.mlp = build_module(submodules.mlp, config=config)
+        self.glue = block_glue(config.compile_glue)
 
     def modulation(self, c: torch.Tensor) -> list[torch.Tensor]:
         """Six (1, B, D) fp32 tensors: shift/scale/gate for attention, then for the MLP."""
@@ -107,8 +99,17 @@ class TransformerLayer(MegatronModule):
             return tensor_parallel.checkpoint(function, False, *args)
         return function(*args)
 
+    def _attention_input(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.glue.layer_norm_modulate(x, shift, scale)
+
+    def _cross_attention_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.glue.rms_norm(x, self.cross_norm.weight, self.cross_norm.eps)
+
+    def _mlp_input(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.glue.rms_norm_modulate(x, self.mlp_norm.weight, self.mlp_norm.eps, shift, scale)
+
     def _modulated_mlp(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self._recomputed("layernorm", _norm_modulate(self.mlp_norm), x, shift, scale))
+        return self.mlp(self._recomputed("layernorm", self._mlp_input, x, shift, scale))
 
     def forward(
         self,
@@ -122,12 +123,9 @@ class TransformerLayer(MegatronModule):
         """x (S/cp/sp, B, D), c (B, D), text (L, B, C_text), text_mask (B, L) True = keep,
         token_mask (B, S) True for real video tokens when the sequence is padded."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
-        attn_in = self._recomputed("layernorm", _norm_modulate(layer_norm), x, shift_msa, scale_msa)
-        x = gated(gate_msa, self.self_attention(attn_in, rope, token_mask)) + x
-        x = x + self.cross_attention(self._recomputed("layernorm", self.cross_norm, x), text, text_mask, rope)
+        attn_in = self._recomputed("layernorm", self._attention_input, x, shift_msa, scale_msa)
+        x = self.glue.gated_residual(x, gate_msa, self.self_attention(attn_in, rope, token_mask))
+        cross_in = self._recomputed("layernorm", self._cross_attention_input, x)
+        x = x + self.cross_attention(cross_in, text, text_mask, rope)
         mlp = self._recomputed("mlp", self._modulated_mlp, x, shift_mlp, scale_mlp)
-        return gated(gate_mlp, mlp) + x
-
-
-def _norm_modulate(norm: Callable) -> Callable:
-    return lambda x, shift, scale: modulate(norm(x), shift, scale)
+        return self.glue.gated_residual(x, gate_mlp, mlp)

@@ -1,6 +1,7 @@
 """Normalisations of the MfM block, written for megatron's tensor/sequence parallelism.
 
 - ``layer_norm``: LayerNorm without affine (adaLN pre-norms and the output head).
+- ``rms_norm``: the RMSNorm math, fp32 statistics.
 - ``RMSNorm``: learnable RMSNorm on (sequence-parallel) tokens; under SP its weight is marked
   ``sequence_parallel`` so megatron all-reduces its gradient across TP ranks.
 - ``ShardedRMSNorm``: MfM's QK-norm, an RMSNorm over the WHOLE projected q (or k) vector, i.e.
@@ -26,6 +27,13 @@ def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), eps=eps)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim with statistics in fp32 (as the official model)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * x32).to(x.dtype)
+
+
 class RMSNorm(torch.nn.Module):
     """RMSNorm with a learnable weight; statistics in fp32 (as the official model)."""
 
@@ -37,9 +45,7 @@ class RMSNorm(torch.nn.Module):
         self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * x32).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class ShardedRMSNorm(MegatronModule):

@@ -39,7 +39,7 @@ def rope_cos_sin(
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (S, B, heads, D) by per-token tables (S, D); computed in fp32."""
-    pairs = x.float().unflatten(-1, (-1, 2))
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
     rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
     cos, sin = cos[:, None, None, :], sin[:, None, None, :]
     return (x.float() * cos + rotated * sin).to(x.dtype)

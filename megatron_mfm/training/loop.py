@@ -106,6 +106,7 @@ def model_config_for(config: RunConfig) -> MfMConfig:
         variable_seq_lengths=config.parallel.pipeline_parallel > 1,  # image and video micro-batches
         moe_token_dispatcher_type="alltoall",  # no MoE here; megatron's check for variable lengths
         init_seed=config.train.seed,
+        compile_glue=config.model.compile_glue,
         sequence_parallel=config.parallel.sequence_parallel,
         **precision_options(config.train),
         **recompute_options(config.model),
