@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import gc
 import io
 import itertools
@@ -60,7 +61,9 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
-from torch.nn.attention import SDPBackend  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
@@ -196,7 +199,17 @@ def kernel_roofline_seconds(config: MfMConfig, tokens: int, batch: int, dtype, d
     cp = parallel_state.get_context_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     d, ffn, ct = config.hidden_size, config.ffn_hidden_size, config.text_hidden_size
-    heads, hd = config.num_attention_heads // (tp * cp), config.kv_channels
+    block = block_kernel_seconds(d, ffn, ct, config.num_attention_heads // (tp * cp), config.kv_channels, tp, cp,
+                                 tokens, batch, dtype, device, repeats)
+    return block * config.num_layers / pp
+
+
+@functools.lru_cache(maxsize=None)
+def block_kernel_seconds(d: int, ffn: int, ct: int, heads: int, hd: int, tp: int, cp: int, tokens: int, batch: int,
+                         dtype: torch.dtype, device: torch.device, repeats: int) -> float:
+    """One block's GEMMs and attentions timed alone (cached: rows of a sweep share the shapes).
+    Attention takes the fastest SDPA backend that runs it (cuDNN, flash, memory-efficient on a
+    GPU: the default choice varies between runs)."""
     m, mt = batch * -(-tokens // cp), batch * TEXT_TOKENS
     gemms = [(m, d, 3 * d // tp), (m, d // tp, d), (m, d, d // tp), (mt, ct, 2 * d // tp), (m, d // tp, d),
              (m, d, ffn // tp), (m, ffn // tp, d)]
@@ -206,12 +219,66 @@ def kernel_roofline_seconds(config: MfMConfig, tokens: int, batch: int, dtype, d
         w = torch.randn(k, n, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(rows, n, device=device, dtype=dtype)
         total += timed(lambda: (x @ w).backward(grad), repeats, 2)
+    backends = ([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+                if device.type == "cuda" else [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION])
     for q_len, kv_len, q_heads in ((tokens, tokens, heads), (m // batch, TEXT_TOKENS, heads * cp)):
         q = torch.randn(batch, q_heads, q_len, hd, device=device, dtype=dtype, requires_grad=True)
         kv = torch.randn(batch, q_heads, kv_len, hd, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(batch, q_heads, q_len, hd, device=device, dtype=dtype)
-        total += timed(lambda: F.scaled_dot_product_attention(q, kv, kv).backward(grad), repeats, 2)
-    return total * config.num_layers / pp
+        times = []
+        for backend in backends:
+            try:
+                with sdpa_kernel(backend):
+                    times.append(timed(lambda: F.scaled_dot_product_attention(q, kv, kv).backward(grad), repeats, 2))
+            except RuntimeError:  # this backend does not take these shapes or this dtype here
+                continue
+        total += min(times)
+    return total
+
+
+KERNEL_CATEGORIES = (
+    ("attention", r"sdpa|flash|fmha|attn|attention"),
+    ("convolution", r"conv|implicit_gemm|fprop|dgrad|wgrad"),
+    ("gemm", r"gemm|nvjet|xmma|cutlass|cublas|matmul|::mm$|::addmm|::bmm"),
+    ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|all_?to_?all|send|recv"),
+    ("optimizer", r"multi_tensor|adam|l2norm"),
+    ("fp8 casts", r"cast|transpose|amax|quantize|fp8"),
+    ("compiled glue", r"triton"),
+    ("norms", r"norm"),
+    ("memory copies", r"memcpy|memset|copy"),
+    ("other elementwise", r""),
+)
+"""Kernel-name patterns (first match wins, case-insensitive) that group a profiled step."""
+
+
+def kernel_category(name: str) -> str:
+    return next(label for label, pattern in KERNEL_CATEGORIES if re.search(pattern, name, re.IGNORECASE))
+
+
+def kernel_breakdown(step, top: int = 12) -> dict:
+    """One more step under torch.profiler: seconds of GPU kernels per category, their sum (the
+    GPU's busy time, to read against the step time) and the top kernels. On the CPU the
+    operators' own CPU times stand in for kernels."""
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as profiler:
+        step()
+        synchronize()
+    kernels = {}
+    for event in profiler.key_averages():
+        on_device = event.device_type == DeviceType.CUDA
+        if cuda != on_device:
+            continue
+        microseconds = event.device_time_total if cuda else event.self_cpu_time_total
+        if microseconds > 0:
+            kernels[event.key] = (microseconds / 1e6, event.count)
+    categories = {label: 0.0 for label, _ in KERNEL_CATEGORIES}
+    for name, (seconds, _) in kernels.items():
+        categories[kernel_category(name)] += seconds
+    ranked = sorted(kernels.items(), key=lambda item: -item[1][0])[:top]
+    return {"kernel_seconds": {k: v for k, v in categories.items() if v > 0},
+            "kernel_busy_s": sum(categories.values()),
+            "top_kernels": [{"name": name[:160], "seconds": s, "calls": n} for name, (s, n) in ranked]}
 
 
 RECOMPUTE = {
@@ -259,12 +326,13 @@ class PlainCase:
 
 
 def profile_one(args, layout: Layout, preset: str, frames: int, height: int, width: int, recompute: str,
-                precision: str, fp8_recipe: str | None) -> tuple[dict, PlainCase | None]:
+                glue: str, precision: str, fp8_recipe: str | None) -> tuple[dict, PlainCase | None]:
     """Our row, and with --compare-plain what the plain step of the row needs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     data_parallel = world // (layout.tp * layout.pp * layout.cp)
     overrides = [
         f"model.preset={preset}", f"model.backend={args.backend}", *recompute_overrides(recompute),
+        f"model.compile_glue={glue == 'compiled'}",
         f"parallel.tensor_parallel={layout.tp}", f"parallel.pipeline_parallel={layout.pp}",
         f"parallel.context_parallel={layout.cp}", f"parallel.sequence_parallel={layout.tp > 1}",
         f"train.precision={precision}", *([f"train.fp8_recipe={fp8_recipe}"] if fp8_recipe else []),
@@ -302,6 +370,8 @@ def profile_one(args, layout: Layout, preset: str, frames: int, height: int, wid
         torch.cuda.reset_peak_memory_stats()
     seconds = timed(step, args.iterations, args.warmup)
     peak_memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    step_losses = launch_losses(losses[-args.iterations:], layout.tp * data_parallel)
+    breakdown = kernel_breakdown(step) if args.kernel_breakdown else {}
     samples = args.micro_batch_size * data_parallel  # per step, over the whole launch
     flops = training_flops(config, latent, TEXT_TOKENS) * samples
     tflops = flops / seconds / world / 1e12
@@ -311,14 +381,15 @@ def profile_one(args, layout: Layout, preset: str, frames: int, height: int, wid
     row = {
         "layout": layout.name, "tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": data_parallel,
         "preset": preset, "frames": frames, "height": height, "width": width, "tokens": tokens,
-        "recompute": recompute, "precision": precision, "fp8_recipe": fp8_recipe,
+        "recompute": recompute, "glue": glue, "precision": precision, "fp8_recipe": fp8_recipe,
         "backend": args.backend, "micro_batch_size": args.micro_batch_size,
         "step_s": seconds, "tokens_per_s": tokens * samples / seconds,
         "samples_per_s": samples / seconds, "flops_per_step": flops,
         "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None, "peak_tflops": peak, "peak": peak_name,
         "peak_memory_gib": peak_memory, "roofline_s": roofline, "roofline_ratio": seconds / roofline,
-        "losses": launch_losses(losses[-args.iterations:], layout.tp * data_parallel),
+        "losses": step_losses,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        **breakdown,
     }
     return row, plain
 
@@ -402,7 +473,7 @@ def compare_with_plain(args, row: dict, case: PlainCase, measured: dict) -> dict
             "speedup_vs_plain": plain["plain_step_s"] / row["step_s"]}
 
 
-TABLE = ("layout", "dp", "preset", "tokens", "recompute", "precision", "step_s", "tokens_per_s", "samples_per_s",
+TABLE = ("layout", "dp", "preset", "tokens", "recompute", "glue", "precision", "step_s", "tokens_per_s", "samples_per_s",
          "tflops_per_gpu", "mfu", "peak_memory_gib", "roofline_ratio")
 PLAIN_TABLE = ("plain_step_s", "plain_mfu", "speedup_vs_plain")
 
@@ -428,9 +499,29 @@ def print_table(rows: list[dict]) -> None:
     print(" | ".join(f"{h:>14s}" for h in header))
     for row in rows:
         if "error" in row:
-            print(" | ".join(cell(row, h) for h in ("layout", "preset", "recompute", "precision")), "|", row["error"])
+            print(" | ".join(cell(row, h) for h in ("layout", "preset", "recompute", "glue", "precision")), "|",
+                  row["error"])
         else:
             print(" | ".join(cell(row, h) for h in header))
+    profiled = [row for row in rows if "kernel_seconds" in row]
+    if profiled:
+        print_breakdown(profiled)
+
+
+def print_breakdown(rows: list[dict]) -> None:
+    """Per row: seconds of kernels per category (one profiled step), their sum against the
+    step time (the rest: the GPU waiting on the host), and the row's top kernels."""
+    categories = [label for label, _ in KERNEL_CATEGORIES if any(label in row["kernel_seconds"] for row in rows)]
+    print("\nkernel time per step (s), one profiled step per row")
+    print(" | ".join(f"{h:>14s}" for h in ("recompute", "glue", "precision", "step_s", "busy_s", *categories)))
+    for row in rows:
+        values = [row["step_s"], row["kernel_busy_s"], *(row["kernel_seconds"].get(c, 0.0) for c in categories)]
+        print(" | ".join([cell(row, "recompute"), cell(row, "glue"), cell(row, "precision"),
+                          *(f"{v:>14.4f}" for v in values)]))
+    for row in rows:
+        print(f"\ntop kernels: {row['recompute']} / {row['glue']} / {cell(row, 'precision').strip()}")
+        for kernel in row["top_kernels"]:
+            print(f"  {kernel['seconds']:8.4f} s {kernel['calls']:6d} x  {kernel['name'][:110]}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -444,6 +535,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--recompute", nargs="+", default=["none"], type=parse_recompute,
                         help="none, full (every block), first<N> (the first N blocks of each stage), "
                              "selective (norms/modulation and MLP recomputed)")
+    parser.add_argument("--glue", nargs="+", default=["eager"], choices=["eager", "compiled"],
+                        help="the blocks' norm/modulation/RoPE/gate glue: eager, or fused by torch.compile "
+                             "(model.compile_glue)")
+    parser.add_argument("--kernel-breakdown", action="store_true",
+                        help="profile one more step per row: kernel time per category and the top kernels")
     parser.add_argument("--set", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
                         help="extra config overrides for every row, e.g. parallel.context_parallel_comm=p2p")
     parser.add_argument("--precision", nargs="+", default=None, choices=["fp32", "bf16", "fp8"],
@@ -503,17 +599,18 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     precisions = [(p, recipe) for p in args.precision for recipe in (args.fp8_recipe if p == "fp8" else [None])]
     sweep = list(itertools.product(args.layouts, args.presets, args.frames, list(zip(args.height, args.width)),
-                                   args.recompute, precisions))
+                                   args.recompute, args.glue, precisions))
     rows, plain_measured = [], {}
     rank = int(os.environ.get("RANK", "0"))
     try:
-        for layout, preset, frames, (height, width), recompute, (precision, recipe) in tqdm(
+        for layout, preset, frames, (height, width), recompute, glue, (precision, recipe) in tqdm(
                 sweep, desc="configurations", disable=rank != 0):
             what = {"layout": layout.name, "preset": preset, "frames": frames, "height": height, "width": width,
-                    "recompute": recompute, "precision": precision, "fp8_recipe": recipe}
+                    "recompute": recompute, "glue": glue, "precision": precision, "fp8_recipe": recipe}
             plain = None
             try:
-                row, plain = profile_one(args, layout, preset, frames, height, width, recompute, precision, recipe)
+                row, plain = profile_one(args, layout, preset, frames, height, width, recompute, glue, precision,
+                                         recipe)
             except torch.OutOfMemoryError:
                 row = {**what, "error": "out of memory"}
             except ConfigError as error:  # e.g. a layout that does not divide this preset's heads

@@ -21,6 +21,7 @@ from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch.utils._triton import has_triton
 
 from megatron_mfm.config import FP8_RECIPES, ConfigError, ModelConfig, RunConfig, TrainConfig, config_to_dict
 from megatron_mfm.data.encoders import FrozenEncoders, build_encoders
@@ -131,6 +132,9 @@ def setup(config: RunConfig) -> Trainer:
     if config.train.precision == "fp8" and not transformer_engine_available():
         raise ConfigError("train.precision=fp8 needs Transformer Engine on a GPU: pip install 'megatron_mfm[gpu]' "
                           "on a GPU machine, or train.precision=bf16")
+    if config.model.compile_glue and torch.cuda.is_available() and not has_triton():
+        raise ConfigError("model.compile_glue=true needs triton for torch.compile on the GPU (pip install triton, "
+                          "the version your torch names), or model.compile_glue=false")
     model_config = model_config_for(config)
     initialize_parallel(tensor_parallel_size=config.parallel.tensor_parallel,
                         pipeline_parallel_size=config.parallel.pipeline_parallel,
