@@ -242,7 +242,7 @@ KERNEL_CATEGORIES = (
     ("gemm", r"gemm|nvjet|xmma|cutlass|cublas|matmul|::mm$|::addmm|::bmm"),
     ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|all_?to_?all|send|recv"),
     ("optimizer", r"multi_tensor|adam|l2norm"),
-    ("fp8 casts", r"cast|transpose|amax|quantize|fp8"),
+    ("fp8 casts", r"(?<!no)cast|transpose|amax|quantize|fp8"),
     ("compiled glue", r"triton"),
     ("norms", r"norm"),
     ("memory copies", r"memcpy|memset|copy"),
