@@ -20,14 +20,14 @@ def forward_backward(model: MfMDiT, inputs: dict, weight: torch.Tensor) -> torch
     return out.detach()
 
 
-def _tp_worker(sequence_parallel: bool, state: dict, inputs: dict, weight: torch.Tensor) -> dict:
+def _tp_worker(sequence_parallel: bool, compile_glue: bool, state: dict, inputs: dict, weight: torch.Tensor) -> dict:
     from megatron.core import parallel_state
 
     from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel
 
     initialize_parallel(tensor_parallel_size=2)
     config = make_config(**megatron_config_kwargs(), tensor_model_parallel_size=2,
-                         sequence_parallel=sequence_parallel)
+                         sequence_parallel=sequence_parallel, compile_glue=compile_glue)
     model = MfMDiT(config, local_layer_spec())
     fill_from_global(model, state)
     out = forward_backward(model, inputs, weight)
@@ -45,8 +45,11 @@ def _tp_worker(sequence_parallel: bool, state: dict, inputs: dict, weight: torch
     return {"out": out, "grads": grads}
 
 
-@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
-def test_tensor_parallel_matches_single_process(single_process_world, sequence_parallel):
+@pytest.mark.parametrize("sequence_parallel,compile_glue", [(False, False), (True, False), (True, True)],
+                         ids=["tp2", "tp2-sp", "tp2-sp-compiled-glue"])
+def test_tensor_parallel_matches_single_process(single_process_world, sequence_parallel, compile_glue):
+    """The eager single-process model against TP ranks (with SP, with the fused glue: its QK-norm
+    all-reduces between fused regions, its modulation gradients sum over TP ranks)."""
     config = make_config(**megatron_config_kwargs())
     state = from_official(make_reference().state_dict(), config)
     inputs = make_inputs(frames=3)  # 3 x 2 x 3 = 18 tokens: split evenly under SP
@@ -56,7 +59,7 @@ def test_tensor_parallel_matches_single_process(single_process_world, sequence_p
     expected_out = forward_backward(model, inputs, weight)
     expected_grads = {name: p.grad for name, p in model.named_parameters()}
 
-    for result in run_on_ranks(2, _tp_worker, sequence_parallel, state, inputs, weight):
+    for result in run_on_ranks(2, _tp_worker, sequence_parallel, compile_glue, state, inputs, weight):
         err = (result["out"] - expected_out).norm() / expected_out.norm()
         assert err < 1e-5
         for name, (global_slice, grad) in result["grads"].items():

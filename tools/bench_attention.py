@@ -51,6 +51,11 @@ def te_recipe(name: str):
     return Float8CurrentScaling(fp8_dpa=True)
 
 
+def disabled_reasons(log: io.StringIO) -> list[str]:
+    """Why TE ruled its backends out for the last call (its "Disabling ..." debug lines)."""
+    return list(dict.fromkeys(line.strip() for line in log.getvalue().splitlines() if "Disabling" in line))
+
+
 def selected_backend(log: io.StringIO) -> str:
     """The last "Selected backend" line TE logged (NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=2)."""
     lines = [line for line in log.getvalue().splitlines() if "Selected backend" in line]
@@ -82,10 +87,10 @@ def main() -> None:
                      for _ in range(4))
 
     def layout(t: torch.Tensor, fmt: str) -> torch.Tensor:
-        return (t if fmt == "sbhd" else t.transpose(0, 1)).contiguous().requires_grad_()
+        return (t if fmt == "sbhd" else t.transpose(0, 1)).detach().contiguous().requires_grad_()
 
     def sdpa_case(backend):
-        qb, kb, vb = (t.permute(1, 2, 0, 3).contiguous().requires_grad_() for t in (q, k, v))
+        qb, kb, vb = (t.permute(1, 2, 0, 3).detach().contiguous().requires_grad_() for t in (q, k, v))
         gb = grad.permute(1, 2, 0, 3)
 
         def run():
@@ -130,6 +135,8 @@ def main() -> None:
             seconds = median_seconds(run, args.repeats)
         except Exception as error:  # noqa: BLE001 - a case without a backend is a result
             print(f"{name:>32s} | {'none: ' + str(error).splitlines()[0][:90]}")
+            for reason in disabled_reasons(log):
+                print(f"{'':>32s} |   {reason[:160]}")
             continue
         reference = reference or (out.detach().float(), dq.detach().float())
         errors = [f"{((a.detach().float() - r).norm() / r.norm()).item():.2e}" for a, r in zip((out, dq), reference)]
