@@ -81,6 +81,27 @@ def test_compare_plain_times_the_same_step(tmp_path):
         assert all(float(r["speedup_vs_plain"]) > 0 for r in csv.DictReader(handle))
 
 
+def test_compiled_glue_rows_and_kernel_breakdown(tmp_path):
+    """--glue compiled trains the same step (the same losses); --kernel-breakdown splits one more
+    profiled step by kernel category (on CPU, the operators' own times), GEMMs and attention
+    among them, and prints the table."""
+    profile = subprocess.run(
+        [sys.executable, str(TOOL), "--presets", "tiny", "--frames", "5", "--height", "32", "--width", "48",
+         "--recompute", "full", "--glue", "eager", "compiled", "--kernel-breakdown", "--iterations", "2",
+         "--warmup", "1", "--backend", "local", "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=600)
+    assert profile.returncode == 0, profile.stderr[-3000:]
+    assert "kernel time per step" in profile.stdout and "top kernels: full / compiled" in profile.stdout
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [r["glue"] for r in rows] == ["eager", "compiled"]
+    assert rows[1]["losses"] == pytest.approx(rows[0]["losses"], rel=1e-5)
+    for row in rows:
+        categories = row["kernel_seconds"]
+        assert categories["gemm"] > 0 and categories["attention"] > 0 and categories["optimizer"] > 0
+        assert row["kernel_busy_s"] == pytest.approx(sum(categories.values()))
+        assert row["top_kernels"][0]["seconds"] >= row["top_kernels"][-1]["seconds"] > 0
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--precision", "fp8"], "--precision fp8 needs Transformer Engine layers on a GPU"),
     (["--layouts", "tp3x"], "--layouts"),
