@@ -16,9 +16,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.glue import BlockGlue, block_glue
