@@ -91,6 +91,9 @@ class ParallelConfig:
     point-to-point traffic); > 1 needs pipeline_parallel >= 3."""
     distributed_optimizer: bool = False
     """Shard optimizer state across data-parallel ranks (megatron DistributedOptimizer)."""
+    overlap_grad_reduce: bool = True
+    """Reduce each gradient bucket across data-parallel ranks as soon as backward fills it, under
+    the rest of backward (megatron DDP); false reduces everything after backward."""
 
     def __post_init__(self) -> None:
         if min(self.tensor_parallel, self.pipeline_parallel, self.context_parallel) < 1:

@@ -142,13 +142,19 @@ def setup(config: RunConfig) -> Trainer:
                         virtual_pipeline_size=model_config.virtual_pipeline_model_parallel_size)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model = build_model_chunks(model_config, default_layer_spec(config.model.backend)).to(device)
+    overlap = config.parallel.overlap_grad_reduce
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=config.parallel.distributed_optimizer
+        grad_reduce_in_fp32=True, use_distributed_optimizer=config.parallel.distributed_optimizer,
+        overlap_grad_reduce=overlap,
     )
     # one DDP per chunk; only the first chunk's gradients are bucketed for overlap (megatron's rule)
     ddp = [DistributedDataParallel(model_config, ddp_config, chunk, disable_bucketing=i > 0)
            for i, chunk in enumerate(model)]
     model_config.finalize_model_grads_func = finalize_model_grads
+    if overlap:  # the schedule holds the reduction back until the last micro-batch's backward
+        no_sync, start = [c.no_sync for c in ddp], [c.start_grad_sync for c in ddp]
+        model_config.no_sync_func = no_sync[0] if len(ddp) == 1 else no_sync
+        model_config.grad_sync_func = start[0] if len(ddp) == 1 else start
     opt = config.optimizer
     optimizer = get_megatron_optimizer(
         MegatronOptimizerConfig(
