@@ -13,7 +13,9 @@ step is from its block kernels".
 One launch sweeps layouts x presets x frames x resolutions x recompute x precision. Layouts
 (``tp2``, ``tp2cp2``, ``pp2``...) share the launch's processes: megatron's parallel state is
 torn down and rebuilt for each, and the data-parallel size is what the world size leaves.
-MFU is against the named GPU's dense peak (--peak-tflops overrides it); the CPU gets no MFU.
+MFU is against the named GPU's dense bf16 peak for every row, FP8 rows included, so rows compare
+(--peak-tflops overrides it); FP8 rows also get ``fp8_peak_fraction``, against the dense FP8 peak.
+The CPU gets no MFU.
 FP8 rows set ``train.precision=fp8`` and ``train.fp8_recipe``: the model enters Transformer
 Engine's FP8 autocast itself, as in training; one launch sweeps several recipes.
 
@@ -375,7 +377,8 @@ def profile_one(args, layout: Layout, preset: str, frames: int, height: int, wid
     samples = args.micro_batch_size * data_parallel  # per step, over the whole launch
     flops = training_flops(config, latent, TEXT_TOKENS) * samples
     tflops = flops / seconds / world / 1e12
-    peak, peak_name = peak_tflops(precision, args.peak_tflops)
+    peak, peak_name = peak_tflops("bf16" if precision == "fp8" else precision, args.peak_tflops)
+    fp8_peak = peak_tflops("fp8", args.peak_tflops)[0] if precision == "fp8" else None
     roofline = kernel_roofline_seconds(config, tokens, args.micro_batch_size, trainer.dtype, trainer.device,
                                        max(3, args.iterations))
     row = {
@@ -386,6 +389,7 @@ def profile_one(args, layout: Layout, preset: str, frames: int, height: int, wid
         "step_s": seconds, "tokens_per_s": tokens * samples / seconds,
         "samples_per_s": samples / seconds, "flops_per_step": flops,
         "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None, "peak_tflops": peak, "peak": peak_name,
+        "fp8_peak_fraction": tflops / fp8_peak if fp8_peak else None,
         "peak_memory_gib": peak_memory, "roofline_s": roofline, "roofline_ratio": seconds / roofline,
         "losses": step_losses,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
