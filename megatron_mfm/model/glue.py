@@ -18,9 +18,9 @@ instead of after each op.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -128,7 +128,7 @@ def rms_norm_backward(grad, x, weight, eps):
     return _rms_norm_input_grad(grad * weight, normed, rstd).to(x.dtype), grad_weight.to(weight.dtype)
 
 
-def rms_norm_modulate_forward(x, weight, shift, scale, eps):
+def rms_norm_modulate_forward(x, weight, eps, shift, scale):
     normed, _ = _rms_norm32(x.float(), eps)
     return (normed * weight * (1 + scale) + shift).to(x.dtype)
 
@@ -143,7 +143,7 @@ def rms_norm_modulate_backward(grad, x, weight, shift, scale, eps):
     return grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad.sum(0, keepdim=True), grad_scale
 
 
-def norm_rope_forward(x, weight, cos, sin, eps):
+def norm_rope_forward(x, weight, eps, cos, sin):
     normed, _ = _rms_norm32(x.float().flatten(-2), eps)
     return _rope32((normed * weight).view(x.shape), cos, sin).to(x.dtype)
 
@@ -161,7 +161,7 @@ def rope_forward(x, cos, sin):
 
 
 def rope_backward(grad, cos, sin):
-    return _rope32(grad.float(), cos, -sin).to(grad.dtype)
+    return (_rope32(grad.float(), cos, -sin).to(grad.dtype),)
 
 
 def gated_residual_forward(x, gate, y):
@@ -169,92 +169,49 @@ def gated_residual_forward(x, gate, y):
 
 
 def gated_residual_backward(grad, gate, y):
-    return (gate * grad.float()).to(y.dtype), (grad.float() * y.float()).sum(0, keepdim=True)
+    return grad, (grad.float() * y.float()).sum(0, keepdim=True), (gate * grad.float()).to(y.dtype)
 
 
-FUSED_KERNELS = (
-    layer_norm_modulate_forward, layer_norm_modulate_backward, rms_norm_forward, rms_norm_backward,
-    rms_norm_modulate_forward, rms_norm_modulate_backward, norm_rope_forward, norm_rope_backward,
-    rope_forward, rope_backward, gated_residual_forward, gated_residual_backward,
-)
+@dataclass(frozen=True)
+class Region:
+    """A fused region: ``forward(*args)``; ``backward(grad, *saved, *constants)`` returns the
+    gradients of the arguments at ``grads``, in order. ``saved``: the tensor arguments backward
+    reads; constants are the non-tensor arguments (eps)."""
+
+    forward: Callable
+    backward: Callable
+    saved: tuple[int, ...]
+    grads: tuple[int, ...]
 
 
-# ----------------------------------------------------------------------------- autograd regions
+REGIONS = {
+    "layer_norm_modulate": Region(layer_norm_modulate_forward, layer_norm_modulate_backward, (0, 1, 2), (0, 1, 2)),
+    "rms_norm_modulate": Region(rms_norm_modulate_forward, rms_norm_modulate_backward, (0, 1, 3, 4), (0, 1, 3, 4)),
+    "rms_norm": Region(rms_norm_forward, rms_norm_backward, (0, 1), (0, 1)),
+    "norm_rope": Region(norm_rope_forward, norm_rope_backward, (0, 1, 3, 4), (0, 1)),
+    "rope": Region(rope_forward, rope_backward, (1, 2), (0,)),
+    "gated_residual": Region(gated_residual_forward, gated_residual_backward, (1, 2), (0, 1, 2)),
+}
+"""Argument orders are the block's: (x, shift, scale), (x, weight, eps, shift, scale), (x, weight,
+eps), (x, weight, eps, cos, sin), (x, cos, sin), (x, gate, y)."""
 
 
-class _LayerNormModulate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, kernels, x, shift, scale):
-        ctx.kernels = kernels
-        ctx.save_for_backward(x, shift, scale)
-        return kernels.layer_norm_modulate_forward(x, shift, scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, *ctx.kernels.layer_norm_modulate_backward(grad, *ctx.saved_tensors)
-
-
-class _RMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, kernels, x, weight, eps):
-        ctx.kernels, ctx.eps = kernels, eps
-        ctx.save_for_backward(x, weight)
-        return kernels.rms_norm_forward(x, weight, eps)
+class _FusedRegion(torch.autograd.Function):
+    """Runs a region's forward kernel and, in backward, its backward kernel on what it saved."""
 
     @staticmethod
-    def backward(ctx, grad):
-        return None, *ctx.kernels.rms_norm_backward(grad, *ctx.saved_tensors, ctx.eps), None
-
-
-class _RMSNormModulate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, kernels, x, weight, eps, shift, scale):
-        ctx.kernels, ctx.eps = kernels, eps
-        ctx.save_for_backward(x, weight, shift, scale)
-        return kernels.rms_norm_modulate_forward(x, weight, shift, scale, eps)
+    def forward(ctx, region: Region, *args):
+        ctx.region, ctx.num_args = region, len(args)
+        ctx.constants = [a for a in args if not isinstance(a, torch.Tensor)]
+        ctx.save_for_backward(*(args[i] for i in region.saved))
+        return region.forward(*args)
 
     @staticmethod
     def backward(ctx, grad):
-        grad_x, grad_weight, grad_shift, grad_scale = ctx.kernels.rms_norm_modulate_backward(
-            grad, *ctx.saved_tensors, ctx.eps)
-        return None, grad_x, grad_weight, None, grad_shift, grad_scale
-
-
-class _NormRope(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, kernels, x, weight, eps, cos, sin):
-        ctx.kernels, ctx.eps = kernels, eps
-        ctx.save_for_backward(x, weight, cos, sin)
-        return kernels.norm_rope_forward(x, weight, cos, sin, eps)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, *ctx.kernels.norm_rope_backward(grad, *ctx.saved_tensors, ctx.eps), None, None, None
-
-
-class _Rope(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, kernels, x, cos, sin):
-        ctx.kernels = kernels
-        ctx.save_for_backward(cos, sin)
-        return kernels.rope_forward(x, cos, sin)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, ctx.kernels.rope_backward(grad, *ctx.saved_tensors), None, None
-
-
-class _GatedResidual(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, kernels, x, gate, y):
-        ctx.kernels = kernels
-        ctx.save_for_backward(gate, y)
-        return kernels.gated_residual_forward(x, gate, y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_y, grad_gate = ctx.kernels.gated_residual_backward(grad, *ctx.saved_tensors)
-        return None, grad, grad_gate, grad_y
+        grads = [None] * ctx.num_args
+        for index, value in zip(ctx.region.grads, ctx.region.backward(grad, *ctx.saved_tensors, *ctx.constants)):
+            grads[index] = value
+        return None, *grads
 
 
 @dataclass(frozen=True)
@@ -281,17 +238,14 @@ def fused_glue(compiled: bool) -> BlockGlue:
         # q/k come strided and contiguous), past dynamo's default of 8 per function; beyond
         # the limit a kernel runs uncompiled rather than failing the step (no fullgraph).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    kernels = SimpleNamespace(**{
-        fn.__name__: torch.compile(fn, dynamic=False) if compiled else fn for fn in FUSED_KERNELS
-    })
-    return BlockGlue(
-        layer_norm_modulate=functools.partial(_LayerNormModulate.apply, kernels),
-        rms_norm_modulate=functools.partial(_RMSNormModulate.apply, kernels),
-        rms_norm=functools.partial(_RMSNorm.apply, kernels),
-        norm_rope=functools.partial(_NormRope.apply, kernels),
-        rope=functools.partial(_Rope.apply, kernels),
-        gated_residual=functools.partial(_GatedResidual.apply, kernels),
-    )
+
+    def fused(region: Region) -> Callable[..., torch.Tensor]:
+        if compiled:
+            region = dataclasses.replace(region, forward=torch.compile(region.forward, dynamic=False),
+                                         backward=torch.compile(region.backward, dynamic=False))
+        return functools.partial(_FusedRegion.apply, region)
+
+    return BlockGlue(**{name: fused(region) for name, region in REGIONS.items()})
 
 
 def block_glue(compiled: bool) -> BlockGlue:
