@@ -34,14 +34,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_mfm.data.decode import MediaError  # noqa: E402
-from megatron_mfm.data.encoders import DTYPES, EncoderConfig, FrozenEncoders, build_encoders  # noqa: E402
-from megatron_mfm.data.precomputed import SETTINGS  # noqa: E402
-from megatron_mfm.data.shards import clip_from_sample, iter_shard  # noqa: E402
-from megatron_mfm.tasks.builders import IMAGE_TASKS, TASKS, VIDEO_TASKS, Clip, task_prompt  # noqa: E402
-from megatron_mfm.utils.atomic import atomic_write_text  # noqa: E402
+from megatron_mfm.data.decode.pyav import MediaError
+from megatron_mfm.encoders.interface import DTYPES, EncoderConfig, FrozenEncoders, build_encoders
+from megatron_mfm.data.shards.precomputed import SETTINGS
+from megatron_mfm.data.shards.reader import clip_from_sample, iter_shard
+from megatron_mfm.tasks.builders import IMAGE_TASKS, TASKS, VIDEO_TASKS, Clip, task_prompt
+from megatron_mfm.utils.atomic import atomic_write_text
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

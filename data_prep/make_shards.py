@@ -31,11 +31,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_mfm.data.catalog import INDEX, catalog_path, write_catalog  # noqa: E402
-from megatron_mfm.data.decode import IMAGE_SUFFIXES, VIDEO_SUFFIXES, MediaError, MediaInfo, probe  # noqa: E402
-from megatron_mfm.utils.atomic import atomic_write_text  # noqa: E402
+from megatron_mfm.data.shards.catalog import INDEX, catalog_path, write_catalog
+from megatron_mfm.data.decode.pyav import IMAGE_SUFFIXES, VIDEO_SUFFIXES, MediaError, MediaInfo, probe
+from megatron_mfm.utils.atomic import atomic_write_text
 
 REPORT = "report.json"
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 
-from megatron_mfm.data.catalog import INDEX
-from megatron_mfm.data.encoders import EncoderConfig
-from megatron_mfm.data.stages import StageConfig
-from megatron_mfm.data.streaming import ShardDataConfig
+from megatron_mfm.data.shards.catalog import INDEX
+from megatron_mfm.encoders.interface import EncoderConfig
+from megatron_mfm.data.shards.stages import StageConfig
+from megatron_mfm.data.shards.streaming import ShardDataConfig
 from megatron_mfm.data.synthetic import SyntheticConfig
 from megatron_mfm.diffusion.flow_matching import FlowMatchingConfig
 from megatron_mfm.model.config import CONTEXT_PARALLEL_COMM, PRESETS

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_mfm.reference_mfm import Attention, ReferenceMfM, softmax_attention
+from benchmarks.plain_mfm import Attention, ReferenceMfM, softmax_attention
 
 # Tiny but complete: 2 layers, 4 heads of 32, text width 48, attention biases on.
 TINY = dict(layers=2, heads=4, head_dim=32, text_dim=48, bias=True)

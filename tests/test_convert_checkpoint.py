@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_mfm.export.official_io import INDEX_NAME, WEIGHTS_NAME, OfficialWeights
-from conftest import load_script
+from tools import convert_checkpoint
 from mfm_cases import TINY, make_inputs, make_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ def diffusers_reference(folder: Path) -> dict[str, torch.Tensor]:
     from diffusers import ConfigMixin, ModelMixin
     from diffusers.configuration_utils import register_to_config
 
-    from megatron_mfm.reference_mfm import ReferenceMfM
+    from benchmarks.plain_mfm import ReferenceMfM
 
     class Transformer3DModel(ModelMixin, ConfigMixin):
         config_name = "config.json"
@@ -145,7 +145,7 @@ def diffusers_reference(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_bad_shard_size_names_the_flag(capsys):
     with pytest.raises(SystemExit):
-        load_script(Path(TOOL)).parse_args(["export-official", "--load", "c", "--output", "o", "--max-shard-size", "lots"])
+        convert_checkpoint.parse_args(["export-official", "--load", "c", "--output", "o", "--max-shard-size", "lots"])
     assert "--max-shard-size" in capsys.readouterr().err
 
 
@@ -215,7 +215,7 @@ def test_existing_output_is_never_overwritten(checkpoint, official):
 
 
 def test_every_subcommand_has_help(capsys):
-    tool = load_script(Path(TOOL))
+    tool = convert_checkpoint
     for command in ("import-official", "export-official", "reshard", "forward"):
         with pytest.raises(SystemExit) as exit_:
             tool.parse_args([command, "--help"])

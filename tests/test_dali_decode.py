@@ -1,5 +1,5 @@
 """The DALI decode backend against the PyAV one on the same bytes (VP9 and PNG written here, since
-DALI's CPU decoder refuses H.264), its errors, the backend selector, and tools/bench_dataloader.py.
+DALI's CPU decoder refuses H.264), its errors, the backend selector, and benchmarks/dataloader.py.
 
 Tolerance, DALI (CPU) vs PyAV on the same frames, in [-1, 1] units: mean absolute difference
 under 0.015 (2/255) and 99th percentile under 0.15; the rare larger differences sit on sharp
@@ -22,8 +22,8 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
 
-from megatron_mfm.data.dali_decode import ClipRequest, DaliDecodeConfig, DaliDecoder, decode_backend  # noqa: E402
-from megatron_mfm.data.decode import MediaError, decode_clip, frame_indices  # noqa: E402
+from megatron_mfm.data.decode.dali import ClipRequest, DaliDecodeConfig, DaliDecoder, decode_backend  # noqa: E402
+from megatron_mfm.data.decode.pyav import MediaError, decode_clip, frame_indices  # noqa: E402
 from megatron_mfm.utils.media import write_mp4  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,8 +157,7 @@ def test_backend_selector(media, monkeypatch):
 
 
 def test_bench_tool_reports_each_backend(tmp_path):
-    sys.path.insert(0, str(ROOT / "tools"))
-    import bench_dataloader
+    from benchmarks import dataloader as bench_dataloader
 
     size = ["--frames", "5", "--height", "32", "--width", "32", "--fps", "12", "--batch-size", "2", "--workers", "0"]
     rows = bench_dataloader.main(
@@ -189,8 +188,8 @@ def test_bench_tool_reports_each_backend(tmp_path):
 def test_shard_loader_decodes_with_dali_like_pyav(tmp_path):
     """``data.shards.decode_backend=dali`` feeds training the same micro-batches as PyAV (VP9 clips,
     DALI's CPU decoder here; NVDEC on a GPU), within the decoders' colour-conversion tolerance."""
-    from megatron_mfm.data.stages import StageConfig
-    from megatron_mfm.data.streaming import ShardDataConfig, ShardLoader
+    from megatron_mfm.data.shards.stages import StageConfig
+    from megatron_mfm.data.shards.streaming import ShardDataConfig, ShardLoader
     from megatron_mfm.tasks.mixture import TaskMixtureConfig
 
     raw = tmp_path / "raw"

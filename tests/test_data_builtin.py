@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_mfm.data.builtin_encoders import HashedTextEncoder, LowFrequencyVideoCodec, _low_frequency_basis
+from megatron_mfm.encoders.builtin import HashedTextEncoder, LowFrequencyVideoCodec, _low_frequency_basis
 from megatron_mfm.data.synthetic import SyntheticConfig, SyntheticVideoDataset
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_mfm.data.decode import MediaError, decode_clip, probe
-from megatron_mfm.data.shards import clip_from_sample, iter_shard
+from megatron_mfm.data.decode.pyav import MediaError, decode_clip, probe
+from megatron_mfm.data.shards.reader import clip_from_sample, iter_shard
 from megatron_mfm.utils.media import write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]

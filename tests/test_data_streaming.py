@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_mfm.data.buckets import Bucket
-from megatron_mfm.data.catalog import SampleEntry, load_catalog
+from megatron_mfm.data.shards.buckets import Bucket
+from megatron_mfm.data.shards.catalog import SampleEntry, load_catalog
 from megatron_mfm.data.loader import MicroBatch, collate
-from megatron_mfm.data.planner import MicroBatchPlanner
-from megatron_mfm.data.stages import StageConfig, StageSchedule
-from megatron_mfm.data.streaming import DecodedMicroBatch, ShardDataConfig, ShardLoader, pack_frames
+from megatron_mfm.data.shards.planner import MicroBatchPlanner
+from megatron_mfm.data.shards.stages import StageConfig, StageSchedule
+from megatron_mfm.data.shards.streaming import DecodedMicroBatch, ShardDataConfig, ShardLoader, pack_frames
 from megatron_mfm.tasks.builders import IMAGE_TASKS, TASKS, Clip, build_task_sample
 from megatron_mfm.tasks.mixture import TaskMixtureConfig
 from megatron_mfm.utils.media import write_mp4

@@ -16,18 +16,15 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_mfm.data.encoders import build_encoders
-from megatron_mfm.data.shards import clip_from_sample, iter_shard
+from megatron_mfm.encoders.interface import build_encoders
+from data_prep import encode_shards
+from megatron_mfm.data.shards.reader import clip_from_sample, iter_shard
 from megatron_mfm.tasks.builders import IMAGE_TASKS, VIDEO_TASKS, task_prompt
 from megatron_mfm.utils.media import write_mp4
-from conftest import load_script
 from tiny_pretrained import save_tiny_pretrained, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = ["--frames", "9", "--height", "32", "--width", "48", "--fps", "12"]
-
-
-encode_shards = load_script(ROOT / "data_prep" / "encode_shards.py")
 
 
 @pytest.fixture(scope="module")

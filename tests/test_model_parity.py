@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_mfm.export.key_map import from_official, to_official
-from megatron_mfm.export.model_checkpoint import fill_from_global
+from megatron_mfm.checkpoint.model_state import fill_from_global
 from megatron_mfm.model import MfMDiT, local_layer_spec
 from megatron_mfm.model.config import make_config
 from megatron_mfm.model.rope import rope_cos_sin

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_mfm.data.buckets import Bucket
-from megatron_mfm.data.catalog import SampleEntry, load_catalog
-from megatron_mfm.data.encoders import build_encoders
+from megatron_mfm.data.shards.buckets import Bucket
+from megatron_mfm.data.shards.catalog import SampleEntry, load_catalog
+from megatron_mfm.encoders.interface import build_encoders
 from megatron_mfm.data.loader import MicroBatch, collate
-from megatron_mfm.data.precomputed import SETTINGS, SidecarSettings
-from megatron_mfm.data.stages import StageConfig
-from megatron_mfm.data.streaming import ShardDataConfig, ShardLoader
+from megatron_mfm.data.shards.precomputed import SETTINGS, SidecarSettings
+from megatron_mfm.data.shards.stages import StageConfig
+from megatron_mfm.data.shards.streaming import ShardDataConfig, ShardLoader
 from megatron_mfm.diffusion.flow_matching import FlowMatchingConfig
 from megatron_mfm.model import MfMDiT, local_layer_spec
 from megatron_mfm.model.config import preset_config

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_mfm.data.encoders import MFM_VAE_SCALING_FACTOR, EncoderConfig, build_encoders
+from megatron_mfm.encoders.interface import MFM_VAE_SCALING_FACTOR, EncoderConfig, build_encoders
 from megatron_mfm.tasks.builders import task_prompt
 from tiny_pretrained import TEXT_WIDTH, save_tiny_pretrained, tiny_config
 

@@ -1,4 +1,4 @@
-"""tools/profile_throughput.py on CPU: a 2-rank sweep of layouts (DP2, TP2, CP2, PP2) and recompute
+"""benchmarks/profile_throughput.py on CPU: a 2-rank sweep of layouts (DP2, TP2, CP2, PP2) and recompute
 writes one row per configuration to JSON/CSV, counting the FLOPs the training logs count; with
 --compare-plain each row also times the plain-PyTorch implementation's step from the same start."""
 
@@ -14,10 +14,10 @@ import pytest
 
 from megatron_mfm.model.config import preset_config
 from megatron_mfm.training.flops import training_flops
-from conftest import load_script
+from benchmarks import profile_throughput
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOL = ROOT / "tools" / "profile_throughput.py"
+TOOL = ROOT / "benchmarks" / "profile_throughput.py"
 
 
 def test_two_rank_sweep_agrees_with_training_flops(tmp_path):
@@ -113,12 +113,12 @@ def test_compiled_glue_rows_and_kernel_breakdown(tmp_path):
 def test_bad_arguments_name_the_flag(argv, message, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(SystemExit):
-        load_script(TOOL).parse_args(argv)
+        profile_throughput.parse_args(argv)
     assert message in capsys.readouterr().err
 
 
 def test_compare_plain_needs_one_process(capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit):
-        load_script(TOOL).parse_args(["--compare-plain"])
+        profile_throughput.parse_args(["--compare-plain"])
     assert "--compare-plain runs the plain model in one process" in capsys.readouterr().err

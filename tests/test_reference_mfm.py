@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention import SDPBackend
 
-from megatron_mfm.reference_mfm import sdpa_attention
+from benchmarks.plain_mfm import sdpa_attention
 from mfm_cases import make_inputs, make_reference
 
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_mfm.diffusion.task_inputs import TaskInputs, read_clip, read_image, task_sample_from_inputs
+from megatron_mfm.tasks.user_inputs import TaskInputs, read_clip, read_image, task_sample_from_inputs
 from megatron_mfm.tasks.builders import transition_frames
 from megatron_mfm.utils.media import read_video, write_mp4
-from conftest import load_script
+from tools import sample as sample_tool
 from mfm_cases import make_reference, megatron_config_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,11 +25,11 @@ TOOL = ROOT / "tools" / "sample.py"
 
 def _sample(context_parallel: int) -> torch.Tensor:
     """A guided i2v sample of the tiny reference weights at this context-parallel size."""
-    from megatron_mfm.data.encoders import builtin_encoders
+    from megatron_mfm.encoders.interface import builtin_encoders
     from megatron_mfm.data.synthetic import SyntheticConfig, SyntheticVideoDataset
-    from megatron_mfm.diffusion.pipeline import SamplingConfig, generate, task_sample_for
+    from megatron_mfm.diffusion.generation import SamplingConfig, generate, task_sample_for
     from megatron_mfm.export.key_map import from_official
-    from megatron_mfm.export.model_checkpoint import fill_from_global
+    from megatron_mfm.checkpoint.model_state import fill_from_global
     from megatron_mfm.model import MfMDiT, local_layer_spec
     from megatron_mfm.model.config import make_config
 
@@ -139,7 +139,7 @@ def test_prompt_file_writes_one_output_per_request(media, tmp_path):
 
 
 def test_bad_inputs_name_the_flag_or_file(media, tmp_path):
-    tool = load_script(TOOL)
+    tool = sample_tool
     common = ["--official", "x", "--output", str(tmp_path)]
     with pytest.raises(ValueError, match="--image .*none of --tasks t2v"):
         tool.requests_of(tool.parse_args([*common, "--tasks", "t2v", "--image", str(media / "photo.png")]))

@@ -8,7 +8,7 @@ import torch
 
 from distributed import run_on_ranks
 from megatron_mfm.export.key_map import from_official
-from megatron_mfm.export.model_checkpoint import fill_from_global
+from megatron_mfm.checkpoint.model_state import fill_from_global
 from megatron_mfm.model import MfMDiT, local_layer_spec
 from megatron_mfm.model.config import make_config
 from mfm_cases import make_inputs, make_reference, megatron_config_kwargs

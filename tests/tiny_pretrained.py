@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_mfm.data.encoders import EncoderConfig
+from megatron_mfm.encoders.interface import EncoderConfig
 from megatron_mfm.model.config import PRESETS
 
 TEXT_WIDTH = PRESETS["tiny"]["text_hidden_size"]

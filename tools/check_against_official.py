@@ -18,17 +18,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_mfm.utils.warnings_filter import quiet_known_warnings  # noqa: E402
+from megatron_mfm.utils.warnings_filter import quiet_known_warnings
 
 quiet_known_warnings()
 
-from megatron_mfm.export.key_map import to_official  # noqa: E402
-from megatron_mfm.export.model_checkpoint import build_from_checkpoint, global_state  # noqa: E402
-from megatron_mfm.export.official_io import write_official  # noqa: E402
-from megatron_mfm.model.config import to_official_config  # noqa: E402
-from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel  # noqa: E402
+from megatron_mfm.export.key_map import to_official
+from megatron_mfm.checkpoint.model_state import build_from_checkpoint, global_state
+from megatron_mfm.export.official_io import write_official
+from megatron_mfm.model.config import to_official_config
+from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel
 
 
 def load_official_class(repo: Path):

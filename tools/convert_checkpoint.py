@@ -23,21 +23,20 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_mfm.utils.warnings_filter import quiet_known_warnings  # noqa: E402
+from megatron_mfm.utils.warnings_filter import quiet_known_warnings
 
 quiet_known_warnings()
 
-from megatron_mfm.export.model_checkpoint import (  # noqa: E402
+from megatron_mfm.checkpoint.model_state import (
     OfficialTensors,
     build_from_checkpoint,
     build_from_official,
     save_model,
 )
-from megatron_mfm.export.official_io import parse_size, write_official, write_pipeline  # noqa: E402
-from megatron_mfm.model.config import to_official_config  # noqa: E402
-from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel  # noqa: E402
+from megatron_mfm.export.official_io import parse_size, write_official, write_pipeline
+from megatron_mfm.model.config import to_official_config
+from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel
 
 # Names of the official forward's arguments, as the inputs file must spell them.
 FORWARD_INPUTS = (

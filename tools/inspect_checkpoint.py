@@ -17,21 +17,20 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_mfm.utils.warnings_filter import quiet_known_warnings  # noqa: E402
+from megatron_mfm.utils.warnings_filter import quiet_known_warnings
 
 quiet_known_warnings()
 
-from megatron.core import dist_checkpointing  # noqa: E402
-from megatron.core.dist_checkpointing.serialization import load_plain_tensors  # noqa: E402
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.serialization import load_plain_tensors
 
-from megatron_mfm.export.model_checkpoint import (  # noqa: E402
+from megatron_mfm.checkpoint.model_state import (
     CONFIG_FILE,
     TRAINING_STATE_PREFIXES,
     resolve_checkpoint,
 )
-from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel  # noqa: E402
+from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel
 
 
 def resolve(path: str) -> Path:

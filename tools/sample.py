@@ -30,21 +30,20 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_mfm.utils.warnings_filter import quiet_known_warnings  # noqa: E402
+from megatron_mfm.utils.warnings_filter import quiet_known_warnings
 
 quiet_known_warnings()
 
-from megatron_mfm.data.encoders import EncoderConfig, build_encoders  # noqa: E402
-from megatron_mfm.data.synthetic import SyntheticConfig, SyntheticVideoDataset  # noqa: E402
-from megatron_mfm.diffusion.pipeline import (  # noqa: E402
+from megatron_mfm.encoders.interface import EncoderConfig, build_encoders
+from megatron_mfm.data.synthetic import SyntheticConfig, SyntheticVideoDataset
+from megatron_mfm.diffusion.generation import (
     OFFICIAL_NEGATIVE_PROMPT,
     SamplingConfig,
     generate,
     task_sample_for,
 )
-from megatron_mfm.diffusion.task_inputs import (  # noqa: E402
+from megatron_mfm.tasks.user_inputs import (
     IMAGE_INPUTS,
     MASK_TASKS,
     VIDEO_INPUTS,
@@ -52,10 +51,10 @@ from megatron_mfm.diffusion.task_inputs import (  # noqa: E402
     read_prompt_file,
     task_sample_from_inputs,
 )
-from megatron_mfm.export.model_checkpoint import build_from_checkpoint, build_from_official  # noqa: E402
-from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel  # noqa: E402
-from megatron_mfm.tasks.builders import IMAGE_TASKS, TASKS, TaskSample  # noqa: E402
-from megatron_mfm.utils.media import contact_sheet, to_uint8_frames, write_mp4, write_png  # noqa: E402
+from megatron_mfm.checkpoint.model_state import build_from_checkpoint, build_from_official
+from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel
+from megatron_mfm.tasks.builders import IMAGE_TASKS, TASKS, TaskSample
+from megatron_mfm.utils.media import contact_sheet, to_uint8_frames, write_mp4, write_png
 
 
 def requests_of(args: argparse.Namespace) -> list[TaskInputs]:

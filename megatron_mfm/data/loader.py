@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_mfm.data.precomputed import Precomputed
+from megatron_mfm.data.shards.precomputed import Precomputed
 from megatron_mfm.data.synthetic import SyntheticVideoDataset
 from megatron_mfm.tasks.builders import TaskSample
 from megatron_mfm.tasks.mixture import TaskMixture

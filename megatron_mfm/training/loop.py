@@ -24,18 +24,18 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch.utils._triton import has_triton
 
 from megatron_mfm.config import FP8_RECIPES, ConfigError, ModelConfig, RunConfig, TrainConfig, config_to_dict
-from megatron_mfm.data.encoders import FrozenEncoders, build_encoders
+from megatron_mfm.encoders.interface import FrozenEncoders, build_encoders
 from megatron_mfm.data.loader import SyntheticLoader
-from megatron_mfm.data.streaming import ShardLoader
+from megatron_mfm.data.shards.streaming import ShardLoader
 from megatron_mfm.data.synthetic import SyntheticVideoDataset
-from megatron_mfm.diffusion.pipeline import SamplingConfig, generate, task_sample_for
+from megatron_mfm.diffusion.generation import SamplingConfig, generate, task_sample_for
 from megatron_mfm.model.config import MfMConfig, preset_config
 from megatron_mfm.model.dit import ModelChunks, build_model_chunks
 from megatron_mfm.model.specs import default_layer_spec, transformer_engine_available
 from megatron_mfm.parallel.initialize import initialize_parallel
 from megatron_mfm.tasks.builders import TASKS
 from megatron_mfm.tasks.mixture import TaskMixture
-from megatron_mfm.training.checkpointing import Checkpointer, TrainingState
+from megatron_mfm.checkpoint.training_state import Checkpointer, TrainingState
 from megatron_mfm.training.ema import EMA
 from megatron_mfm.training.flops import training_flops
 from megatron_mfm.training.logger import MetricsLogger

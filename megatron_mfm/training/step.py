@@ -9,10 +9,10 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_mfm.data.loader import MicroBatch, sample_generator
-from megatron_mfm.data.precomputed import Precomputed
+from megatron_mfm.data.shards.precomputed import Precomputed
 from megatron_mfm.diffusion.flow_matching import FlowMatchingConfig, add_noise, per_sample_mse, sample_sigma
 from megatron_mfm.tasks.builders import TASKS
-from megatron_mfm.data.encoders import FrozenEncoders
+from megatron_mfm.encoders.interface import FrozenEncoders
 
 NOISE_STREAM, SIGMA_STREAM, LATENT_STREAM = 2, 3, 4
 

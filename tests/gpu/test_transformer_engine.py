@@ -36,7 +36,7 @@ def _inputs(config, dtype, frames=5, h=16, w=24, batch=2):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_te_spec_matches_local_spec(world, dtype):
-    from megatron_mfm.export.model_checkpoint import fill_from_global, global_state
+    from megatron_mfm.checkpoint.model_state import fill_from_global, global_state
     from megatron_mfm.model import MfMDiT, local_layer_spec, te_layer_spec
     from megatron_mfm.model.config import make_config
 

@@ -26,7 +26,7 @@ from megatron_mfm.model.config import MfMConfig, architecture_of, make_config
 from megatron_mfm.model.dit import MfMDiT
 
 CONFIG_FILE = "mfm_config.json"
-# Tensors a training checkpoint holds besides the model's (see training/checkpointing.py).
+# Tensors a training checkpoint holds besides the model's (see megatron_mfm/checkpoint/training_state.py).
 TRAINING_STATE_PREFIXES = ("ema.", "optimizer.", "rng_state")
 
 

@@ -20,17 +20,17 @@ FP8 rows set ``train.precision=fp8`` and ``train.fp8_recipe``: the model enters 
 Engine's FP8 autocast itself, as in training; one launch sweeps several recipes.
 
 --compare-plain (one process) also times, for every row, the same training step of
-``megatron_mfm/reference_mfm.py``: a plain-PyTorch implementation of the same architecture
+``benchmarks/plain_mfm.py``: a plain-PyTorch implementation of the same architecture
 (``F.scaled_dot_product_attention`` on the named backends, torch.optim.AdamW with the run's
 settings and gradient clipping, bf16 weights for bf16 and fp8 rows, each block checkpointed when
 the row recomputes fully), started from our initial weights on the same inputs. The row gets its
 step time, MFU, memory, losses and ``speedup_vs_plain`` = plain step / our step.
 
-  python tools/profile_throughput.py --presets tiny --frames 9 --height 64 --width 64      # CPU
-  torchrun --nproc-per-node 8 tools/profile_throughput.py --presets mfm-2b --frames 97 \
+  python benchmarks/profile_throughput.py --presets tiny --frames 9 --height 64 --width 64      # CPU
+  torchrun --nproc-per-node 8 benchmarks/profile_throughput.py --presets mfm-2b --frames 97 \
       --height 352 --width 640 --layouts tp1 tp2 tp2cp2 tp4 --recompute none full \
       --precision bf16 fp8 --fp8-recipe delayed current --output runs/profile            # GPU
-  python tools/profile_throughput.py --presets mfm-2b --frames 97 --height 352 --width 640 \
+  python benchmarks/profile_throughput.py --presets mfm-2b --frames 97 --height 352 --width 640 \
       --recompute full --compare-plain --output runs/plain                                 # 1 GPU
 """
 
@@ -53,33 +53,32 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_mfm.utils.warnings_filter import quiet_known_warnings  # noqa: E402
+from megatron_mfm.utils.warnings_filter import quiet_known_warnings
 
 quiet_known_warnings()
 
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from megatron.core import parallel_state  # noqa: E402
-from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
-from torch.autograd import DeviceType  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-from torch.utils.checkpoint import checkpoint  # noqa: E402
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch.autograd import DeviceType
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.checkpoint import checkpoint
 
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from megatron_mfm.config import FP8_RECIPES, ConfigError, OptimizerConfig, load_config  # noqa: E402
-from megatron_mfm.diffusion.flow_matching import per_sample_mse  # noqa: E402
-from megatron_mfm.export.model_checkpoint import OfficialTensors  # noqa: E402
-from megatron_mfm.model.config import MfMConfig, to_official_config  # noqa: E402
-from megatron_mfm.parallel.initialize import destroy_parallel  # noqa: E402
-from megatron_mfm.reference_mfm import ReferenceMfM, sdpa_attention  # noqa: E402
-from megatron_mfm.training.flops import training_flops  # noqa: E402
-from megatron_mfm.training.loop import H100_BF16_PEAK_TFLOPS, Trainer, setup  # noqa: E402
-from megatron_mfm.training.step import context_parallel_mse  # noqa: E402
-from megatron_mfm.utils.atomic import atomic_write_text  # noqa: E402
+from megatron_mfm.config import FP8_RECIPES, ConfigError, OptimizerConfig, load_config
+from megatron_mfm.diffusion.flow_matching import per_sample_mse
+from megatron_mfm.checkpoint.model_state import OfficialTensors
+from megatron_mfm.model.config import MfMConfig, to_official_config
+from megatron_mfm.parallel.initialize import destroy_parallel
+from benchmarks.plain_mfm import ReferenceMfM, sdpa_attention
+from megatron_mfm.training.flops import training_flops
+from megatron_mfm.training.loop import H100_BF16_PEAK_TFLOPS, Trainer, setup
+from megatron_mfm.training.step import context_parallel_mse
+from megatron_mfm.utils.atomic import atomic_write_text
 
 TEXT_TOKENS = 77
 # Dense tensor-core peaks (TFLOP/s) by GPU name and precision, from the vendors' data sheets.

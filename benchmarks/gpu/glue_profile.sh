@@ -2,9 +2,9 @@
 # MfM-2B (97x352x640, 22k tokens) on one GPU: eager against compiled glue (model.compile_glue), then
 # the recompute settings the compiled glue's smaller activations allow, then FP8 on the fastest of
 # them; each phase one device call after the stage boots (bash ../shared/device/stage.sh te):
-#   PHASE=1 bash tools/gpu_glue_profile.sh   # bf16, full recompute, eager vs compiled, kernel breakdown
-#   PHASE=2 bash tools/gpu_glue_profile.sh   # compiled: first14, first7, none recomputed
-#   PHASE=3 bash tools/gpu_glue_profile.sh   # bf16 and FP8 delayed at phase 2's fastest recompute, vs plain PyTorch
+#   PHASE=1 bash benchmarks/gpu/glue_profile.sh   # bf16, full recompute, eager vs compiled, kernel breakdown
+#   PHASE=2 bash benchmarks/gpu/glue_profile.sh   # compiled: first14, first7, none recomputed
+#   PHASE=3 bash benchmarks/gpu/glue_profile.sh   # bf16 and FP8 delayed at phase 2's fastest recompute, vs plain PyTorch
 # Results persist in /tmp/glue_profile on the machine between calls; logs under $OUT, a summary on stdout.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; KEEP=/tmp/glue_profile; mkdir -p "$OUT" "$KEEP"
@@ -29,7 +29,7 @@ EOF
 
 run() {  # $1: name; the rest: profiler arguments
   local name=$1; shift
-  timeout 560 python3 tools/profile_throughput.py "${SIZE[@]}" "$@" --output "$KEEP/$name" > "$KEEP/$name.log" 2>&1
+  timeout 560 python3 benchmarks/profile_throughput.py "${SIZE[@]}" "$@" --output "$KEEP/$name" > "$KEEP/$name.log" 2>&1
   echo "exit $? ($name)"
   cp "$KEEP/$name.log" "$OUT/" 2>/dev/null
   grep -E "Error|error:" "$KEEP/$name.log" | grep -v Warning | tail -5 | cut -c1-300

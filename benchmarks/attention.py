@@ -8,7 +8,7 @@ backend TE selected (its own debug log), the median time, TFLOP/s (model FLOPs: 
 backward twice that) and the relative error of the output and of dq against TE bf16. A case with
 no backend is a row saying so.
 
-  NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=2 python tools/bench_attention.py --tokens 22000 --heads 28
+  NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=2 python benchmarks/attention.py --tokens 22000 --heads 28
 """
 
 from __future__ import annotations

@@ -24,10 +24,10 @@ from typing import Callable, TypeVar
 import numpy as np
 import torch
 
-from megatron_mfm.data.buckets import Bucket
-from megatron_mfm.data.catalog import SampleEntry
-from megatron_mfm.data.decode import frame_indices
-from megatron_mfm.data.stages import StageConfig
+from megatron_mfm.data.shards.buckets import Bucket
+from megatron_mfm.data.shards.catalog import SampleEntry
+from megatron_mfm.data.decode.pyav import frame_indices
+from megatron_mfm.data.shards.stages import StageConfig
 
 SETTINGS = "encode-settings.json"
 T = TypeVar("T")

@@ -18,7 +18,7 @@ Inputs: ``--input`` a shard folder from data_prep/make_shards.py or a folder of 
 benchmark runs on a bare machine.
 
   # DALI (NVDEC) vs PyAV on the same H.264 720p files, and the wait share of a 2.5 s step (~5 min)
-  python tools/bench_dataloader.py --synthetic 16 --codec h264 --synthetic-size 1280x720 \
+  python benchmarks/dataloader.py --synthetic 16 --codec h264 --synthetic-size 1280x720 \
       --synthetic-dir /tmp/bench_media --backends pyav dali --dali-device gpu --workers 0 8 16 \
       --frames 49 --height 480 --width 832 --fps 16 --batch-size 4 --clips 48 --step-ms 2500 --steps 6 \
       --output runs/bench_dataloader.json
@@ -42,13 +42,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_mfm.data.dali_decode import (  # noqa: E402
+from megatron_mfm.data.decode.dali import (
     ClipRequest, DaliDecodeConfig, DaliDecoder, decode_backend)
-from megatron_mfm.data.decode import VIDEO_SUFFIXES, MediaError  # noqa: E402
-from megatron_mfm.utils.atomic import atomic_write_text  # noqa: E402
-from megatron_mfm.utils.media import write_mp4  # noqa: E402
+from megatron_mfm.data.decode.pyav import VIDEO_SUFFIXES, MediaError
+from megatron_mfm.utils.atomic import atomic_write_text
+from megatron_mfm.utils.media import write_mp4
 
 ENCODERS = {"h264": "libx264", "vp9": "libvpx-vp9"}
 PREFETCH = 2

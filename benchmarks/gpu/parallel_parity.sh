@@ -4,7 +4,7 @@
 # On 4 GPUs (SET=four): tiny at TP2xCP2, PP2xCP2, CP4 and TP2xCP2 with Transformer Engine's ring,
 # an 8-layer tiny at PP4 x 2 virtual stages (interleaved 1F1B), and a checkpoint saved at TP2xCP2
 # resumed at PP2xCP2 with the ring; MfM-2B for 12 iterations at TP2xCP2, PP2xCP2 and CP4 (TE ring).
-# Usage: bash tools/gpu_parallel_parity.sh  (logs under $OUT; ONLY=<regex> keeps the 1-GPU
+# Usage: bash benchmarks/gpu/parallel_parity.sh  (logs under $OUT; ONLY=<regex> keeps the 1-GPU
 # baselines and the runs whose name matches)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

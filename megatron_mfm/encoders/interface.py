@@ -12,7 +12,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from megatron_mfm.data.builtin_encoders import HashedTextEncoder, LowFrequencyVideoCodec
+from megatron_mfm.encoders.builtin import HashedTextEncoder, LowFrequencyVideoCodec
 
 MFM_VAE_SCALING_FACTOR = 0.958917567
 """The latent scale MfM was trained with: the official pipeline hard-codes it (pipeline_mfm.py,
@@ -161,6 +161,6 @@ def build_encoders(config: EncoderConfig, text_width: int | None, device: torch.
         if text_width is None:
             raise ValueError("kind=builtin: the stand-in text encoder needs the model's text width")
         return builtin_encoders(text_width, config.text_max_length)
-    from megatron_mfm.data.pretrained_encoders import load_pretrained_encoders
+    from megatron_mfm.encoders.pretrained import load_pretrained_encoders
 
     return load_pretrained_encoders(config, text_width, torch.device(device))

@@ -29,7 +29,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from megatron_mfm.data.decode import IMAGE_SUFFIXES, MediaError, cover_crop_box, decode_clip, frame_indices
+from megatron_mfm.data.decode.pyav import IMAGE_SUFFIXES, MediaError, cover_crop_box, decode_clip, frame_indices
 
 DALI_INSTALL = "pip install nvidia-dali-cuda130 (the 'dali' extra: pip install -e '.[dali]')"
 DECODE_BACKENDS = ("pyav", "dali")

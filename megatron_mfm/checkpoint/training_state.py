@@ -9,7 +9,7 @@ Layout of ``save`` dir::
 A checkpoint is written under ``iter_XXXXXXX.tmp`` and renamed, then ``latest`` is replaced
 atomically; so an interrupted save (crash, SIGKILL, full disk) leaves ``latest`` pointing at the
 previous complete checkpoint, and the stray ``.tmp`` is removed by the next save. Model keys are
-the same as the model-only checkpoints of ``export/model_checkpoint.py``, so the converter reads
+the same as the model-only checkpoints of ``megatron_mfm/checkpoint/model_state.py``, so the converter reads
 training checkpoints directly.
 """
 
@@ -31,7 +31,7 @@ from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
 from megatron_mfm.config import ConfigError
-from megatron_mfm.export.model_checkpoint import CONFIG_FILE, LATEST, latest_checkpoint, to_local_keys
+from megatron_mfm.checkpoint.model_state import CONFIG_FILE, LATEST, latest_checkpoint, to_local_keys
 from megatron_mfm.model.config import architecture_of
 from megatron_mfm.model.dit import ModelChunks
 from megatron_mfm.training.ema import EMA, EMA_PREFIX

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_mfm.data.encoders import FrozenEncoders
+from megatron_mfm.encoders.interface import FrozenEncoders
 from megatron_mfm.diffusion.sampler import euler_sample, sigma_schedule
 from megatron_mfm.tasks.builders import Clip, TaskSample, build_task_sample
 

@@ -13,10 +13,10 @@ from typing import Any, Callable
 
 import torch
 
-from megatron_mfm.data.encoders import EncoderConfig, FrozenEncoders, require_folder
-from megatron_mfm.data.pretrained_depth import DepthAnythingEstimator, DepthPreprocessing
-from megatron_mfm.data.pretrained_text import T5TextEncoder
-from megatron_mfm.data.pretrained_vae import CogVideoXCodec
+from megatron_mfm.encoders.interface import EncoderConfig, FrozenEncoders, require_folder
+from megatron_mfm.encoders.depth import DepthAnythingEstimator, DepthPreprocessing
+from megatron_mfm.encoders.text import T5TextEncoder
+from megatron_mfm.encoders.vae import CogVideoXCodec
 
 
 def load_local(load: Callable[..., Any], field: str, path: str, **kwargs) -> Any:

@@ -27,14 +27,14 @@ from pathlib import Path
 
 import torch
 
-from megatron_mfm.data.buckets import Bucket
-from megatron_mfm.data.catalog import SampleEntry, load_catalog, read_sample
-from megatron_mfm.data.dali_decode import DALI_INSTALL, DECODE_BACKENDS, DecodeFn, decode_backend
-from megatron_mfm.data.decode import MediaError
+from megatron_mfm.data.shards.buckets import Bucket
+from megatron_mfm.data.shards.catalog import SampleEntry, load_catalog, read_sample
+from megatron_mfm.data.decode.dali import DALI_INSTALL, DECODE_BACKENDS, DecodeFn, decode_backend
+from megatron_mfm.data.decode.pyav import MediaError
 from megatron_mfm.data.loader import MicroBatch, collate, sample_generator
-from megatron_mfm.data.planner import MicroBatchPlanner
-from megatron_mfm.data.precomputed import SidecarSettings, lookup
-from megatron_mfm.data.stages import StageConfig, StageSchedule
+from megatron_mfm.data.shards.planner import MicroBatchPlanner
+from megatron_mfm.data.shards.precomputed import SidecarSettings, lookup
+from megatron_mfm.data.shards.stages import StageConfig, StageSchedule
 from megatron_mfm.tasks.builders import IMAGE_TASKS, VIDEO_TASKS, Clip
 from megatron_mfm.tasks.mixture import TaskMixture, TaskMixtureConfig
 

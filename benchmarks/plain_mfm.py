@@ -5,7 +5,7 @@ shares no code with the megatron model. That independence gives it two jobs:
 
 - the yardstick of the tests: with explicit softmax attention (``softmax_attention``) in fp32,
   the megatron model must match it;
-- the plain baseline of ``tools/profile_throughput.py --compare-plain``: with
+- the plain baseline of ``benchmarks/profile_throughput.py --compare-plain``: with
   ``F.scaled_dot_product_attention`` (``sdpa_attention``) in bf16, it is what a straightforward
   PyTorch implementation of the same architecture costs.
 

@@ -10,7 +10,7 @@ SIZE=(--presets mfm-8b --frames 97 --height 720 --width 1280 --layouts cp4 --bac
       --iterations 2 --warmup 2 --glue compiled)
 profile() {  # $1: name; the rest: profiler arguments
   local name=$1; shift
-  timeout 540 torchrun --standalone --nproc-per-node 4 tools/profile_throughput.py "${SIZE[@]}" "$@" \
+  timeout 540 torchrun --standalone --nproc-per-node 4 benchmarks/profile_throughput.py "${SIZE[@]}" "$@" \
     --output "$OUT/$name" > "$OUT/$name.log" 2>&1
   echo "exit $? ($name)"
   sed -n '/tokens_per_s/,$p' "$OUT/$name.log" | grep -v "^wrote" | cut -c1-330
@@ -19,7 +19,7 @@ case ${PHASE:-1} in
 1) nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1
    profile cp4_full --recompute full --precision bf16 fp8 --fp8-recipe delayed ;;
 2) profile cp4_partial --recompute first30 first25 --precision bf16
-   CUDA_VISIBLE_DEVICES=0 NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=2 timeout 200 python3 tools/bench_attention.py \
+   CUDA_VISIBLE_DEVICES=0 NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=2 timeout 200 python3 benchmarks/attention.py \
      --tokens 22000 --heads 28 --fp8-bwd-bf16 > "$OUT/attention.log" 2>&1
    echo "exit $? (attention)"; grep -A30 "^attention B=" "$OUT/attention.log" | cut -c1-200 ;;
 esac

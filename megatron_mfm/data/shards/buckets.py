@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron_mfm.data.catalog import SampleEntry
+from megatron_mfm.data.shards.catalog import SampleEntry
 
 PIXELS_PER_TOKEN_SIDE = 16
 """VAE 8x spatial compression x patch size 2."""

@@ -7,7 +7,7 @@ import tarfile
 from pathlib import Path
 from typing import Iterator
 
-from megatron_mfm.data.decode import decode_clip
+from megatron_mfm.data.decode.pyav import decode_clip
 from megatron_mfm.tasks.builders import Clip
 
 

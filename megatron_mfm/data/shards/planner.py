@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_mfm.data.buckets import Bucket, assign_bucket, samples_per_micro_batch
-from megatron_mfm.data.catalog import SampleEntry
-from megatron_mfm.data.stages import StageSchedule
+from megatron_mfm.data.shards.buckets import Bucket, assign_bucket, samples_per_micro_batch
+from megatron_mfm.data.shards.catalog import SampleEntry
+from megatron_mfm.data.shards.stages import StageSchedule
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Benchmarks: training throughput (MFU), attention kernels, data loading; GPU session scripts in gpu/."""

@@ -1,0 +1,1 @@
+"""Checkpoint layout (latest, names, prefixes), model state and training state."""

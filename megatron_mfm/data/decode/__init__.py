@@ -1,0 +1,1 @@
+"""Video and image decoding backends: PyAV (CPU) and NVIDIA DALI (GPU)."""

@@ -1,0 +1,1 @@
+"""Shards on disk: catalogs, buckets, stage schedule, the deterministic planner, precomputed sidecars and the streaming loader."""

@@ -1,0 +1,1 @@
+"""User tools: sampling, checkpoint conversion and inspection, checks against the official code."""
