@@ -1,4 +1,4 @@
-"""An independent plain-PyTorch MfM transformer, written from ../shared/docs/mfm-model.md.
+"""An independent plain-PyTorch MfM transformer, written from the official model's description.
 
 It uses the official parameter names and (B, S, D) tensors, separate q/k/v projections, and
 shares no code with the megatron model. That independence gives it two jobs:

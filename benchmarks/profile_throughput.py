@@ -73,21 +73,14 @@ from megatron_mfm.config import FP8_RECIPES, ConfigError, OptimizerConfig, load_
 from megatron_mfm.diffusion.flow_matching import per_sample_mse
 from megatron_mfm.checkpoint.model_state import OfficialTensors
 from megatron_mfm.model.config import MfMConfig, to_official_config
+from megatron_mfm.model.geometry import latent_shape, token_grid
 from megatron_mfm.parallel.initialize import destroy_parallel
 from benchmarks.plain_mfm import ReferenceMfM, sdpa_attention
-from megatron_mfm.training.flops import training_flops
-from megatron_mfm.training.loop import H100_BF16_PEAK_TFLOPS, Trainer, setup
-from megatron_mfm.training.step import context_parallel_mse
+from megatron_mfm.training.flops import gpu_peak_tflops, training_flops
+from megatron_mfm.training.loop import Trainer, setup
 from megatron_mfm.utils.atomic import atomic_write_text
 
 TEXT_TOKENS = 77
-# Dense tensor-core peaks (TFLOP/s) by GPU name and precision, from the vendors' data sheets.
-PEAK_TFLOPS = {
-    "H100": {"bf16": H100_BF16_PEAK_TFLOPS, "fp8": 2 * H100_BF16_PEAK_TFLOPS},
-    "H200": {"bf16": H100_BF16_PEAK_TFLOPS, "fp8": 2 * H100_BF16_PEAK_TFLOPS},
-    "B200": {"bf16": 2250.0, "fp8": 4500.0},
-    "A100": {"bf16": 312.0},
-}
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -113,19 +106,6 @@ def parse_layout(text: str) -> Layout:
     if min(sizes.values()) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: sizes must be at least 1")
     return Layout(**sizes)
-
-
-def peak_tflops(precision: str, override: float) -> tuple[float | None, str]:
-    """(per-GPU dense peak, what it is) for MFU; (None, ...) on CPU or an unknown GPU."""
-    if override:
-        return override, f"--peak-tflops {override:g}"
-    if not torch.cuda.is_available():
-        return None, "cpu: no MFU"
-    name = torch.cuda.get_device_name()
-    for gpu, peaks in PEAK_TFLOPS.items():
-        if gpu in name and precision in peaks:
-            return peaks[precision], f"{name} {precision} dense {peaks[precision]:g} TFLOP/s"
-    return None, f"{name}: peak unknown, pass --peak-tflops"
 
 
 def synchronize() -> None:
@@ -163,7 +143,7 @@ def random_batch(config: MfMConfig, frames: int, height: int, width: int, batch:
     def normal(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
 
-    t, h, w = (frames - 1) // 4 + 1, height // 8, width // 8
+    _, t, h, w = latent_shape(frames, height, width)
     inputs = dict(
         latents=normal(batch, config.in_channels, t, h, w),
         timestep=torch.rand(batch, generator=generator, device=device) * 1000,
@@ -175,19 +155,16 @@ def random_batch(config: MfMConfig, frames: int, height: int, width: int, batch:
     return inputs, normal(batch, config.out_channels, t, h, w)
 
 
-def velocity_loss(output: torch.Tensor, target: torch.Tensor, model: torch.nn.Module) -> tuple[torch.Tensor, dict]:
-    """Flow-matching MSE against ``target`` (under CP ``output`` holds this rank's tokens and the
-    loss is its share, as in training); the dict carries the value to the row's losses (a copy:
-    megatron scales the loss by the CP size in place)."""
-    per_sample = context_parallel_mse(output, target, model) if output.dim() == 3 else per_sample_mse(output, target)
-    loss = per_sample.mean()
+def velocity_loss(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Flow-matching MSE against ``target``, as in training; the dict carries the value to the
+    row's losses (a copy: megatron scales the loss by the CP size in place)."""
+    loss = per_sample_mse(output, target).mean()
     return loss, {"loss": loss.detach().clone()}
 
 
 def launch_losses(losses: list[torch.Tensor], copies: int) -> list[float]:
     """Each step's loss averaged over data-parallel ranks. Ranks of the last pipeline stage hold
-    a value (each TP rank a copy, each CP rank a share summing to the loss), the others zero: so
-    the world's sum over tp * dp."""
+    a value (each TP and CP rank a copy), the others zero: so the world's sum over tp * cp * dp."""
     total = torch.stack(losses).float()
     dist.all_reduce(total)
     return (total / copies).tolist()
@@ -346,13 +323,12 @@ def profile_one(args, layout: Layout, preset: str, frames: int, height: int, wid
     config, ddp = trainer.model_config, trainer.ddp
     batch, target = random_batch(config, frames, height, width, args.micro_batch_size, trainer.device, trainer.dtype,
                                  trainer.config.train.seed)
-    latent = ((frames - 1) // 4 + 1, height // 8, width // 8)
-    tokens = latent[0] * (latent[1] // config.patch_size) * (latent[2] // config.patch_size)
+    latent = latent_shape(frames, height, width)[1:]
     full_blocks = "model.recompute=true" in recompute_overrides(recompute)  # the plain step checkpoints every block
     plain = PlainCase.before_training(trainer, batch, target, full_blocks) if args.compare_plain else None
 
     def forward_step(data_iterator, model):
-        return model(**next(data_iterator)), lambda output: velocity_loss(output, target, model)
+        return model(**next(data_iterator)), lambda output: velocity_loss(output, target)
 
     losses = []
 
@@ -362,7 +338,8 @@ def profile_one(args, layout: Layout, preset: str, frames: int, height: int, wid
         trainer.optimizer.zero_grad()
         reported = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter([batch]), model=ddp, num_microbatches=1,
-            seq_length=tokens, micro_batch_size=args.micro_batch_size, forward_only=False,
+            seq_length=trainer.model[0].pipeline_seq_length(token_grid(latent, config.patch_size)),
+            micro_batch_size=args.micro_batch_size, forward_only=False,
         )
         trainer.optimizer.step()
         losses.append(reported[0]["loss"] if reported else torch.zeros((), device=trainer.device))
@@ -371,13 +348,13 @@ def profile_one(args, layout: Layout, preset: str, frames: int, height: int, wid
         torch.cuda.reset_peak_memory_stats()
     seconds = timed(step, args.iterations, args.warmup)
     peak_memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    step_losses = launch_losses(losses[-args.iterations:], layout.tp * data_parallel)
+    step_losses = launch_losses(losses[-args.iterations:], layout.tp * layout.cp * data_parallel)
     breakdown = kernel_breakdown(step) if args.kernel_breakdown else {}
     samples = args.micro_batch_size * data_parallel  # per step, over the whole launch
     flops = training_flops(config, latent, TEXT_TOKENS) * samples
     tflops = flops / seconds / world / 1e12
-    peak, peak_name = peak_tflops("bf16" if precision == "fp8" else precision, args.peak_tflops)
-    fp8_peak = peak_tflops("fp8", args.peak_tflops)[0] if precision == "fp8" else None
+    peak, peak_name = gpu_peak_tflops("bf16" if precision == "fp8" else precision, args.peak_tflops)
+    fp8_peak = gpu_peak_tflops("fp8", args.peak_tflops)[0] if precision == "fp8" else None
     roofline = kernel_roofline_seconds(config, tokens, args.micro_batch_size, trainer.dtype, trainer.device,
                                        max(3, args.iterations))
     row = {
@@ -471,7 +448,7 @@ def compare_with_plain(args, row: dict, case: PlainCase, measured: dict) -> dict
     if "plain_error" in plain:
         return columns
     tflops = row["flops_per_step"] / plain["plain_step_s"] / 1e12
-    peak, _ = peak_tflops("bf16" if row["precision"] == "fp8" else row["precision"], args.peak_tflops)
+    peak, _ = gpu_peak_tflops("bf16" if row["precision"] == "fp8" else row["precision"], args.peak_tflops)
     return {**columns, "plain_tflops_per_gpu": tflops, "plain_mfu": tflops / peak if peak else None,
             "speedup_vs_plain": plain["plain_step_s"] / row["step_s"]}
 

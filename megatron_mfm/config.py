@@ -12,8 +12,9 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 import yaml
 
 from megatron_mfm.data.shards.catalog import INDEX
@@ -22,9 +23,11 @@ from megatron_mfm.data.shards.stages import StageConfig
 from megatron_mfm.data.shards.streaming import ShardDataConfig
 from megatron_mfm.data.synthetic import SyntheticConfig
 from megatron_mfm.diffusion.flow_matching import FlowMatchingConfig
-from megatron_mfm.model.config import CONTEXT_PARALLEL_COMM, PRESETS
-from megatron_mfm.model.layer import SELECTIVE_RECOMPUTE_MODULES
+from megatron_mfm.model.presets import CONTEXT_PARALLEL_COMM, PRESETS, SELECTIVE_RECOMPUTE_MODULES
 from megatron_mfm.tasks.mixture import TaskMixtureConfig
+
+if TYPE_CHECKING:
+    from megatron_mfm.model.config import MfMConfig
 
 FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise"}
 """``train.fp8_recipe`` -> megatron's ``Fp8Recipe`` (current scaling is its "tensorwise")."""
@@ -54,6 +57,17 @@ class ModelConfig:
     """Fuse each block's fp32 glue (norms, modulation, QK-norm + RoPE, gated residuals) with
     torch.compile (``model/glue.py``): fewer kernels, and only 16-bit activations kept for
     backward. The first steps of each new clip shape pay the compilation."""
+
+    def recompute_options(self) -> dict:
+        """megatron TransformerConfig fields for full, selective or no activation recompute."""
+        if self.recompute and self.recompute_num_layers:
+            return dict(recompute_granularity="full", recompute_method="block",
+                        recompute_num_layers=self.recompute_num_layers)
+        if self.recompute:
+            return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        if self.recompute_modules:
+            return dict(recompute_granularity="selective", recompute_modules=list(self.recompute_modules))
+        return dict(recompute_granularity=None)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -159,6 +173,17 @@ class TrainConfig:
     max_skipped_steps: int = 10
     """Stop after this many steps skipped for non-finite loss or gradients."""
 
+    def precision_options(self) -> dict:
+        """megatron TransformerConfig fields for fp32, bf16 or bf16 + FP8 GEMMs."""
+        bf16 = self.precision in ("bf16", "fp8")
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        options = dict(bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype)
+        if self.precision == "fp8":
+            # E4M3 forward, E5M2 gradients; delayed scaling over a 1024-step amax history (max)
+            options.update(fp8="hybrid", fp8_recipe=FP8_RECIPES[self.fp8_recipe], fp8_amax_history_len=1024,
+                           fp8_amax_compute_algo="max")
+        return options
+
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.micro_batch_size < 1 or self.global_batch_size < 1:
             raise ConfigError("train.iterations, micro_batch_size and global_batch_size must be >= 1")
@@ -213,7 +238,7 @@ class LoggingConfig:
     sample_shift: float = 3.0
     """Shift of the ``shifted`` schedule (match the training shift of small runs)."""
     peak_tflops: float = 0.0
-    """Per-GPU dense peak for MFU (0: H100 989 on GPU; no MFU on CPU)."""
+    """Per-GPU dense bf16 peak for MFU (0: this GPU's from ``training/flops.py``; no MFU on CPU)."""
 
 
 def _single_stage() -> list[StageConfig]:
@@ -232,8 +257,6 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.source not in ("synthetic", "shards"):
             raise ConfigError(f"data.source={self.source!r}: choose synthetic or shards")
-        if self.source == "shards" and not (Path(self.shards.path) / INDEX).is_file():
-            raise ConfigError(f"data.shards.path={self.shards.path!r}: no {INDEX} there (run data_prep/make_shards.py)")
 
 
 @dataclass
@@ -249,6 +272,35 @@ class RunConfig:
     flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
     encoders: EncoderConfig = field(default_factory=EncoderConfig)
     """Frozen VAE / T5 / depth model: built-in stand-ins or pretrained weights from local folders."""
+
+    def to_model_config(self) -> MfMConfig:
+        """The megatron ``TransformerConfig`` of this run: preset, depth, parallel layout,
+        precision and recompute, in megatron's field names."""
+        from megatron_mfm.model.config import preset_config  # megatron loads here, not when a YAML parses
+
+        depth = {"num_layers": self.model.num_layers} if self.model.num_layers else {}
+        virtual = self.parallel.virtual_pipeline_stages
+        return preset_config(
+            self.model.preset,
+            **depth,
+            virtual_pipeline_model_parallel_size=virtual if virtual > 1 else None,
+            tensor_model_parallel_size=self.parallel.tensor_parallel,
+            pipeline_model_parallel_size=self.parallel.pipeline_parallel,
+            context_parallel_size=self.parallel.context_parallel,
+            cp_comm_type=self.parallel.context_parallel_comm,
+            variable_seq_lengths=self.parallel.pipeline_parallel > 1,  # image and video micro-batches
+            moe_token_dispatcher_type="alltoall",  # no MoE here; megatron's check for variable lengths
+            init_seed=self.train.seed,
+            compile_glue=self.model.compile_glue,
+            sequence_parallel=self.parallel.sequence_parallel,
+            **self.train.precision_options(),
+            **self.model.recompute_options(),
+        )
+
+    def check_files(self) -> None:
+        """Checks that read the disk: the inputs the run names exist."""
+        if self.data.source == "shards" and not (Path(self.data.shards.path) / INDEX).is_file():
+            raise ConfigError(f"data.shards.path={self.data.shards.path!r}: no {INDEX} there (run data_prep/make_shards.py)")
 
     def check_world(self, world_size: int) -> None:
         """Checks that need the number of processes."""

@@ -17,7 +17,7 @@ from PIL import Image
 
 from megatron_mfm.data.shards.buckets import Bucket
 from megatron_mfm.data.shards.catalog import SampleEntry, load_catalog
-from megatron_mfm.data.loader import MicroBatch, collate
+from megatron_mfm.data.batch import MicroBatch, collate
 from megatron_mfm.data.shards.planner import MicroBatchPlanner
 from megatron_mfm.data.shards.stages import StageConfig, StageSchedule
 from megatron_mfm.data.shards.streaming import DecodedMicroBatch, ShardDataConfig, ShardLoader, pack_frames

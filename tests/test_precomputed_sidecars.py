@@ -18,7 +18,7 @@ import torch
 from megatron_mfm.data.shards.buckets import Bucket
 from megatron_mfm.data.shards.catalog import SampleEntry, load_catalog
 from megatron_mfm.encoders.interface import build_encoders
-from megatron_mfm.data.loader import MicroBatch, collate
+from megatron_mfm.data.batch import MicroBatch, collate
 from megatron_mfm.data.shards.precomputed import SETTINGS, SidecarSettings
 from megatron_mfm.data.shards.stages import StageConfig
 from megatron_mfm.data.shards.streaming import ShardDataConfig, ShardLoader

@@ -130,7 +130,7 @@ def test_bad_paths_and_widths_are_named(paths, tmp_path):
 def test_training_step_gives_the_model_estimated_depth(encoders, single_process_world):
     """Real media carry no depth: the step fills the revealed frames' depth channel from the
     depth model before the DiT sees the condition (and nothing else)."""
-    from megatron_mfm.data.loader import collate
+    from megatron_mfm.data.batch import collate
     from megatron_mfm.diffusion.flow_matching import FlowMatchingConfig
     from megatron_mfm.model import MfMDiT, local_layer_spec
     from megatron_mfm.model.config import preset_config
@@ -154,7 +154,7 @@ def test_training_step_gives_the_model_estimated_depth(encoders, single_process_
 def test_posterior_draws_follow_the_sample_not_the_batch(paths):
     """The training step seeds the VAE posterior per sample id: the same clip gets the same
     latents alone or next to another clip (so PP stages and layouts agree), a new id differs."""
-    from megatron_mfm.data.loader import sample_generator
+    from megatron_mfm.data.rng import sample_generator
 
     sampling = build_encoders(tiny_config(paths, sample_posterior=True), TEXT_WIDTH, CPU)
     a, b = smooth_clip(5, 32, 32), smooth_clip(5, 32, 32).flip(-1)

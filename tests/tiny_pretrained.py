@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from megatron_mfm.encoders.interface import EncoderConfig
-from megatron_mfm.model.config import PRESETS
+from megatron_mfm.model.presets import PRESETS
 
 TEXT_WIDTH = PRESETS["tiny"]["text_hidden_size"]
 SENTENCES = [

@@ -9,50 +9,12 @@ would have seen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from megatron_mfm.data.shards.precomputed import Precomputed
+from megatron_mfm.data.batch import MicroBatch, collate
+from megatron_mfm.data.rng import Stream, sample_generator
 from megatron_mfm.data.synthetic import SyntheticVideoDataset
-from megatron_mfm.tasks.builders import TaskSample
 from megatron_mfm.tasks.mixture import TaskMixture
-
-
-@dataclass
-class MicroBatch:
-    pixels: torch.Tensor
-    """(B, 3, F, H, W) target clips in [-1, 1]."""
-    condition: torch.Tensor
-    """(B, 5, F, H, W) task conditions."""
-    prompts: list[str]
-    motion_score: torch.Tensor
-    """(B,)"""
-    tasks: list[str]
-    sample_ids: torch.Tensor
-    """(B,) global sample indices: seed the per-sample noise and timestep."""
-    depth_to_estimate: list[list[int]]
-    """Per sample, the frames whose depth channel the depth model fills in (see TaskSample)."""
-    precomputed: list[Precomputed] | None = None
-    """Per sample, its sidecar latents and text states (data.shards.precomputed), or None."""
-
-
-def collate(samples: list[TaskSample], sample_ids: list[int]) -> MicroBatch:
-    """Stack task samples of one shape into a micro-batch."""
-    return MicroBatch(
-        pixels=torch.stack([s.pixels for s in samples]),
-        condition=torch.stack([s.condition for s in samples]),
-        prompts=[s.prompt for s in samples],
-        motion_score=torch.tensor([s.motion_score for s in samples]),
-        tasks=[s.task for s in samples],
-        sample_ids=torch.tensor(sample_ids),
-        depth_to_estimate=[s.depth_to_estimate for s in samples],
-    )
-
-
-def sample_generator(seed: int, sample_id: int, stream: int) -> torch.Generator:
-    """Independent deterministic generator per (sample, purpose)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + sample_id) * 16 + stream)
 
 
 class SyntheticLoader:
@@ -75,13 +37,13 @@ class SyntheticLoader:
 
     def micro_batch(self, slot: int) -> MicroBatch:
         """The micro-batch of global slot ``slot`` (all images or all videos)."""
-        kind = sample_generator(self.seed, slot, stream=0)
+        kind = sample_generator(self.seed, slot, Stream.MICRO_BATCH_KIND)
         is_image = torch.rand(1, generator=kind).item() < self.dataset.config.image_fraction
         samples = []
         ids = list(range(slot * self.mbs, (slot + 1) * self.mbs))
         for sample_id in ids:
             clip = self.dataset.clip(sample_id, is_image)
-            samples.append(self.mixture.sample(clip, sample_generator(self.seed, sample_id, stream=1)))
+            samples.append(self.mixture.sample(clip, sample_generator(self.seed, sample_id, Stream.TASK)))
         return collate(samples, ids)
 
     def next_global_batch(self) -> list[MicroBatch]:

@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 
 from megatron_mfm.encoders.interface import FrozenEncoders
 from megatron_mfm.diffusion.sampler import euler_sample, sigma_schedule
+from megatron_mfm.model.geometry import latent_shape
 from megatron_mfm.tasks.builders import Clip, TaskSample, build_task_sample
 
 # The official inference script's negative prompt (infer_mfm_pipeline.py --negative_prompt).
@@ -39,17 +38,6 @@ class SamplingConfig:
     seed: int = 0
 
 
-def full_velocity(model: torch.nn.Module, output: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-    """The model's output as the whole velocity (B, C, T, H, W): under context parallelism the
-    head returns this rank's padded token chunk, gathered here from every CP rank."""
-    if parallel_state.get_context_parallel_world_size() == 1:
-        return output
-    chunks = [torch.empty_like(output) for _ in range(parallel_state.get_context_parallel_world_size())]
-    dist.all_gather(chunks, output.contiguous(), group=parallel_state.get_context_parallel_group())
-    tokens = model.token_layout(grid).tokens
-    return model.unpatchify(torch.cat(chunks)[:tokens], grid)
-
-
 @torch.no_grad()
 def generate(model: torch.nn.Module, encoders: FrozenEncoders, sample: TaskSample, config: SamplingConfig,
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -60,10 +48,8 @@ def generate(model: torch.nn.Module, encoders: FrozenEncoders, sample: TaskSampl
     """
     device = next(model.parameters()).device
     frames, height, width = sample.pixels.shape[1:]
-    latent_shape = (16, (frames - 1) // 4 + 1, height // 8, width // 8)
-    patch = model.config.patch_size
-    grid = (latent_shape[1], latent_shape[2] // patch, latent_shape[3] // patch)
-    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(config.seed))[None].to(device)
+    shape = latent_shape(frames, height, width)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(config.seed))[None].to(device)
     text_c, mask_c = encoders.encode_text([sample.prompt], device)
     text_u, mask_u = encoders.encode_text([config.negative_prompt], device)
     condition = encoders.with_estimated_depth(sample.condition.to(device), sample.pixels.to(device),
@@ -74,7 +60,7 @@ def generate(model: torch.nn.Module, encoders: FrozenEncoders, sample: TaskSampl
 
     def velocity(x: torch.Tensor, t: torch.Tensor, conditional: bool) -> torch.Tensor:
         text, mask, cond = (text_c, mask_c, condition) if conditional else (text_u, mask_u, uncond_condition)
-        return full_velocity(model, model(x.to(dtype), t, text.to(dtype), mask, cond, motion), grid)
+        return model(x.to(dtype), t, text.to(dtype), mask, cond, motion)
 
     sigmas = sigma_schedule(config.steps, config.schedule, config.shift)
     latents = euler_sample(velocity, noise, sigmas, config.guidance_scale)

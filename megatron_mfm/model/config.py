@@ -1,6 +1,6 @@
 """The MfM DiT configuration: a megatron ``TransformerConfig`` plus the DiT's own fields.
 
-Presets follow ../shared/docs/mfm-model.md; ``from_official_config`` reads the official
+Presets are in ``presets.py``; ``from_official_config`` reads the official
 ``transformer/config.json`` and refuses settings the official inference model never uses.
 """
 
@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
-gelu_tanh = functools.partial(F.gelu, approximate="tanh")
+from megatron_mfm.model.geometry import LATENT_CHANNELS, PATCH_SIZE
+from megatron_mfm.model.presets import CONTEXT_PARALLEL_COMM, PRESETS
 
-# Context-parallel attention exchanges we implement (megatron's ``cp_comm_type`` values).
-CONTEXT_PARALLEL_COMM = ("a2a", "p2p")
+gelu_tanh = functools.partial(F.gelu, approximate="tanh")
 
 # Channels of the official pixel-space condition adapter (hard-coded in the official model).
 ADAPTER_CHANNELS = (16, 32, 96, 256, 512)
@@ -28,13 +28,13 @@ ADAPTER_CHANNELS = (16, 32, 96, 256, 512)
 class MfMConfig(TransformerConfig):
     """Megatron TransformerConfig extended with what the MfM DiT needs."""
 
-    in_channels: int = 16
+    in_channels: int = LATENT_CHANNELS
     """Latent channels of the CogVideoX VAE."""
 
-    out_channels: int = 16
+    out_channels: int = LATENT_CHANNELS
     """Channels the head predicts (the velocity has as many as the latent)."""
 
-    patch_size: int = 2
+    patch_size: int = PATCH_SIZE
     """Spatial patch size; the temporal patch size is 1 (one latent frame per token row)."""
 
     text_hidden_size: int = 4096
@@ -106,12 +106,6 @@ _COMMON: dict[str, Any] = dict(
     apply_rope_fusion=False,
     persist_layer_norm=False,
 )
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(num_layers=2, hidden_size=128, num_attention_heads=4, text_hidden_size=64),
-    "mfm-2b": dict(num_layers=28, hidden_size=1792, num_attention_heads=28, text_hidden_size=2048),
-    "mfm-8b": dict(num_layers=40, hidden_size=3072, num_attention_heads=48, text_hidden_size=2048),
-}
 
 
 def make_config(**fields: Any) -> MfMConfig:

@@ -28,10 +28,11 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 from megatron.core.utils import make_viewless_tensor
 
 from megatron_mfm.model.config import MfMConfig
+from megatron_mfm.model.geometry import pixel_shape
 from megatron_mfm.model.embeddings import ConditionAdapter, PatchEmbed, TimestepMLP
 from megatron_mfm.model.glue import block_glue
 from megatron_mfm.model.rope import rope_cos_sin
-from megatron_mfm.parallel.context import TokenLayout, pad_rope, scatter_tokens, token_layout
+from megatron_mfm.parallel.context import TokenLayout, gather_tokens, pad_rope, scatter_tokens, token_layout
 
 
 class MfMDiT(MegatronModule):
@@ -94,7 +95,7 @@ class MfMDiT(MegatronModule):
         x = self.patch_embed(latents)  # (B, D, T, h, w)
         if condition is None:  # text-to-image/video: the official pipeline feeds zeros
             b, _, t, h, w = latents.shape
-            condition = latents.new_zeros(b, self.config.condition_channels, 4 * (t - 1) + 1, 8 * h, 8 * w)
+            condition = latents.new_zeros(b, self.config.condition_channels, *pixel_shape((t, h, w)))
         features = self.cond_adapter(condition)
         if features.shape != x.shape:
             raise ValueError(
@@ -167,17 +168,14 @@ class MfMDiT(MegatronModule):
         return token_layout(grid[0] * grid[1] * grid[2], sp, FP8_ROW_MULTIPLE if self.config.fp8 else 1)
 
     def head(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int, int], layout: TokenLayout) -> torch.Tensor:
-        """adaLN output head. Without CP: unpatchified velocity (B, C, T, H, W). With CP: this
-        rank's patch tokens (S_pad/cp, B, p*p*C), the layout of ``patchify`` (the loss is
-        computed on them; padding rows are excluded there)."""
+        """adaLN output head: the velocity (B, C, T, H, W), whole on every CP rank (the head's
+        small output is gathered, so losses and samplers never see the token split)."""
         if self.config.sequence_parallel:
             x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
         shift, scale = self.head_modulation(F.silu(c)).float().chunk(2, dim=-1)
         x = block_glue(self.config.compile_glue).layer_norm_modulate(x, shift[None], scale[None])
         x = self.head_proj(x)  # (S_pad/cp, B, p*p*C)
-        if layout.cp_size > 1:
-            return x
-        return self.unpatchify(x[: layout.tokens], grid)
+        return self.unpatchify(gather_tokens(x, layout), grid)
 
     def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """(T*h*w, B, p*p*C) head tokens -> (B, C, T, h*p, w*p); the inverse of ``patchify``."""
@@ -189,6 +187,13 @@ class MfMDiT(MegatronModule):
         """(B, C, T, H, W) -> (T*H/p*W/p, B, p*p*C), the token layout of the head's output."""
         p = self.config.patch_size
         return rearrange(latents, "b c t (h p) (w q) -> (t h w) b (p q c)", p=p, q=p)
+
+    def pipeline_seq_length(self, grid: tuple[int, int, int]) -> int:
+        """megatron's ``seq_length`` for a clip of this token grid: its schedules divide it by CP
+        (and by TP under SP) into the rows a pipeline stage sends, this rank's tokens plus c's."""
+        layout = self.token_layout(grid)
+        sp = parallel_state.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
+        return layout.padded + layout.cp_size * sp
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Layers are keyed by their global index so checkpoints reshard across PP layouts."""

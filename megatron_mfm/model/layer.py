@@ -27,9 +27,6 @@ from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.glue import block_glue
 from megatron_mfm.model.norms import RMSNorm
 
-SELECTIVE_RECOMPUTE_MODULES = ("layernorm", "mlp")
-
-
 @dataclass
 class MLPSubmodules:
     linear_fc1: ModuleSpec | type

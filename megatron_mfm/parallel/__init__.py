@@ -1,1 +1,3 @@
-"""Process groups, the CPU compatibility layer and (later) context-parallel splitting."""
+"""Parallel placement, apart from the model math: process groups, autograd collectives,
+context parallelism (token layout, all-to-all and ring attention, the head's gather) and the CPU
+compatibility layer for megatron-core."""

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import all_to_all_hp2sp, all_to_all_sp2hp
@@ -76,6 +77,30 @@ def scatter_tokens(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     DP x CP, gradients must be per-rank shares, as everywhere after the split.
     """
     return layout.pad(x)[layout.local]
+
+
+class _GatherTokens(torch.autograd.Function):
+    """Every CP rank's padded chunk -> the whole padded sequence on every rank; backward keeps
+    this rank's rows of the gradient. Each rank computes the same loss on the whole sequence, so
+    the gradient it keeps is exactly its tokens' share, as after ``scatter_tokens``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        ctx.local = layout.local
+        chunks = [torch.empty_like(x) for _ in range(layout.cp_size)]
+        dist.all_gather(chunks, x.contiguous(), group=parallel_state.get_context_parallel_group())
+        return torch.cat(chunks)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad[ctx.local].contiguous(), None
+
+
+def gather_tokens(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """(S_pad/cp, ...) this rank's chunk -> (S, ...) the clip's real tokens, on every CP rank."""
+    if layout.cp_size > 1:
+        x = _GatherTokens.apply(x, layout)
+    return x[: layout.tokens]
 
 
 def sequence_to_heads(x: torch.Tensor) -> torch.Tensor:

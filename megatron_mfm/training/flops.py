@@ -8,7 +8,32 @@ not counted (model FLOPs, as MFU is defined).
 
 from __future__ import annotations
 
+import torch
+
 from megatron_mfm.model.config import ADAPTER_CHANNELS, MfMConfig
+from megatron_mfm.model.geometry import pixel_shape
+
+PEAK_TFLOPS = {
+    "H100": {"bf16": 989.0, "fp8": 1979.0},
+    "H200": {"bf16": 989.0, "fp8": 1979.0},
+    "B200": {"bf16": 2250.0, "fp8": 4500.0},
+    "A100": {"bf16": 312.0},
+}
+"""Dense tensor-core peaks (TFLOP/s) by GPU name and precision, from the vendors' data sheets."""
+
+
+def gpu_peak_tflops(precision: str = "bf16", override: float = 0.0) -> tuple[float | None, str]:
+    """(this GPU's dense peak for MFU, what it is); (None, why) on the CPU or an unknown GPU.
+    MFU is quoted against the bf16 peak, FP8 runs included."""
+    if override:
+        return override, f"peak_tflops {override:g} (given)"
+    if not torch.cuda.is_available():
+        return None, "cpu: no MFU"
+    name = torch.cuda.get_device_name()
+    for gpu, peaks in PEAK_TFLOPS.items():
+        if gpu in name and precision in peaks:
+            return peaks[precision], f"{name} {precision} dense {peaks[precision]:g} TFLOP/s"
+    return None, f"{name}: peak unknown, set the peak TFLOP/s by hand"
 
 
 def layer_forward_flops(config: MfMConfig, tokens: int, text_tokens: int) -> int:
@@ -47,7 +72,7 @@ def forward_flops(config: MfMConfig, latent_shape: tuple[int, int, int], text_to
     embed = 2 * tokens * config.in_channels * p * p * d
     timestep = 2 * (256 * d + d * d) * (2 if config.use_motion_score else 1)
     head = 2 * d * 2 * d + 2 * tokens * d * p * p * config.out_channels
-    adapter = adapter_forward_flops(config, 4 * (t - 1) + 1, 8 * h, 8 * w)
+    adapter = adapter_forward_flops(config, *pixel_shape((t, h, w)))
     return embed + timestep + adapter + config.num_layers * layer_forward_flops(config, tokens, text_tokens) + head
 
 

@@ -23,26 +23,26 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch.utils._triton import has_triton
 
-from megatron_mfm.config import FP8_RECIPES, ConfigError, ModelConfig, RunConfig, TrainConfig, config_to_dict
+from megatron_mfm.config import ConfigError, RunConfig, config_to_dict
 from megatron_mfm.encoders.interface import FrozenEncoders, build_encoders
 from megatron_mfm.data.loader import SyntheticLoader
 from megatron_mfm.data.shards.streaming import ShardLoader
 from megatron_mfm.data.synthetic import SyntheticVideoDataset
 from megatron_mfm.diffusion.generation import SamplingConfig, generate, task_sample_for
-from megatron_mfm.model.config import MfMConfig, preset_config
+from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.dit import ModelChunks, build_model_chunks
+from megatron_mfm.model.geometry import clip_tokens, latent_shape, token_grid
 from megatron_mfm.model.specs import default_layer_spec, transformer_engine_available
 from megatron_mfm.parallel.initialize import initialize_parallel
 from megatron_mfm.tasks.builders import TASKS
 from megatron_mfm.tasks.mixture import TaskMixture
 from megatron_mfm.checkpoint.training_state import Checkpointer, TrainingState
 from megatron_mfm.training.ema import EMA
-from megatron_mfm.training.flops import training_flops
+from megatron_mfm.training.flops import gpu_peak_tflops, training_flops
 from megatron_mfm.training.logger import MetricsLogger
 from megatron_mfm.training.step import make_forward_step
 from megatron_mfm.utils.media import contact_sheet, write_mp4, write_png
 
-H100_BF16_PEAK_TFLOPS = 989.0
 
 
 class TooManySkippedSteps(RuntimeError):
@@ -70,50 +70,6 @@ class Trainer:
     dtype: torch.dtype
 
 
-def recompute_options(model: ModelConfig) -> dict:
-    """megatron TransformerConfig fields for full, selective or no activation recompute."""
-    if model.recompute and model.recompute_num_layers:
-        return dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=model.recompute_num_layers)
-    if model.recompute:
-        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    if model.recompute_modules:
-        return dict(recompute_granularity="selective", recompute_modules=list(model.recompute_modules))
-    return dict(recompute_granularity=None)
-
-
-def precision_options(train: TrainConfig) -> dict:
-    """megatron TransformerConfig fields for fp32, bf16 or bf16 + FP8 GEMMs."""
-    bf16 = train.precision in ("bf16", "fp8")
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    options = dict(bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype)
-    if train.precision == "fp8":
-        # E4M3 forward, E5M2 gradients; delayed scaling over a 1024-step amax history (max)
-        options.update(fp8="hybrid", fp8_recipe=FP8_RECIPES[train.fp8_recipe], fp8_amax_history_len=1024,
-                       fp8_amax_compute_algo="max")
-    return options
-
-
-def model_config_for(config: RunConfig) -> MfMConfig:
-    depth = {"num_layers": config.model.num_layers} if config.model.num_layers else {}
-    virtual = config.parallel.virtual_pipeline_stages
-    return preset_config(
-        config.model.preset,
-        **depth,
-        virtual_pipeline_model_parallel_size=virtual if virtual > 1 else None,
-        tensor_model_parallel_size=config.parallel.tensor_parallel,
-        pipeline_model_parallel_size=config.parallel.pipeline_parallel,
-        context_parallel_size=config.parallel.context_parallel,
-        cp_comm_type=config.parallel.context_parallel_comm,
-        variable_seq_lengths=config.parallel.pipeline_parallel > 1,  # image and video micro-batches
-        moe_token_dispatcher_type="alltoall",  # no MoE here; megatron's check for variable lengths
-        init_seed=config.train.seed,
-        compile_glue=config.model.compile_glue,
-        sequence_parallel=config.parallel.sequence_parallel,
-        **precision_options(config.train),
-        **recompute_options(config.model),
-    )
-
-
 def build_loader(config: RunConfig) -> SyntheticLoader | ShardLoader:
     """This data-parallel rank's loader (ranks of one TP/CP/PP group get the same one)."""
     train, seed = config.train, config.train.seed
@@ -128,6 +84,7 @@ def build_loader(config: RunConfig) -> SyntheticLoader | ShardLoader:
 def setup(config: RunConfig) -> Trainer:
     """Validate, create process groups, build every component, resume if asked."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    config.check_files()
     config.check_world(world_size)
     if config.train.precision == "fp8" and not transformer_engine_available():
         raise ConfigError("train.precision=fp8 needs Transformer Engine on a GPU: pip install 'megatron_mfm[gpu]' "
@@ -135,7 +92,7 @@ def setup(config: RunConfig) -> Trainer:
     if config.model.compile_glue and torch.cuda.is_available() and not has_triton():
         raise ConfigError("model.compile_glue=true needs triton for torch.compile on the GPU (pip install triton, "
                           "the version your torch names), or model.compile_glue=false")
-    model_config = model_config_for(config)
+    model_config = config.to_model_config()
     initialize_parallel(tensor_parallel_size=config.parallel.tensor_parallel,
                         pipeline_parallel_size=config.parallel.pipeline_parallel,
                         context_parallel_size=config.parallel.context_parallel, seed=config.train.seed,
@@ -203,7 +160,7 @@ def _grads_finite(ddp: list[DistributedDataParallel]) -> bool:
 
 def _reduce_task_losses(reports: list[dict], device: torch.device) -> torch.Tensor:
     """(2, tasks) loss sums and counts over micro-batches and data-parallel ranks, known to every
-    pipeline stage (only the last one computes losses)."""
+    pipeline stage (only the last one computes losses; CP and TP ranks hold the same copy)."""
     total = torch.zeros(2, len(TASKS), device=device)
     for report in reports:
         total += report["task_loss"].float()
@@ -211,21 +168,15 @@ def _reduce_task_losses(reports: list[dict], device: torch.device) -> torch.Tens
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-    if parallel_state.get_context_parallel_world_size() > 1:  # each CP rank holds a share of the loss
-        dist.all_reduce(total, group=parallel_state.get_context_parallel_group())
     return total.cpu()
 
 
-def _step_totals(trainer: Trainer, micro_batches: list, latent_frames: list[int]) -> tuple[int, int]:
+def _step_totals(trainer: Trainer, micro_batches: list) -> tuple[int, int]:
     """FLOPs and video tokens of the whole step, summed over data-parallel ranks (token-budget
     micro-batches differ in size between ranks); also sums the ranks' skipped-sample counts."""
-    flops = sum(
-        training_flops(trainer.model_config, (t, mb.pixels.shape[3] // 8, mb.pixels.shape[4] // 8),
-                       trainer.encoders.text.max_length) * len(mb.prompts)
-        for t, mb in zip(latent_frames, micro_batches)
-    )
-    tokens = sum(t * mb.pixels.shape[3] * mb.pixels.shape[4] // 256 * len(mb.prompts)
-                 for t, mb in zip(latent_frames, micro_batches))
+    flops = sum(training_flops(trainer.model_config, latent_shape(*mb.pixels.shape[2:])[1:],
+                               trainer.encoders.text.max_length) * len(mb.prompts) for mb in micro_batches)
+    tokens = sum(clip_tokens(*mb.pixels.shape[2:]) * len(mb.prompts) for mb in micro_batches)
     totals = torch.tensor([flops, tokens, trainer.loader.skipped_samples], dtype=torch.float64, device=trainer.device)
     if parallel_state.get_data_parallel_world_size() > 1:
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
@@ -243,13 +194,8 @@ def train_step(trainer: Trainer) -> tuple[torch.Tensor, float | None, bool, int,
     trainer.optimizer.zero_grad()
     forward_step = make_forward_step(trainer.encoders, config.flow_matching, config.train.seed,
                                      trainer.model_config.patch_size, trainer.dtype, trainer.device)
-    latent_frames = [(mb.pixels.shape[2] - 1) // 4 + 1 for mb in micro_batches]
-    # Rows a pipeline stage sends: this CP rank's padded tokens plus c (megatron divides by TP
-    # under SP itself); with variable_seq_lengths the shapes travel with the tensors anyway.
-    sp = config.parallel.tensor_parallel if config.parallel.sequence_parallel else 1
-    multiple = config.parallel.context_parallel * sp
-    longest = max(t * mb.pixels.shape[3] * mb.pixels.shape[4] // 256 for t, mb in zip(latent_frames, micro_batches))
-    seq = -(-longest // multiple) * multiple // config.parallel.context_parallel + sp
+    seq = max(trainer.model[0].pipeline_seq_length(token_grid(latent_shape(*mb.pixels.shape[2:])[1:]))
+              for mb in micro_batches)  # with variable_seq_lengths the shapes travel with the tensors anyway
     reports = get_forward_backward_func()(
         # every chunk reads each micro-batch: text, timestep and targets are needed on all stages
         forward_step_func=forward_step, data_iterator=[iter(micro_batches) for _ in ddp] if len(ddp) > 1
@@ -257,7 +203,7 @@ def train_step(trainer: Trainer) -> tuple[torch.Tensor, float | None, bool, int,
         num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=config.train.micro_batch_size,
         forward_only=False,
     )
-    flops, tokens = _step_totals(trainer, micro_batches, latent_frames)
+    flops, tokens = _step_totals(trainer, micro_batches)
     task_losses = _reduce_task_losses(reports, trainer.device)
     if not (torch.isfinite(task_losses).all() and _grads_finite(ddp)):
         trainer.state.skipped_steps += 1
@@ -281,7 +227,7 @@ def _metrics(trainer: Trainer, task_losses: torch.Tensor, grad_norm, seconds: fl
     sums, counts = task_losses
     world = dist.get_world_size()
     samples = int(counts.sum().item())
-    peak = config.logging.peak_tflops or (H100_BF16_PEAK_TFLOPS if torch.cuda.is_available() else 0.0)
+    peak, _ = gpu_peak_tflops("bf16", config.logging.peak_tflops)
     tflops_per_gpu = flops / seconds / world / 1e12
     metrics = {
         "consumed samples": trainer.loader.consumed_samples,

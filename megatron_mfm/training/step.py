@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable, Iterator
 
 import torch
-from megatron.core import parallel_state
 
-from megatron_mfm.data.loader import MicroBatch, sample_generator
+from megatron_mfm.data.batch import MicroBatch
+from megatron_mfm.data.rng import Stream, sample_generator
 from megatron_mfm.data.shards.precomputed import Precomputed
 from megatron_mfm.diffusion.flow_matching import FlowMatchingConfig, add_noise, per_sample_mse, sample_sigma
+from megatron_mfm.model.geometry import token_grid
 from megatron_mfm.tasks.builders import TASKS
 from megatron_mfm.encoders.interface import FrozenEncoders
-
-NOISE_STREAM, SIGMA_STREAM, LATENT_STREAM = 2, 3, 4
-
 
 def noise_and_sigma(latents: torch.Tensor, sample_ids: torch.Tensor, seed: int, flow: FlowMatchingConfig,
                     tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample noise and sigma from the sample's own generators (layout-independent)."""
     noise = torch.stack([
-        torch.randn(latents.shape[1:], generator=sample_generator(seed, int(i), NOISE_STREAM)) for i in sample_ids
+        torch.randn(latents.shape[1:], generator=sample_generator(seed, int(i), Stream.NOISE)) for i in sample_ids
     ])
-    sigma = torch.cat([sample_sigma(flow, 1, tokens, sample_generator(seed, int(i), SIGMA_STREAM)) for i in sample_ids])
+    sigma = torch.cat([sample_sigma(flow, 1, tokens, sample_generator(seed, int(i), Stream.SIGMA)) for i in sample_ids])
     return noise.to(latents.device), sigma.to(latents.device)
 
 
@@ -36,29 +35,9 @@ def task_loss_report(per_sample: torch.Tensor, tasks: list[str]) -> torch.Tensor
     return report
 
 
-def context_parallel_mse(tokens: torch.Tensor, target: torch.Tensor, model) -> torch.Tensor:
-    """This CP rank's share of each sample's MSE: squared errors of its real tokens over the
-    element count of the WHOLE sample, so the shares of all CP ranks sum to the MSE. (Megatron
-    multiplies the loss by the CP size and DDP averages over DP x CP: gradients come out right.)"""
-    unwrapped = getattr(model, "module", model)
-    grid = target.shape[2], target.shape[3] // unwrapped.config.patch_size, target.shape[4] // unwrapped.config.patch_size
-    layout = unwrapped.token_layout(grid)
-    local_target = layout.pad(unwrapped.patchify(target))[layout.local]  # (S_pad/cp, B, p*p*C)
-    valid = layout.local_valid_rows(tokens.device)[:, None, None]
-    squared = (tokens.float() - local_target.float()).pow(2) * valid
-    return squared.sum(dim=(0, 2)) / (layout.tokens * tokens.shape[-1])
-
-
-def _loss(target: torch.Tensor, tasks: list[str], model, output: torch.Tensor):
-    if output.dim() == 3:  # context parallel: this rank's patch tokens
-        per_sample = context_parallel_mse(output, target, model)
-        first_cp_rank = parallel_state.get_context_parallel_rank() == 0
-        report = task_loss_report(per_sample, tasks)
-        report[1] *= float(first_cp_rank)  # each sample counted once across CP ranks
-    else:
-        per_sample = per_sample_mse(output, target)
-        report = task_loss_report(per_sample, tasks)
-    return per_sample.mean(), {"task_loss": report}
+def _loss(target: torch.Tensor, tasks: list[str], output: torch.Tensor):
+    per_sample = per_sample_mse(output, target)
+    return per_sample.mean(), {"task_loss": task_loss_report(per_sample, tasks)}
 
 
 def merge_encoded(given: list[tuple[torch.Tensor, ...] | None], encode: Callable[[list[int]], tuple[torch.Tensor, ...]],
@@ -80,7 +59,7 @@ def _latents(encoders: FrozenEncoders, batch: MicroBatch, pixels: torch.Tensor |
 
     def vae(rows: list[int]) -> tuple[torch.Tensor]:
         clips = pixels if len(rows) == len(pixels) else pixels[rows]
-        return (encoders.encode_video(clips, [sample_generator(seed, int(batch.sample_ids[i]), LATENT_STREAM)
+        return (encoders.encode_video(clips, [sample_generator(seed, int(batch.sample_ids[i]), Stream.LATENT)
                                               for i in rows]),)
 
     return merge_encoded([None if p.latents is None else (p.latents,) for p in _precomputed(batch)], vae, device)[0]
@@ -121,13 +100,13 @@ def make_forward_step(encoders: FrozenEncoders, flow: FlowMatchingConfig, seed: 
         latents = _latents(encoders, batch, pixels, seed, device)
         text, text_mask = _text(encoders, batch, device)
         condition = _condition(encoders, batch, pixels if estimate_depth else None, device) if first_stage else None
-        t, h, w = latents.shape[2:]
-        noise, sigma = noise_and_sigma(latents, batch.sample_ids, seed, flow, t * (h // patch_size) * (w // patch_size))
+        tokens = math.prod(token_grid(latents.shape[2:], patch_size))
+        noise, sigma = noise_and_sigma(latents, batch.sample_ids, seed, flow, tokens)
         noisy, target = add_noise(latents, noise, sigma)
         output = model(
             noisy.to(dtype), sigma * 1000.0, text.to(dtype), text_mask,
             None if condition is None else condition.to(dtype), batch.motion_score.to(device),
         )
-        return output, partial(_loss, target, batch.tasks, model)
+        return output, partial(_loss, target, batch.tasks)
 
     return forward_step

@@ -11,10 +11,7 @@ import math
 from dataclasses import dataclass
 
 from megatron_mfm.data.shards.catalog import SampleEntry
-
-PIXELS_PER_TOKEN_SIDE = 16
-"""VAE 8x spatial compression x patch size 2."""
-
+from megatron_mfm.model.geometry import clip_tokens
 
 @dataclass(frozen=True, order=True)
 class Bucket:
@@ -25,8 +22,7 @@ class Bucket:
     @property
     def tokens(self) -> int:
         """DiT tokens of one sample (the VAE compresses time 4x after the first frame)."""
-        latent_frames = (self.frames - 1) // 4 + 1
-        return latent_frames * (self.height // PIXELS_PER_TOKEN_SIDE) * (self.width // PIXELS_PER_TOKEN_SIDE)
+        return clip_tokens(self.frames, self.height, self.width)
 
     @property
     def name(self) -> str:

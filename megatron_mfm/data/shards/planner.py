@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_mfm.data.rng import keyed_generator
 from megatron_mfm.data.shards.buckets import Bucket, assign_bucket, samples_per_micro_batch
 from megatron_mfm.data.shards.catalog import SampleEntry
 from megatron_mfm.data.shards.stages import StageSchedule
@@ -31,13 +32,6 @@ class PlannedMicroBatch:
     """Catalog indices of its samples."""
     sample_ids: list[int]
     """Run-unique ids (seed the sample's task, noise and timestep)."""
-
-
-def _generator(seed: int, *keys: int) -> torch.Generator:
-    value = seed
-    for key in keys:
-        value = value * 1_000_003 + key
-    return torch.Generator().manual_seed(value % (2**63))
 
 
 class MicroBatchPlanner:
@@ -66,12 +60,12 @@ class MicroBatchPlanner:
     def epoch_order(self, epoch: int) -> list[int]:
         """Catalog indices of one epoch: shards permuted, then shuffled within windows."""
         if self._order is None or self._order_epoch != epoch:
-            shard_order = torch.randperm(len(self._shard_ranges), generator=_generator(self.seed, epoch))
+            shard_order = torch.randperm(len(self._shard_ranges), generator=keyed_generator(self.seed, epoch))
             flat = [i for s in shard_order.tolist() for i in range(*self._shard_ranges[s])]
             order = []
             for w, start in enumerate(range(0, len(flat), self.shuffle_window)):
                 window = flat[start:start + self.shuffle_window]
-                perm = torch.randperm(len(window), generator=_generator(self.seed, epoch, w + 1))
+                perm = torch.randperm(len(window), generator=keyed_generator(self.seed, epoch, w + 1))
                 order.extend(window[p] for p in perm.tolist())
             self._order, self._order_epoch = order, epoch
         return self._order

@@ -28,6 +28,7 @@ from megatron_mfm.data.shards.buckets import Bucket
 from megatron_mfm.data.shards.catalog import SampleEntry
 from megatron_mfm.data.decode.pyav import frame_indices
 from megatron_mfm.data.shards.stages import StageConfig
+from megatron_mfm.model.geometry import latent_shape
 
 SETTINGS = "encode-settings.json"
 T = TypeVar("T")
@@ -115,7 +116,7 @@ def _read_member(folder: str, shard: str, name: str) -> bytes:
 
 def _latents(data: bytes, bucket: Bucket) -> torch.Tensor:
     array = np.load(io.BytesIO(data), allow_pickle=False)
-    grid = ((bucket.frames - 1) // 4 + 1, bucket.height // 8, bucket.width // 8)
+    grid = latent_shape(bucket.frames, bucket.height, bucket.width)[1:]
     if array.ndim != 4 or array.shape[1:] != grid or array.dtype.kind != "f":
         raise ValueError(f"latents of shape {array.shape} ({array.dtype}), expected (C, {', '.join(map(str, grid))})")
     return torch.from_numpy(array)

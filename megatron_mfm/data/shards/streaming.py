@@ -31,14 +31,14 @@ from megatron_mfm.data.shards.buckets import Bucket
 from megatron_mfm.data.shards.catalog import SampleEntry, load_catalog, read_sample
 from megatron_mfm.data.decode.dali import DALI_INSTALL, DECODE_BACKENDS, DecodeFn, decode_backend
 from megatron_mfm.data.decode.pyav import MediaError
-from megatron_mfm.data.loader import MicroBatch, collate, sample_generator
+from megatron_mfm.data.batch import MicroBatch, collate
+from megatron_mfm.data.rng import Stream, sample_generator
 from megatron_mfm.data.shards.planner import MicroBatchPlanner
 from megatron_mfm.data.shards.precomputed import SidecarSettings, lookup
 from megatron_mfm.data.shards.stages import StageConfig, StageSchedule
 from megatron_mfm.tasks.builders import IMAGE_TASKS, VIDEO_TASKS, Clip
 from megatron_mfm.tasks.mixture import TaskMixture, TaskMixtureConfig
 
-TASK_STREAM = 1
 log = logging.getLogger(__name__)
 
 
@@ -188,7 +188,7 @@ def decode_micro_batch(job: DecodeJob) -> DecodedMicroBatch:
         return DecodedMicroBatch(None, failures, [])
     mixture = TaskMixture(job.tasks)
     chosen = [clip or good[n % len(good)] for n, clip in enumerate(clips)]
-    samples = [mixture.sample(clip, sample_generator(job.seed, sample_id, TASK_STREAM))
+    samples = [mixture.sample(clip, sample_generator(job.seed, sample_id, Stream.TASK))
                for (_, clip), sample_id in zip(chosen, job.sample_ids)]
     batch, misses = collate(samples, job.sample_ids), []
     if job.sidecars is not None:

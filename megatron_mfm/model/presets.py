@@ -1,0 +1,21 @@
+"""Model presets and the option values the model implements.
+
+Plain data, importable without megatron, so a run configuration validates (and a YAML parses)
+without loading the model code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(num_layers=2, hidden_size=128, num_attention_heads=4, text_hidden_size=64),
+    "mfm-2b": dict(num_layers=28, hidden_size=1792, num_attention_heads=28, text_hidden_size=2048),
+    "mfm-8b": dict(num_layers=40, hidden_size=3072, num_attention_heads=48, text_hidden_size=2048),
+}
+
+CONTEXT_PARALLEL_COMM = ("a2a", "p2p")
+"""Context-parallel attention exchanges we implement (megatron's ``cp_comm_type`` values)."""
+
+SELECTIVE_RECOMPUTE_MODULES = ("layernorm", "mlp")
+"""Parts of a block that selective recompute can drop and recompute in backward."""
