@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# 4 GPUs (H200), after the stage boots (bash ../shared/device/stage.sh te): MfM-8B at 97x720x1280
+# 4 GPUs (H200), with `pip install -e ".[gpu]"`: MfM-8B at 97x720x1280
 # (90k tokens), CP4, distributed optimizer, compiled glue; PHASE=1: bf16 and FP8 with full
 # recompute; PHASE=2: partial recompute (bf16), then the attention kernel benchmark on GPU 0
 # (TE bf16 and FP8 attention at MfM-2B's shape). Logs under $OUT, a summary on stdout.

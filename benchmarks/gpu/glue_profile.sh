@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MfM-2B (97x352x640, 22k tokens) on one GPU: eager against compiled glue (model.compile_glue), then
 # the recompute settings the compiled glue's smaller activations allow, then FP8 on the fastest of
-# them; each phase one device call after the stage boots (bash ../shared/device/stage.sh te):
+# them; each phase one device call with `pip install -e ".[gpu]"`:
 #   PHASE=1 bash benchmarks/gpu/glue_profile.sh   # bf16, full recompute, eager vs compiled, kernel breakdown
 #   PHASE=2 bash benchmarks/gpu/glue_profile.sh   # compiled: first14, first7, none recomputed
 #   PHASE=3 bash benchmarks/gpu/glue_profile.sh   # bf16 and FP8 delayed at phase 2's fastest recompute, vs plain PyTorch

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call after the stage boots (bash ../shared/device/stage.sh te dali), with PyAV's wheel
+# One device call with `pip install -e ".[gpu,dali]"`, with PyAV's wheel
 # carried in .gpu/av and the clips in .gpu/bench_media (written here beforehand), on a machine with
 # >= 2 GPUs: GPU tests (TE spec, FP8) and the MfM-2B profile rows (bf16, FP8 delayed and current,
 # against the plain-PyTorch step; then partial recompute) on GPU 0, while GPU 1 runs the DALI (NVDEC) vs PyAV decode benchmark on the same H.264 720p files.
