@@ -97,6 +97,14 @@ def parse_size(text: str) -> int:
     return size
 
 
+def honour_umask(path: Path) -> None:
+    """Give ``path`` the mode of a newly created file (0666 less the umask): safetensors writes
+    its files 0600, which a serving user other than the exporter cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _shard_name(index: int, count: int) -> str:
     return WEIGHTS_NAME.replace(".safetensors", f"-{index:05d}-of-{count:05d}.safetensors")
 
@@ -116,6 +124,7 @@ def write_shards(folder: Path, tensors: Tensors, max_shard_bytes: int = DEFAULT_
         nonlocal pending, pending_bytes
         part = folder / f".part-{len(parts):05d}.safetensors"
         save_file(pending, str(part), metadata={"format": "pt"})
+        honour_umask(part)
         parts.append(part)
         pending, pending_bytes = {}, 0
 

@@ -25,6 +25,13 @@ def timestep_sinusoid(t: torch.Tensor, channels: int = 256, max_period: float = 
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
+def frames_to_batch(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, H, W) -> (B*F, C, H, W) for per-frame 2D layers, always as a fresh contiguous
+    copy: a reshape would be a view for one frame and a copy otherwise, and torch.export would
+    then pin the traced graph to the example's kind of clip (image or video)."""
+    return x.transpose(1, 2).clone(memory_format=torch.contiguous_format).flatten(0, 1)
+
+
 class TimestepMLP(nn.Module):
     """Linear -> SiLU -> Linear on the 256-channel sinusoid."""
 
@@ -52,7 +59,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         frames = latents.shape[2]
-        x = self.proj(rearrange(latents, "b c t h w -> (b t) c h w"))
+        x = self.proj(frames_to_batch(latents))
         return rearrange(x, "(b t) d h w -> b d t h w", t=frames)
 
 
@@ -77,12 +84,12 @@ class ConditionAdapter(nn.Module):
 
     def forward(self, condition: torch.Tensor) -> torch.Tensor:
         frames = condition.shape[2]
-        x = F.silu(self.conv_in(rearrange(condition, "b c f h w -> (b f) c h w")))
+        x = F.silu(self.conv_in(frames_to_batch(condition)))
         for block in self.blocks:
             if isinstance(block, nn.Conv3d):
                 x = block(rearrange(x, "(b f) c h w -> b c f h w", f=frames))
                 frames = x.shape[2]
-                x = rearrange(x, "b c f h w -> (b f) c h w")
+                x = frames_to_batch(x)
             else:
                 x = block(x)
             x = F.silu(x)
