@@ -10,6 +10,11 @@ RoPE cache, which would pin the frames, height, width and text length to the exa
 plain reference in ``benchmarks/`` is not used: it is the tests' yardstick, and exporting it
 would ship a model other than the one trained and sampled.
 
+Two tracing details keep every size free: sizes of 1 are traced like any other
+(``_any_size_tracing``: one prompt without guidance, one image), and the per-frame layers copy
+their input (``embeddings.frames_to_batch``) instead of reshaping a view, which would pin the
+graph to images or to videos. AOTInductor compiles C++ (or CUDA) for minutes; ONNX takes seconds.
+
 Everything a model needs that a single-process graph cannot hold is refused by name
 (``unsupported_features``): tensor, pipeline, context and sequence parallelism, FP8, the
 torch.compile'd glue and Transformer Engine layers. Rebuild such a model from its checkpoint
@@ -30,6 +35,7 @@ from megatron_mfm.checkpoint.model_state import OfficialTensors, build_from_chec
 from megatron_mfm.export.official_io import DEFAULT_MAX_SHARD_BYTES, write_official
 from megatron_mfm.model.config import MfMConfig, to_official_config
 from megatron_mfm.model.dit import MfMDiT
+from megatron_mfm.model.geometry import pixel_shape
 from megatron_mfm.model.rope import rope_cos_sin
 from megatron_mfm.parallel.context import TokenLayout
 from megatron_mfm.parallel.initialize import initialize_parallel
@@ -127,7 +133,7 @@ def example_inputs(config: MfMConfig, batch: int = 2, frames: int = 2, height: i
         torch.rand(batch, generator=generator).mul(1000).to(device, dtype),
         normal(batch, text_tokens, config.text_hidden_size),
         text_mask.to(device),
-        normal(batch, config.condition_channels, 4 * (frames - 1) + 1, 8 * height, 8 * width),
+        normal(batch, config.condition_channels, *pixel_shape((frames, height, width))),
         torch.rand(batch, generator=generator).mul(10).to(device, dtype),
     )
     return inputs if config.use_motion_score else inputs[:-1]
@@ -140,13 +146,13 @@ def dynamic_shapes(config: MfMConfig) -> tuple[dict[int, object] | None, ...]:
     rows = Dim("patch_rows", min=2, max=MAX_PATCHES_PER_SIDE)
     cols = Dim("patch_cols", min=2, max=MAX_PATCHES_PER_SIDE)
     text = Dim("text_tokens", min=1, max=MAX_TEXT_TOKENS)
-    p = config.patch_size
+    latent_grid = (frames, config.patch_size * rows, config.patch_size * cols)
     shapes = (
-        {0: batch, 2: frames, 3: p * rows, 4: p * cols},
+        {0: batch, **dict(enumerate(latent_grid, start=2))},
         {0: batch},
         {0: batch, 1: text},
         {0: batch, 1: text},
-        {0: batch, 2: 4 * frames - 3, 3: 8 * p * rows, 4: 8 * p * cols},
+        {0: batch, **dict(enumerate(pixel_shape(latent_grid), start=2))},
         {0: batch},
     )
     return shapes if config.use_motion_score else shapes[:-1]

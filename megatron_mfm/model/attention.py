@@ -62,11 +62,12 @@ class SDPACoreAttention(torch.nn.Module):
     ) -> torch.Tensor:
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # (B, heads, S, D)
         mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-        if q.is_cuda:
+        # A traced graph (torch.export) has symbolic shapes to time nothing on: the runtime picks.
+        if q.is_cuda and not torch.compiler.is_compiling():
             backend = fastest_sdpa_backend(tuple(q.shape), tuple(k.shape), q.dtype, q.device, mask is not None)
             with sdpa_kernel(backend):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:  # torch's choice: a timed choice would make CPU runs differ in the last bits
+        else:  # torch's choice: on the CPU a timed choice would make runs differ in the last bits
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return out.permute(2, 0, 1, 3).flatten(2)
 
