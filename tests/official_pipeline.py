@@ -121,6 +121,8 @@ def write_pipeline_folder(root: Path, seed: int = 3) -> dict[str, str]:
 
     root.mkdir(parents=True, exist_ok=True)
     paths = save_tiny_pretrained(root)
+    vae_config = root / "vae" / "config.json"  # tiles of 6x5 latents: the tiled decode covers the frame exactly
+    vae_config.write_text(json.dumps({**json.loads(vae_config.read_text()), "sample_height": 96, "sample_width": 80}))
     config = make_config(**megatron_config_kwargs(text_dim=TEXT_WIDTH))
     write_official(root / "transformer", to_official_config(config), make_reference(seed=seed, text_dim=TEXT_WIDTH).state_dict())
     (root / "scheduler").mkdir()
