@@ -170,6 +170,9 @@ def prepare_inputs(inputs: TaskInputs, prompt: str, geometry: Geometry) -> Prepa
     task = inputs.task
     if not inputs.has_media:
         raise ValueError(f"task {task} needs an input file: pass --image or --video (or set them per line)")
+    if task in ("vexd", "vtrans") and geometry.frames <= CONTEXT_FRAMES:
+        raise ValueError(f"{task} makes more than the {CONTEXT_FRAMES} frames it takes from a video: raise --frames "
+                         f"above {geometry.frames}")
     before, after, indices = [], [], []
     if task in ("i2v", "itrans", "vexd", "vtrans"):
         frames, masks, indices, before, after = _context(task, inputs, geometry.frames)
