@@ -18,7 +18,7 @@ from tools import sample as sample_tool
 
 pytestmark = pytest.mark.skipif(not OFFICIAL_REPO, reason="set MFM_OFFICIAL_REPO to an official MfM checkout")
 
-FRAMES, HEIGHT, WIDTH, STEPS, SEED = 17, 64, 96, 2, 7  # VAE tiles of 48x40 pixels: decoding is tiled
+FRAMES, HEIGHT, WIDTH, STEPS, SEED = 9, 64, 96, 2, 7  # VAE tiles of 48x40 pixels: decoding is tiled
 PROMPT = "a red square moving right"
 
 
