@@ -13,8 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_mfm.tasks.user_inputs import TaskInputs, read_clip, read_image, task_sample_from_inputs
-from megatron_mfm.tasks.builders import transition_frames
+from megatron_mfm.tasks.user_inputs import Geometry, TaskInputs, prepare_inputs
 from megatron_mfm.utils.media import read_video, write_mp4
 from tools import sample as sample_tool
 from mfm_cases import make_reference, megatron_config_kwargs
@@ -68,48 +67,51 @@ def test_context_parallel_sampling_matches_one_process():
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> Path:
-    """An image, a mask whose white box is the hole, and two short videos."""
+    """A landscape image, a mask whose white box is the known region, and two short videos."""
     folder = tmp_path_factory.mktemp("media")
     g = torch.Generator().manual_seed(0)
     Image.fromarray(torch.randint(0, 256, (24, 40, 3), generator=g, dtype=torch.uint8).numpy()).save(folder / "photo.png")
-    hole = np.zeros((24, 40), np.uint8)
-    hole[6:18, 10:30] = 255
-    Image.fromarray(hole).save(folder / "hole.png")
+    known = np.zeros((24, 40), np.uint8)
+    known[6:18, 10:30] = 255
+    Image.fromarray(known).save(folder / "known.png")
     for name, seed in (("a.mp4", 1), ("b.mp4", 2)):
-        frames = torch.rand(3, 7, 32, 48, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        frames = torch.rand(3, 11, 32, 48, generator=torch.Generator().manual_seed(seed)) * 2 - 1
         write_mp4(folder / name, frames)
     return folder
 
 
 def test_files_become_the_task_conditions(media):
-    size = dict(frames=9, height=32, width=48, fps=16.0)
-    image = read_image(str(media / "photo.png"), 32, 48)
+    """Inputs keep their aspect ratio in the canvas (letterboxed), white mask pixels are known,
+    and vtrans puts video A's last and video B's first 8 frames at the ends."""
+    geometry = Geometry(frames=17, height=32, width=48)
+    i2v = prepare_inputs(TaskInputs("i2v", images=[str(media / "photo.png")]), "go", geometry).sample
+    # 40x24 scaled by min(48/40, 32/24) = 1.2 -> 48x29, floored to 48x16, pasted 8 rows down
+    assert i2v.condition[4, 0, 8:24].min() == 1 and i2v.condition[4, 0, :8].max() == 0
+    assert i2v.condition[4, 1:].max() == 0 and i2v.condition[:3, 1:].abs().max() == 0
+    assert i2v.depth_to_estimate == [0] and i2v.motion_score == 5.0 and i2v.prompt == "go"
 
-    i2v = task_sample_from_inputs(TaskInputs("i2v", "go", images=[str(media / "photo.png")]), **size)
-    assert torch.equal(i2v.condition[:3, :1], image) and i2v.condition[:3, 1:].abs().max() == 0
-    assert i2v.condition[4, 0].min() == 1 and i2v.condition[4, 1:].max() == 0
-    assert i2v.prompt == "go #fps: 16. #task: image-to-video" and i2v.motion_score == 5.0
-
-    inpaint = task_sample_from_inputs(
-        TaskInputs("iinp", images=[str(media / "photo.png")], mask=str(media / "hole.png")), **size)
+    inpaint = prepare_inputs(TaskInputs("iinp", images=[str(media / "photo.png")], mask=str(media / "known.png")),
+                             "", geometry).sample
     known = inpaint.condition[4, 0]
-    assert known[0, 0] == 1 and known[16, 24] == 0, "white is the region to generate"
-    assert torch.equal(inpaint.condition[:3], image * known) and inpaint.motion_score == 0.0
-    kept = task_sample_from_inputs(
-        TaskInputs("iinp", images=[str(media / "photo.png")], mask=str(media / "hole.png"), mask_white="keep"), **size)
-    assert torch.equal(kept.condition[4], 1 - known[None])
+    assert known[16, 24] == 1 and known[9, 2] == 0, "white is the known region"
+    assert torch.equal(inpaint.condition[:3], inpaint.pixels * known) and inpaint.motion_score == 0.0
+    flipped = prepare_inputs(TaskInputs("iinp", images=[str(media / "photo.png")], mask=str(media / "known.png"),
+                                        mask_white="generate"), "", geometry).sample
+    assert flipped.condition[4, 0, 16, 24] == 0 and flipped.condition[4, 0, 9, 2] == 1
 
     videos = [str(media / "a.mp4"), str(media / "b.mp4")]
-    vtrans = task_sample_from_inputs(TaskInputs("vtrans", videos=videos), **size)
-    k = transition_frames(9)
-    assert torch.equal(vtrans.condition[:3, :k], read_clip(videos[0], 32, 48)[:, -k:])
-    assert torch.equal(vtrans.condition[:3, -k:], read_clip(videos[1], 32, 48)[:, :k])
-    assert vtrans.condition[4, k:-k].max() == 0
+    vtrans = prepare_inputs(TaskInputs("vtrans", videos=videos), "", geometry)
+    first, second = read_video(videos[0]), read_video(videos[1])
+    signed = lambda frames: torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1  # noqa: E731
+    assert (vtrans.sample.pixels[:, :8] - signed(first[-8:])).abs().max() < 1e-6
+    assert (vtrans.sample.pixels[:, -8:] - signed(second[:8])).abs().max() < 1e-6
+    assert vtrans.sample.condition[4, 8:-8].max() == 0 and vtrans.before.shape[1] == 3 and vtrans.after.shape[1] == 3
+    assert vtrans.assemble(vtrans.sample.pixels).shape[1] == 3 + 17 + 3
 
     with pytest.raises(ValueError, match="takes 2 image"):
         TaskInputs("itrans", images=[str(media / "photo.png")])
-    with pytest.raises(ValueError, match="a.mp4: 7 frames"):
-        task_sample_from_inputs(TaskInputs("vsr", videos=videos[:1]), **size)
+    with pytest.raises(ValueError, match="raise --frames"):
+        prepare_inputs(TaskInputs("vexd", videos=videos[:1]), "", Geometry(frames=5, height=32, width=48))
 
 
 def test_prompt_file_writes_one_output_per_request(media, tmp_path):
@@ -122,20 +124,21 @@ def test_prompt_file_writes_one_output_per_request(media, tmp_path):
     prompts = media / "prompts.jsonl"
     prompts.write_text("\n".join([
         "a plain prompt",
-        json.dumps({"prompt": "fill the hole", "task": "iinp", "image": "photo.png", "mask": "hole.png", "seed": 3}),
+        json.dumps({"prompt": "fill the hole", "task": "iinp", "image": "photo.png", "mask": "known.png", "seed": 3}),
         "",
         json.dumps({"prompt": "extend it", "task": "vexd", "video": "a.mp4"}),
     ]) + "\n")
     result = subprocess.run(
         [sys.executable, str(TOOL), "--official", str(tmp_path / "official"), "--prompt-file", str(prompts),
-         "--tasks", "t2i", "--output", str(tmp_path / "out"), "--steps", "2", "--frames", "5", "--height", "32",
+         "--tasks", "t2i", "--output", str(tmp_path / "out"), "--steps", "2", "--frames", "9", "--height", "32",
          "--width", "48"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["0000_t2i.png", "0001_iinp.png", "0002_vexd.mp4", "contact_sheet.png"]
     assert read_video(tmp_path / "out" / "0001_iinp.png").shape == (1, 32, 48, 3)
-    assert read_video(tmp_path / "out" / "0002_vexd.mp4").shape == (5, 32, 48, 3)
-    assert "fill the hole #fps: 16. #task: image inpainting" in result.stdout
+    # vexd: the video's 3 frames before its last 8, then the 9 generated ones (a 12-frame total loses its first 3)
+    assert read_video(tmp_path / "out" / "0002_vexd.mp4").shape == (9, 32, 48, 3)
+    assert "fill the hole #FPS: 16. #task: image inpainting" in result.stdout
 
 
 def test_bad_inputs_name_the_flag_or_file(media, tmp_path):
@@ -147,3 +150,27 @@ def test_bad_inputs_name_the_flag_or_file(media, tmp_path):
     bad.write_text('{"prompt": "x", "task": "i2v", "image": "missing.png"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1: .*missing.png"):
         tool.requests_of(tool.parse_args([*common, "--prompt-file", str(bad)]))
+
+
+def test_refuses_a_used_output_folder_and_a_wrong_source(tmp_path):
+    """Exit non-zero with one line, before any model is built: an output folder holding files
+    (unless --overwrite), a missing --load, and --load given an official folder."""
+    from megatron_mfm.export.official_io import write_official
+    from megatron_mfm.model.config import make_config, to_official_config
+
+    official = tmp_path / "official"
+    write_official(official, to_official_config(make_config(**megatron_config_kwargs())), make_reference(seed=2).state_dict())
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "t2v.mp4").write_bytes(b"earlier sample")
+    cases = {
+        ("--official", str(official), "--output", str(used)): "already holds files: choose a new folder or pass --overwrite",
+        ("--load", str(tmp_path / "nonexistent"), "--output", str(tmp_path / "o1")): "no such file or folder",
+        ("--load", str(official), "--output", str(tmp_path / "o2")): f"use --official {official}",
+    }
+    for argv, message in cases.items():
+        with pytest.raises(SystemExit) as exit_info:  # SystemExit(str): one line on stderr, exit status 1
+            sample_tool.main(list(argv))
+        assert isinstance(exit_info.value.code, str) and message in exit_info.value.code
+        assert "\n" not in exit_info.value.code
+    assert (used / "t2v.mp4").read_bytes() == b"earlier sample"

@@ -8,13 +8,14 @@ gathered here so every rank holds the whole velocity.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from megatron_mfm.encoders.interface import FrozenEncoders
-from megatron_mfm.diffusion.sampler import euler_sample, sigma_schedule
+from megatron_mfm.diffusion.sampler import FlowMatchScheduler, euler_sample, sigma_schedule
 from megatron_mfm.model.geometry import latent_shape
-from megatron_mfm.tasks.builders import Clip, TaskSample, build_task_sample
+from megatron_mfm.tasks.builders import TASK_NAMES, Clip, TaskSample, build_task_sample
 
 # The official inference script's negative prompt (infer_mfm_pipeline.py --negative_prompt).
 OFFICIAL_NEGATIVE_PROMPT = (
@@ -22,34 +23,83 @@ OFFICIAL_NEGATIVE_PROMPT = (
     "missing fingers, cropped, ugly, blurry, low resolution, low quality, motionless, cartoon, animation, "
     "oil painting, #reverse, #motion: super-fast, #backplay, human distortion, unnatural movement"
 )
+SCHEDULES = ("scheduler", "warp", "official", "shifted")
+
+
+@dataclass(frozen=True)
+class OfficialTaskDefaults:
+    """What the official script (infer_mfm_pipeline.py) uses for a task unless told otherwise."""
+
+    prompt_suffix: str | None = None
+    """Words between the caption and the task tag; None: the ``#FPS: <fps>.`` tag."""
+    negative_prompt: str = OFFICIAL_NEGATIVE_PROMPT
+    guidance_scale: float = 6.0
+    size: tuple[int, int] = (352, 640)
+    """(height, width) of the canvas."""
+
+
+_COLOUR = OfficialTaskDefaults("natural, vibrant", "over-saturated, grayscale, b&w, color bleeding, plain", 7.0)
+_SUPER_RESOLUTION = OfficialTaskDefaults(
+    "clean, extremely detailed, high-resolution, 4k",
+    "blurry, dotted, noise, jpeg compression, raster lines, unclear, lowres, over-smoothed")
+OFFICIAL_TASK_DEFAULTS = {
+    **{task: OfficialTaskDefaults() for task in TASK_NAMES},
+    "t2i": OfficialTaskDefaults(size=(1024, 1024)),
+    "icolor": OfficialTaskDefaults(**{**_COLOUR.__dict__, "size": (1024, 1024)}),
+    "vcolor": _COLOUR,
+    "isr": OfficialTaskDefaults(**{**_SUPER_RESOLUTION.__dict__, "size": (1280, 1280)}),
+    "vsr": _SUPER_RESOLUTION,
+}
+
+
+def official_prompt(caption: str, task: str, fps: float = 16.0) -> str:
+    """The text the official script encodes: caption, the task's suffix, the task tag."""
+    suffix = OFFICIAL_TASK_DEFAULTS[task].prompt_suffix
+    return f"{caption} {f'#FPS: {round(fps)}.' if suffix is None else suffix} #task: {TASK_NAMES[task]}"
 
 
 @dataclass
 class SamplingConfig:
     steps: int = 30
-    """Euler steps (the official scripts/inference.sh uses 30)."""
+    """Euler steps (the official scripts/inference.sh uses 30, infer_mfm_pipeline.py 25)."""
     guidance_scale: float = 9.0
-    """Classifier-free guidance (the official scripts/inference.sh uses 9)."""
+    """Classifier-free guidance, used when > 1 (scripts/inference.sh: 9, infer_mfm_pipeline.py: 6)."""
     schedule: str = "official"
-    """official (MfM time warp) or shifted."""
+    """scheduler (the official default: a pipeline's flow-matching scheduler), warp (its
+    --use_t_schedule: the MfM time warp, then the scheduler's shift), official (the warp alone) or
+    shifted (linear sigmas with the shift)."""
     shift: float = 3.0
-    """Shift of the ``shifted`` schedule."""
+    """Shift of the scheduler, warp and shifted schedules."""
     negative_prompt: str = ""
     seed: int = 0
+    """Noise seed when ``generate`` gets no generator."""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown sigma schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+    def sigmas_and_timesteps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.schedule in ("scheduler", "warp"):
+            return FlowMatchScheduler(self.shift).schedule(self.steps, warp=self.schedule == "warp")
+        sigmas = sigma_schedule(self.steps, self.schedule, self.shift)
+        return sigmas, sigmas[:-1] * 1000.0
 
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, encoders: FrozenEncoders, sample: TaskSample, config: SamplingConfig,
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+             dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None,
+             progress: Callable[[], None] | None = None) -> torch.Tensor:
     """Sample a clip (3, F, H, W) in [-1, 1] for one task sample (its condition and prompt).
 
-    The unconditional branch gets the negative prompt and the same condition with zero depth,
-    as the official pipeline does.
+    The noise is drawn in ``dtype`` on the model's device from ``generator`` (default: one seeded
+    with ``config.seed`` there), as the official pipeline draws it. The unconditional branch gets
+    the negative prompt and the same condition with zero depth, as the official pipeline does.
+    ``progress`` is called after every step.
     """
     device = next(model.parameters()).device
     frames, height, width = sample.pixels.shape[1:]
-    shape = latent_shape(frames, height, width)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(config.seed))[None].to(device)
+    generator = generator or torch.Generator(device).manual_seed(config.seed)
+    noise = torch.randn((1, *latent_shape(frames, height, width)), generator=generator, device=device, dtype=dtype)
     text_c, mask_c = encoders.encode_text([sample.prompt], device)
     text_u, mask_u = encoders.encode_text([config.negative_prompt], device)
     condition = encoders.with_estimated_depth(sample.condition.to(device), sample.pixels.to(device),
@@ -62,8 +112,8 @@ def generate(model: torch.nn.Module, encoders: FrozenEncoders, sample: TaskSampl
         text, mask, cond = (text_c, mask_c, condition) if conditional else (text_u, mask_u, uncond_condition)
         return model(x.to(dtype), t, text.to(dtype), mask, cond, motion)
 
-    sigmas = sigma_schedule(config.steps, config.schedule, config.shift)
-    latents = euler_sample(velocity, noise, sigmas, config.guidance_scale)
+    sigmas, timesteps = config.sigmas_and_timesteps()
+    latents = euler_sample(velocity, noise, sigmas, config.guidance_scale, timesteps, progress)
     return encoders.decode_video(latents)[0]
 
 

@@ -1,19 +1,21 @@
 """Depth-Anything-V2 depth of the known frames, as the official MfM pipeline computes it.
 
 The official pipeline (``mfm/pipelines/pipeline_mfm.py``) runs the transformers
-``depth-estimation`` pipeline on each known frame and puts its raw ``predicted_depth`` (relative
-inverse depth: larger is nearer; not normalised) into the condition after a bicubic resize to
-the frame size. The transformers image processor is replaced by the same steps on tensors, so
-frames stay on the GPU: bicubic resize (antialiased, as PIL) to the processor's size keeping the
-aspect ratio and a multiple of the patch size, scale to [0, 1], ImageNet normalisation.
+``depth-estimation`` pipeline on each known frame (a uint8 PIL image) and puts its
+``predicted_depth`` (relative inverse depth: larger is nearer; not normalised; bicubic-resized to
+the frame size) into the condition. The image processor's steps are repeated here on the same
+uint8 pixels: PIL bicubic resize to the processor's size keeping the aspect ratio and a multiple
+of the patch size, scale by 1/255, ImageNet normalisation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 BICUBIC = 3  # PIL's resample code, as stored in preprocessor_config.json
 
@@ -53,13 +55,15 @@ class DepthPreprocessing:
         return _multiple_of(scale_h * height, self.multiple), _multiple_of(scale_w * width, self.multiple)
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) in [-1, 1] -> normalised model input (N, 3, h, w)."""
-        size = self.input_size(*frames.shape[-2:])
-        resized = F.interpolate((frames.float() + 1) / 2, size=size, mode="bicubic", align_corners=False,
-                                antialias=True)
-        mean = torch.tensor(self.mean, device=frames.device)[:, None, None]
-        std = torch.tensor(self.std, device=frames.device)[:, None, None]
-        return (resized - mean) / std
+        """(N, 3, H, W) in [-1, 1] -> normalised model input (N, 3, h, w) on the frames' device."""
+        height, width = self.input_size(*frames.shape[-2:])
+        pixels = ((frames.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        resized = [Image.fromarray(frame.permute(1, 2, 0).cpu().numpy()).resize((width, height), Image.BICUBIC)
+                   for frame in pixels]
+        unit = torch.from_numpy(np.stack([np.asarray(image) for image in resized]).astype(np.float64) * (1 / 255))
+        mean, std = torch.tensor(self.mean), torch.tensor(self.std)
+        normalised = (unit.float().permute(0, 3, 1, 2) - mean[:, None, None]) / std[:, None, None]
+        return normalised.to(frames.device)
 
 
 class DepthAnythingEstimator:

@@ -54,5 +54,6 @@ def load_pretrained_encoders(config: EncoderConfig, text_width: int | None, devi
     vae = load_local(AutoencoderKLCogVideoX.from_pretrained, "vae_path", config.vae_path, torch_dtype=dtype)
     video = CogVideoXCodec(vae.to(device), config.vae_scaling_factor, config.sample_posterior,
                            tiling=config.vae_tiling, slicing=config.vae_slicing)
-    depth = load_depth_estimator(config.depth_path, dtype, device) if config.depth_path else None
+    # float32 whatever ``dtype``: the official pipeline never casts its depth model
+    depth = load_depth_estimator(config.depth_path, torch.float32, device) if config.depth_path else None
     return FrozenEncoders(video=video, text=text, depth=depth)

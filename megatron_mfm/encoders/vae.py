@@ -48,7 +48,8 @@ class CogVideoXCodec:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, 16, T, h, w) scaled latents -> float32 pixels (B, 3, 4(T-1)+1, 8h, 8w) in [-1, 1]."""
+        """(B, 16, T, h, w) scaled latents -> float32 pixels (B, 3, 4(T-1)+1, 8h, 8w) in [-1, 1]
+        (tiled when built with ``tiling``, as the official pipeline always decodes)."""
         weight = self._parameter
-        pixels = self.vae.decode((latents.float() / self.scaling_factor).to(weight.device, weight.dtype)).sample
-        return pixels.float().clamp(-1, 1)
+        unscaled = (1 / self.scaling_factor) * latents.to(weight.device, weight.dtype)  # as the official decode rounds
+        return self.vae.decode(unscaled).sample.float().clamp(-1, 1)

@@ -14,9 +14,9 @@ def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
     return frames.permute(1, 2, 3, 0).cpu().numpy()
 
 
-def write_mp4(path: str | Path, pixels: torch.Tensor, fps: float = 16.0, codec: str = "libx264") -> Path:
-    """Encode a clip (3, F, H, W) in [-1, 1] as mp4 (yuv420p, even sizes); H.264 unless ``codec``
-    names another encoder (``libvpx-vp9`` for decoders that refuse H.264)."""
+def write_mp4(path: str | Path, pixels: torch.Tensor, fps: float = 16.0, codec: str = "libx264", crf: int = 18) -> Path:
+    """Encode a clip (3, F, H, W) in [-1, 1] as mp4 (yuv420p, even sizes, quality ``crf``); H.264
+    unless ``codec`` names another encoder (``libvpx-vp9`` for decoders that refuse H.264)."""
     import av
 
     path = Path(path)
@@ -26,7 +26,7 @@ def write_mp4(path: str | Path, pixels: torch.Tensor, fps: float = 16.0, codec: 
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=round(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": "18"}
+        stream.options = {"crf": str(crf)}
         for frame in frames:
             packet = stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:height, :width]), format="rgb24"))
             container.mux(packet)
