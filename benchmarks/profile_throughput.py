@@ -83,6 +83,7 @@ from megatron_mfm.checkpoint.model_state import OfficialTensors
 from megatron_mfm.model.attention_backends import ATTENTION_BACKENDS
 from megatron_mfm.model.config import MfMConfig, to_official_config
 from megatron_mfm.model.geometry import latent_shape, token_grid
+from megatron_mfm.model.recompute_budget import after_optimizer_step
 from megatron_mfm.parallel.initialize import destroy_parallel
 from benchmarks import official_baseline
 from benchmarks.plain_mfm import ReferenceMfM, sdpa_attention
@@ -355,6 +356,7 @@ def profile_one(args, layout: Layout, preset: str, frames: int, height: int, wid
             micro_batch_size=args.micro_batch_size, forward_only=False,
         )
         trainer.optimizer.step()
+        after_optimizer_step(trainer.model)
         losses.append(reported[0]["loss"] if reported else torch.zeros((), device=trainer.device))
 
     if torch.cuda.is_available():

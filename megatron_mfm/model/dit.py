@@ -66,8 +66,7 @@ class MfMDiT(MegatronModule):
             with _init_stream(config, offset + i + 1):
                 layers.append(build_module(layer_spec, config=config, layer_number=offset + i + 1))
         self.layers = torch.nn.ModuleList(layers)
-        self.auto_recompute = (AutoRecompute(len(layers), next(self.layers[0].parameters()))
-                               if config.recompute_auto and layers else None)
+        self.auto_recompute = AutoRecompute(len(layers)) if config.recompute_auto and layers else None
         if post_process:
             self.head_modulation = torch.nn.Linear(dim, 2 * dim)
             self.head_proj = torch.nn.Linear(dim, patch * patch * config.out_channels)
@@ -155,8 +154,6 @@ class MfMDiT(MegatronModule):
         """The blocks on x; ``args`` = (c, text, text_mask, cos, sin, token_mask)."""
         c, text, mask, cos, sin, token_mask = args
         auto = self.auto_recompute if self.training and torch.is_grad_enabled() else None
-        if auto is not None:
-            auto.decide_if_ready()
         for index, layer in enumerate(self.layers):
             if self.recomputes(index):
                 # Keep only the block inputs; recompute the block in backward. c goes in as an

@@ -2,9 +2,9 @@
 
 Measured, not guessed: on the first training forward block 0 runs without recompute and the
 memory it keeps until backward (its saved activations and output) is read from the allocator;
-every other block is recomputed until the optimizer has stepped once (seen as a change of the
-weights' version counter). On the next training forward, with the optimizer state allocated, the
-model below picks how many of the first blocks to recompute for the rest
+every other block is recomputed until the optimizer has stepped once. After that step (the
+training step calls ``after_optimizer_step``), with the optimizer state allocated, the model below
+picks how many of the first blocks to recompute for the rest
 of the run:
 
     peak(n) = base + (N - n) * kept + n * input + transient,   transient = kept
@@ -55,11 +55,8 @@ class AutoRecompute:
     """The per-model state of ``recompute=auto``: measure (first training forward), decide
     (second), then a fixed number of recomputed blocks."""
 
-    def __init__(self, num_blocks: int, weight: torch.Tensor):
+    def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
-        self.weight = weight
-        """A weight the optimizer updates in place: its version tells that a step happened."""
-        self.measured_at_version: int | None = None
         self.block: BlockMemory | None = None
         self.recomputed: int | None = None
         self.decision: dict = {}
@@ -77,12 +74,11 @@ class AutoRecompute:
         before = torch.cuda.memory_allocated()
         out = run_block(x)
         self.block = BlockMemory(kept=torch.cuda.memory_allocated() - before, input=x.numel() * x.element_size())
-        self.measured_at_version = self.weight._version
         return out
 
-    def decide_if_ready(self) -> None:
-        """Decide once a measured forward has been followed by an optimizer step."""
-        if self.recomputed is None and self.block is not None and self.weight._version != self.measured_at_version:
+    def after_optimizer_step(self) -> None:
+        """Decide, once: the block was measured and the optimizer state now exists."""
+        if self.recomputed is None and self.block is not None:
             self.decide()
 
     def decide(self) -> None:
@@ -93,3 +89,11 @@ class AutoRecompute:
         self.decision = dict(recomputed_blocks=self.recomputed, blocks=self.num_blocks, kept_bytes=self.block.kept,
                              input_bytes=self.block.input, base_bytes=base, budget_bytes=budget,
                              predicted_peak_bytes=predicted_peak(self.num_blocks, self.recomputed, self.block, base))
+
+
+def after_optimizer_step(model_chunks) -> None:
+    """Call after each optimizer step: lets ``recompute=auto`` chunks decide after the first."""
+    for chunk in model_chunks:
+        auto = getattr(chunk, "auto_recompute", None)
+        if auto is not None:
+            auto.after_optimizer_step()

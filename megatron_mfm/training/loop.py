@@ -34,6 +34,7 @@ from megatron_mfm.model.attention_backends import AttentionBackendUnavailable, r
 from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.dit import ModelChunks, build_model_chunks
 from megatron_mfm.model.geometry import clip_tokens, latent_shape, token_grid
+from megatron_mfm.model.recompute_budget import after_optimizer_step
 from megatron_mfm.model.specs import default_layer_spec, transformer_engine_available, uses_transformer_engine
 from megatron_mfm.parallel.initialize import initialize_parallel
 from megatron_mfm.tasks.builders import TASKS
@@ -231,6 +232,7 @@ def train_step(trainer: Trainer) -> tuple[torch.Tensor, float | None, bool, int,
         trainer.scheduler.step(increment=config.train.global_batch_size)
         return task_losses, None, False, flops, tokens
     _, grad_norm, _ = trainer.optimizer.step()
+    after_optimizer_step(trainer.model)
     trainer.scheduler.step(increment=config.train.global_batch_size)
     if trainer.ema is not None:
         trainer.ema.update()
