@@ -111,7 +111,7 @@ def breakdown(args) -> dict:
             output = ddp_model(**next(data_iterator))
             result["live_at_end_of_forward"] = live_memory_by_source() if recording else []
             result["allocated_at_end_of_forward_gib"] = torch.cuda.memory_allocated() / GIB
-            return output, lambda out: velocity_loss(out, target, ddp_model)
+            return output, lambda out: velocity_loss(out, target)
 
         get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch]), model=trainer.ddp,
                                     num_microbatches=1, seq_length=1, micro_batch_size=1, forward_only=False)

@@ -82,7 +82,7 @@ from megatron_mfm.diffusion.flow_matching import per_sample_mse
 from megatron_mfm.checkpoint.model_state import OfficialTensors
 from megatron_mfm.model.attention_backends import ATTENTION_BACKENDS
 from megatron_mfm.model.config import MfMConfig, to_official_config
-from megatron_mfm.model.geometry import latent_shape, token_grid
+from megatron_mfm.model.geometry import clip_tokens, latent_shape, token_grid
 from megatron_mfm.model.recompute_budget import after_optimizer_step
 from megatron_mfm.parallel.initialize import destroy_parallel
 from benchmarks import official_baseline
@@ -336,6 +336,7 @@ def profile_one(args, layout: Layout, preset: str, frames: int, height: int, wid
     batch, target = random_batch(config, frames, height, width, args.micro_batch_size, trainer.device, trainer.dtype,
                                  trainer.config.train.seed)
     latent = latent_shape(frames, height, width)[1:]
+    tokens = clip_tokens(frames, height, width)
     # the plain step checkpoints every block of full and first<N> rows
     full_blocks = recompute == "full" or PARTIAL_RECOMPUTE.fullmatch(recompute) is not None
     wants_case = args.compare_plain or args.compare_official
