@@ -26,12 +26,20 @@ settings and gradient clipping, bf16 weights for bf16 and fp8 rows, each block c
 the row recomputes fully), started from our initial weights on the same inputs. The row gets its
 step time, MFU, memory, losses and ``speedup_vs_plain`` = plain step / our step.
 
+--compare-official PATH (one process) times the official ``Transformer3DModel`` from a checkout of
+github leeruibin/MfM at each row's shape with its best settings (``benchmarks/official_baseline.py``)
+and gives every row ``speedup_vs_official`` and both peak memories: the headline comparison.
+--attention-backend sweeps the core attention (auto, fa4, cudnn, sdpa); --recompute auto picks the
+recomputed blocks from measured memory (the row's ``recompute_decision``).
+
   python benchmarks/profile_throughput.py --presets tiny --frames 9 --height 64 --width 64      # CPU
   torchrun --nproc-per-node 8 benchmarks/profile_throughput.py --presets mfm-2b --frames 97 \
       --height 352 --width 640 --layouts tp1 tp2 tp2cp2 tp4 --recompute none full \
       --precision bf16 fp8 --fp8-recipe delayed current --output runs/profile            # GPU
   python benchmarks/profile_throughput.py --presets mfm-2b --frames 97 --height 352 --width 640 \
       --recompute full --compare-plain --output runs/plain                                 # 1 GPU
+  python benchmarks/profile_throughput.py --presets mfm-2b --frames 97 --height 352 --width 640 \
+      --glue compiled --attention-backend cudnn fa4 --recompute none auto --compare-official ~/src/MfM  # 1 GPU
 """
 
 from __future__ import annotations
@@ -72,9 +80,12 @@ from tqdm import tqdm
 from megatron_mfm.config import FP8_RECIPES, ConfigError, OptimizerConfig, load_config
 from megatron_mfm.diffusion.flow_matching import per_sample_mse
 from megatron_mfm.checkpoint.model_state import OfficialTensors
+from megatron_mfm.model.attention_backends import ATTENTION_BACKENDS
 from megatron_mfm.model.config import MfMConfig, to_official_config
-from megatron_mfm.model.geometry import latent_shape, token_grid
+from megatron_mfm.model.geometry import clip_tokens, latent_shape, token_grid
+from megatron_mfm.model.recompute_budget import after_optimizer_step
 from megatron_mfm.parallel.initialize import destroy_parallel
+from benchmarks import official_baseline
 from benchmarks.plain_mfm import ReferenceMfM, sdpa_attention
 from megatron_mfm.training.flops import gpu_peak_tflops, training_flops
 from megatron_mfm.training.loop import Trainer, setup
@@ -263,6 +274,7 @@ RECOMPUTE = {
     "none": ["model.recompute=false"],
     "full": ["model.recompute=true"],
     "selective": ["model.recompute=false", "model.recompute_modules=[layernorm, mlp]"],
+    "auto": ["model.recompute=auto"],
 }
 PARTIAL_RECOMPUTE = re.compile(r"first(\d+)")
 """``first<N>``: full recompute of the first N blocks of each stage only (model.recompute_num_layers)."""
@@ -304,13 +316,13 @@ class PlainCase:
 
 
 def profile_one(args, layout: Layout, preset: str, frames: int, height: int, width: int, recompute: str,
-                glue: str, precision: str, fp8_recipe: str | None) -> tuple[dict, PlainCase | None]:
+                glue: str, attention: str, precision: str, fp8_recipe: str | None) -> tuple[dict, PlainCase | None]:
     """Our row, and with --compare-plain what the plain step of the row needs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     data_parallel = world // (layout.tp * layout.pp * layout.cp)
     overrides = [
         f"model.preset={preset}", f"model.backend={args.backend}", *recompute_overrides(recompute),
-        f"model.compile_glue={glue == 'compiled'}",
+        f"model.compile_glue={glue == 'compiled'}", f"model.attention_backend={attention}",
         f"parallel.tensor_parallel={layout.tp}", f"parallel.pipeline_parallel={layout.pp}",
         f"parallel.context_parallel={layout.cp}", f"parallel.sequence_parallel={layout.tp > 1}",
         f"train.precision={precision}", *([f"train.fp8_recipe={fp8_recipe}"] if fp8_recipe else []),
@@ -324,8 +336,11 @@ def profile_one(args, layout: Layout, preset: str, frames: int, height: int, wid
     batch, target = random_batch(config, frames, height, width, args.micro_batch_size, trainer.device, trainer.dtype,
                                  trainer.config.train.seed)
     latent = latent_shape(frames, height, width)[1:]
-    full_blocks = "model.recompute=true" in recompute_overrides(recompute)  # the plain step checkpoints every block
-    plain = PlainCase.before_training(trainer, batch, target, full_blocks) if args.compare_plain else None
+    tokens = clip_tokens(frames, height, width)
+    # the plain step checkpoints every block of full and first<N> rows
+    full_blocks = recompute == "full" or PARTIAL_RECOMPUTE.fullmatch(recompute) is not None
+    wants_case = args.compare_plain or args.compare_official
+    plain = PlainCase.before_training(trainer, batch, target, full_blocks) if wants_case else None
 
     def forward_step(data_iterator, model):
         return model(**next(data_iterator)), lambda output: velocity_loss(output, target)
@@ -342,6 +357,7 @@ def profile_one(args, layout: Layout, preset: str, frames: int, height: int, wid
             micro_batch_size=args.micro_batch_size, forward_only=False,
         )
         trainer.optimizer.step()
+        after_optimizer_step(trainer.model)
         losses.append(reported[0]["loss"] if reported else torch.zeros((), device=trainer.device))
 
     if torch.cuda.is_available():
@@ -361,6 +377,8 @@ def profile_one(args, layout: Layout, preset: str, frames: int, height: int, wid
         "layout": layout.name, "tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": data_parallel,
         "preset": preset, "frames": frames, "height": height, "width": width, "tokens": tokens,
         "recompute": recompute, "glue": glue, "precision": precision, "fp8_recipe": fp8_recipe,
+        "attention_backend": attention, "core_attention": core_attention_name(trainer.model[0]),
+        **recompute_decision(trainer.model[0]),
         "backend": args.backend, "micro_batch_size": args.micro_batch_size,
         "step_s": seconds, "tokens_per_s": tokens * samples / seconds,
         "samples_per_s": samples / seconds, "flops_per_step": flops,
@@ -372,6 +390,17 @@ def profile_one(args, layout: Layout, preset: str, frames: int, height: int, wid
         **breakdown,
     }
     return row, plain
+
+
+def core_attention_name(model: torch.nn.Module) -> str | None:
+    """The class behind the first block's self-attention (what ``auto`` resolved to)."""
+    return type(model.layers[0].self_attention.core_attention).__name__ if len(model.layers) else None
+
+
+def recompute_decision(model: torch.nn.Module) -> dict:
+    """``recompute=auto``'s measured block memory, prediction and choice (empty otherwise)."""
+    auto = getattr(model, "auto_recompute", None)
+    return {"recompute_decision": auto.decision} if auto is not None else {}
 
 
 class Checkpointed(torch.nn.Module):
@@ -453,9 +482,10 @@ def compare_with_plain(args, row: dict, case: PlainCase, measured: dict) -> dict
             "speedup_vs_plain": plain["plain_step_s"] / row["step_s"]}
 
 
-TABLE = ("layout", "dp", "preset", "tokens", "recompute", "glue", "precision", "step_s", "tokens_per_s", "samples_per_s",
-         "tflops_per_gpu", "mfu", "peak_memory_gib", "roofline_ratio")
+TABLE = ("layout", "dp", "preset", "tokens", "recompute", "glue", "attention_backend", "precision", "step_s",
+         "tokens_per_s", "samples_per_s", "tflops_per_gpu", "mfu", "peak_memory_gib", "roofline_ratio")
 PLAIN_TABLE = ("plain_step_s", "plain_mfu", "speedup_vs_plain")
+OFFICIAL_TABLE = ("official_step_s", "official_peak_memory_gib", "speedup_vs_official")
 
 
 def cell(row: dict, column: str) -> str:
@@ -475,7 +505,8 @@ def cell(row: dict, column: str) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = TABLE + (PLAIN_TABLE if any("plain_attention" in row for row in rows) else ())
+    header = (TABLE + (PLAIN_TABLE if any("plain_attention" in row for row in rows) else ())
+              + (OFFICIAL_TABLE if any("official_step_s" in row for row in rows) else ()))
     print(" | ".join(f"{h:>14s}" for h in header))
     for row in rows:
         if "error" in row:
@@ -518,6 +549,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--glue", nargs="+", default=["eager"], choices=["eager", "compiled"],
                         help="the blocks' norm/modulation/RoPE/gate glue: eager, or fused by torch.compile "
                              "(model.compile_glue)")
+    parser.add_argument("--attention-backend", nargs="+", default=["auto"], choices=ATTENTION_BACKENDS,
+                        help="core attentions to sweep (model.attention_backend)")
     parser.add_argument("--kernel-breakdown", action="store_true",
                         help="profile one more step per row: kernel time per category and the top kernels")
     parser.add_argument("--set", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
@@ -541,6 +574,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         choices=sorted(SDPA_BACKENDS),
                         help="SDPA backends the plain model may use, in priority order (the text "
                              "cross-attention carries a key mask, which flash does not take: list another after it)")
+    official_baseline.add_arguments(parser)
     parser.add_argument("--output", default="", help="folder for results.json and results.csv")
     args = parser.parse_args(argv)
     if len(args.height) != len(args.width):
@@ -556,6 +590,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.compare_plain and world != 1:
         parser.error(f"--compare-plain runs the plain model in one process; launch without torchrun "
                      f"(world size {world})")
+    if args.compare_official and (world != 1 or not (args.compare_official / "mfm").is_dir()):
+        parser.error(f"--compare-official {args.compare_official}: needs one process (no torchrun) and a checkout of "
+                     "github leeruibin/MfM (its mfm/ package) at that path")
     for layout in args.layouts:
         if world % (layout.tp * layout.pp * layout.cp):
             parser.error(f"--layouts {layout.name}: tp*pp*cp does not divide the world size {world} "
@@ -579,27 +616,34 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     precisions = [(p, recipe) for p in args.precision for recipe in (args.fp8_recipe if p == "fp8" else [None])]
     sweep = list(itertools.product(args.layouts, args.presets, args.frames, list(zip(args.height, args.width)),
-                                   args.recompute, args.glue, precisions))
-    rows, plain_measured = [], {}
+                                   args.recompute, args.glue, args.attention_backend, precisions))
+    rows, plain_measured, official_cases = [], {}, {}
     rank = int(os.environ.get("RANK", "0"))
     try:
-        for layout, preset, frames, (height, width), recompute, glue, (precision, recipe) in tqdm(
+        for layout, preset, frames, (height, width), recompute, glue, attention, (precision, recipe) in tqdm(
                 sweep, desc="configurations", disable=rank != 0):
             what = {"layout": layout.name, "preset": preset, "frames": frames, "height": height, "width": width,
-                    "recompute": recompute, "glue": glue, "precision": precision, "fp8_recipe": recipe}
+                    "recompute": recompute, "glue": glue, "attention_backend": attention, "precision": precision,
+                    "fp8_recipe": recipe}
             plain = None
             try:
-                row, plain = profile_one(args, layout, preset, frames, height, width, recompute, glue, precision,
-                                         recipe)
+                row, plain = profile_one(args, layout, preset, frames, height, width, recompute, glue, attention,
+                                         precision, recipe)
             except torch.OutOfMemoryError:
                 row = {**what, "error": "out of memory"}
             except ConfigError as error:  # e.g. a layout that does not divide this preset's heads
                 row = {**what, "error": str(error)}
             parallel_state.destroy_model_parallel()  # the next configuration builds its own groups
             release_memory()
-            if plain is not None:
+            if plain is not None and args.compare_plain:
                 row.update(compare_with_plain(args, row, plain, plain_measured))
+            if plain is not None and args.compare_official:
+                official_cases.setdefault(official_baseline.official_key(row), plain)
             rows.append(row)
+            if args.output and rank == 0:
+                write_results(rows, Path(args.output))  # partial results survive a later failure
+        if official_cases:
+            official_baseline.compare_rows(args, rows, official_cases, timed, release_memory)
     finally:
         destroy_parallel()
     if rank != 0:

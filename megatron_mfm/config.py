@@ -23,7 +23,7 @@ from megatron_mfm.data.shards.stages import StageConfig
 from megatron_mfm.data.shards.streaming import ShardDataConfig
 from megatron_mfm.data.synthetic import SyntheticConfig
 from megatron_mfm.diffusion.flow_matching import FlowMatchingConfig
-from megatron_mfm.model.presets import CONTEXT_PARALLEL_COMM, PRESETS, SELECTIVE_RECOMPUTE_MODULES
+from megatron_mfm.model.presets import ATTENTION_BACKENDS, CONTEXT_PARALLEL_COMM, PRESETS, SELECTIVE_RECOMPUTE_MODULES
 from megatron_mfm.tasks.mixture import TaskMixtureConfig
 
 if TYPE_CHECKING:
@@ -45,21 +45,30 @@ class ModelConfig:
     """Blocks of the model (0: the preset's); fewer for a reduced-depth run of a large preset."""
     backend: str = "auto"
     """Layer spec: auto (TE on GPU when installed), te or local."""
-    recompute: bool = False
-    """Recompute each block's activations in backward (full activation checkpointing)."""
+    recompute: bool | str = False
+    """Recompute each block's activations in backward (full activation checkpointing); auto:
+    recompute the fewest blocks that fit the GPU's memory, measured on the first steps
+    (``model/recompute_budget.py``; GPU, pipeline_parallel=1)."""
     recompute_num_layers: int = 0
     """With ``recompute``: recompute only the first N blocks of each pipeline stage (megatron's
     "block" method) and keep the others' activations, to spend spare memory on speed; 0: all."""
     recompute_modules: list[str] = field(default_factory=list)
     """Selective recompute instead: any of layernorm (norm/modulation intermediates) and mlp
     (the 4x-wide MLP activations); [] keeps everything unless ``recompute`` is set."""
+    attention_backend: str = "auto"
+    """Core attention (``model/attention_backends``): auto (FlashAttention-4 where it runs, else
+    cuDNN; the CPU keeps torch's SDPA), fa4, cudnn or sdpa (SDPA timed fastest per shape)."""
     compile_glue: bool = False
     """Fuse each block's fp32 glue (norms, modulation, QK-norm + RoPE, gated residuals) with
     torch.compile (``model/glue.py``): fewer kernels, and only 16-bit activations kept for
     backward. The first steps of each new clip shape pay the compilation."""
 
     def recompute_options(self) -> dict:
-        """megatron TransformerConfig fields for full, selective or no activation recompute."""
+        """megatron TransformerConfig fields for full, selective, no or measured (auto) activation
+        recompute; auto starts from every block recomputed."""
+        if self.recompute == "auto":
+            return dict(recompute_granularity="full", recompute_method="block", recompute_auto=True,
+                        recompute_num_layers=self.num_layers or PRESETS[self.preset]["num_layers"])
         if self.recompute and self.recompute_num_layers:
             return dict(recompute_granularity="full", recompute_method="block",
                         recompute_num_layers=self.recompute_num_layers)
@@ -76,12 +85,16 @@ class ModelConfig:
             raise ConfigError(f"model.num_layers={self.num_layers} must be >= 0 (0: the preset's)")
         if self.backend not in ("auto", "te", "local"):
             raise ConfigError(f"model.backend={self.backend!r}: choose auto, te or local")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"model.attention_backend={self.attention_backend!r}: choose one of {ATTENTION_BACKENDS}")
+        if self.recompute not in (True, False, "auto"):
+            raise ConfigError(f"model.recompute={self.recompute!r}: choose true, false or auto")
         unknown = sorted(set(self.recompute_modules) - set(SELECTIVE_RECOMPUTE_MODULES))
         if unknown:
             raise ConfigError(f"model.recompute_modules: unknown {unknown}; choose from {SELECTIVE_RECOMPUTE_MODULES}")
         if self.recompute and self.recompute_modules:
             raise ConfigError("model.recompute_modules: selective recompute needs model.recompute=false (full)")
-        if self.recompute_num_layers < 0 or (self.recompute_num_layers and not self.recompute):
+        if self.recompute_num_layers < 0 or (self.recompute_num_layers and self.recompute is not True):
             raise ConfigError(
                 f"model.recompute_num_layers={self.recompute_num_layers}: needs model.recompute=true and >= 0 (0: all)"
             )
@@ -325,6 +338,9 @@ class RunConfig:
             )
         if self.train.precision == "fp8" and self.model.backend == "local":
             raise ConfigError("train.precision=fp8 needs the Transformer Engine layers: model.backend=te (or auto)")
+        if self.model.recompute == "auto" and pp > 1:
+            raise ConfigError("model.recompute=auto needs parallel.pipeline_parallel=1 (micro-batches in flight are not "
+                              "modelled); set model.recompute_num_layers by hand")
         if (pp > 1 or cp > 1) and self.logging.sample_interval:
             raise ConfigError("logging.sample_interval: validation sampling needs pipeline_parallel=1 and context_parallel=1")
         dp = world_size // (tp * pp * cp)

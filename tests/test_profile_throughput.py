@@ -107,7 +107,7 @@ def test_compiled_glue_rows_and_kernel_breakdown(tmp_path):
     (["--layouts", "tp3x"], "--layouts"),
     (["--layouts", "tp2"], "--layouts tp2pp1cp1: tp*pp*cp does not divide the world size 1"),
     (["--fp8-recipe", "just-in-time"], "--fp8-recipe"),
-    (["--recompute", "half"], "'half': choose none, full, selective or first<N>"),
+    (["--recompute", "half"], "'half': choose none, full, selective, auto or first<N>"),
     (["--compare-plain", "--plain-sdpa-backends", "fastest"], "--plain-sdpa-backends"),
 ], ids=["fp8-on-cpu", "bad-layout", "layout-too-big", "bad-fp8-recipe", "bad-recompute", "bad-sdpa-backend"])
 def test_bad_arguments_name_the_flag(argv, message, capsys, monkeypatch):

@@ -1,8 +1,7 @@
 """Generation for any MfM task: condition from a task builder, guided Euler, decode to pixels.
 
 Under tensor and context parallelism every rank runs the same Euler loop on the full latent:
-the model splits the tokens itself, and under CP its head returns this rank's tokens, which are
-gathered here so every rank holds the whole velocity.
+the model splits the tokens itself and returns the whole velocity on every rank.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Self- and cross-attention of the MfM block, and core attentions (SDPA, Transformer Engine).
+"""Self- and cross-attention of the MfM block (core attentions: ``attention_backends/``).
 
 Tensors are megatron-shaped: tokens (S, B, hidden). Under TP each rank owns a contiguous slice of
 heads; the fused projections are laid out per head ([q_h, k_h, v_h] for ``linear_qkv``,
@@ -8,17 +8,14 @@ heads; the fused projections are laid out per head ([q_h, k_h, v_h] for ``linear
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.glue import BlockGlue, block_glue
@@ -39,133 +36,6 @@ def without_sequence_parallel(config: MfMConfig) -> MfMConfig:
     if not config.sequence_parallel:
         return config
     return dataclasses.replace(config, sequence_parallel=False)
-
-
-class SDPACoreAttention(torch.nn.Module):
-    """Bidirectional attention through ``F.scaled_dot_product_attention`` (no score matrix is
-    materialised by the fused backends). Inputs (S, B, heads, D) -> output (S, B, heads*D). On a
-    GPU each shape runs on the backend timed fastest for it (``fastest_sdpa_backend``)."""
-
-    def __init__(self, config: MfMConfig, cross_attention: bool):
-        super().__init__()
-
-    def runs_ring(self, query: torch.Tensor, key_padding_mask: torch.Tensor | None) -> bool:
-        """SDPA sees only local tokens: ring CP goes through ``ring_attention``."""
-        return False
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # (B, heads, S, D)
-        mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-        # A traced graph (torch.export) has symbolic shapes to time nothing on: the runtime picks.
-        if q.is_cuda and not torch.compiler.is_compiling():
-            backend = fastest_sdpa_backend(tuple(q.shape), tuple(k.shape), q.dtype, q.device, mask is not None)
-            with sdpa_kernel(backend):
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:  # torch's choice: on the CPU a timed choice would make runs differ in the last bits
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return out.permute(2, 0, 1, 3).flatten(2)
-
-
-GPU_SDPA_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
-
-
-@functools.lru_cache(maxsize=64)
-def fastest_sdpa_backend(q_shape: tuple, kv_shape: tuple, dtype: torch.dtype, device: torch.device,
-                         masked: bool) -> SDPBackend:
-    """The SDPA backend that runs these shapes fastest on this GPU, forward + backward, timed once
-    per shape on random inputs (one choice whatever the grad mode, so a recomputed forward
-    repeats the original exactly). torch's own pick varies between runs and versions; at
-    MfM-2B's self-attention on an H100 flash is 1.47x slower than cuDNN."""
-    generator = torch.Generator(device).manual_seed(0)  # leaves the training's random streams alone
-
-    def normal(shape: tuple, requires_grad: bool = False) -> torch.Tensor:
-        return torch.randn(shape, device=device, dtype=dtype, generator=generator).requires_grad_(requires_grad)
-
-    q, k, v = normal(q_shape, True), normal(kv_shape, True), normal(kv_shape, True)
-    mask = torch.ones(kv_shape[0], 1, 1, kv_shape[2], device=device, dtype=torch.bool) if masked else None
-    grad = normal(q_shape)
-
-    def step() -> None:
-        with torch.enable_grad():
-            F.scaled_dot_product_attention(q, k, v, attn_mask=mask).backward(grad)
-
-    timings = {}
-    for backend in GPU_SDPA_BACKENDS:
-        try:
-            with sdpa_kernel(backend):
-                step()  # warm-up, and raises when the backend does not take these inputs
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(3):
-                    step()
-                end.record()
-                torch.cuda.synchronize()
-        except RuntimeError:
-            continue
-        timings[backend] = start.elapsed_time(end)
-    return min(timings, key=timings.get) if timings else SDPBackend.MATH
-
-
-class TECoreAttention(torch.nn.Module):
-    """Transformer Engine's fused attention (cuDNN / flash) in sbhd layout, same interface.
-
-    Under ring CP (``cp_comm_type="p2p"``) self-attention is TE's own ring: it takes this rank's
-    tokens and passes keys and values around the CP group itself, overlapping the exchange with
-    the fused kernels. TE's ring takes no padding mask in sbhd, nor fp32: such clips go through
-    the torch ring (``runs_ring`` is False for them).
-    """
-
-    def __init__(self, config: MfMConfig, cross_attention: bool):
-        super().__init__()
-        import transformer_engine.pytorch as te
-
-        cp_size = parallel_state.get_context_parallel_world_size()
-        # Self-attention runs on heads / CP after the all-to-all; cross-attention, and
-        # self-attention under ring CP, on all local heads.
-        heads_split_over_cp = not cross_attention and config.cp_comm_type == "a2a"
-        self.cross_attention = cross_attention
-        self.ring = not cross_attention and config.cp_comm_type == "p2p" and cp_size > 1
-        ring = {}
-        if self.ring:
-            ring = dict(cp_group=parallel_state.get_context_parallel_group(),
-                        cp_global_ranks=parallel_state.get_context_parallel_global_ranks(),
-                        cp_stream=torch.cuda.Stream(), cp_comm_type="p2p")
-        self.attention = te.DotProductAttention(
-            num_attention_heads=config.num_attention_heads // (cp_size if heads_split_over_cp else 1),
-            kv_channels=config.kv_channels,
-            attention_dropout=0.0,
-            qkv_format="sbhd",
-            attn_mask_type="padding",  # per call: no_mask unless keys are padded
-            attention_type="cross" if cross_attention else "self",
-            tp_size=parallel_state.get_tensor_model_parallel_world_size(),
-            tp_group=parallel_state.get_tensor_model_parallel_group(check_initialized=False),
-            **ring,
-        )
-
-    def runs_ring(self, query: torch.Tensor, key_padding_mask: torch.Tensor | None) -> bool:
-        """TE's ring needs an unpadded clip, an even local length and 16-bit inputs."""
-        return (self.ring and key_padding_mask is None and query.shape[0] % 2 == 0
-                and query.dtype in (torch.bfloat16, torch.float16))
-
-    def forward(self, query, key, value, key_padding_mask=None):
-        if key_padding_mask is None:
-            out = self.attention(query, key, value, attn_mask_type="no_mask")
-        else:
-            # TE masks where True. Cross-attention: every video token queries (padding rows are
-            # dropped by the loss), keys are masked. Self-attention takes one mask for both:
-            # padded tokens (at the end) neither query nor are attended to.
-            key_mask = ~key_padding_mask[:, None, None, :]
-            if self.cross_attention:
-                q_mask = torch.zeros(query.shape[1], 1, 1, query.shape[0], dtype=torch.bool, device=query.device)
-                key_mask = (q_mask, key_mask)
-            out = self.attention(query, key, value, attention_mask=key_mask, attn_mask_type="padding")
-        return out.flatten(2) if out.dim() == 4 else out
 
 
 @dataclass
@@ -251,7 +121,8 @@ class SelfAttention(MegatronModule):
         if self.ring and self.core_attention.runs_ring(q, key_mask):  # TE's fused ring
             out = self.core_attention(q, k, v)
         elif self.ring:  # (S/cp, B, heads*D): keys and values travel around the CP ring
-            out = ring_attention(q, k, v, key_mask, parallel_state.get_context_parallel_group())
+            out = ring_attention(q, k, v, key_mask, parallel_state.get_context_parallel_group(),
+                                 self.core_attention.ring_kernels)
         elif self.all_to_all:
             q, k, v = (sequence_to_heads(t) for t in (q, k, v))  # all tokens, heads/cp
             out = heads_to_sequence(self.core_attention(q, k, v, key_mask), batch=x.shape[1])

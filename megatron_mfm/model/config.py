@@ -62,6 +62,10 @@ class MfMConfig(TransformerConfig):
     """Fuse the block's fp32 glue (norms, modulation, QK-norm + RoPE, gated residuals) with
     ``torch.compile`` (``model/glue.py``): fewer kernels and far less activation memory."""
 
+    recompute_auto: bool = False
+    """Pick the number of recomputed blocks from measured memory (``model/recompute_budget.py``);
+    needs recompute_granularity="full" with the "block" method, which it then overrides."""
+
     cp_comm_type: str = "a2a"
     """Megatron's field, narrowed to the context-parallel attentions we implement: "a2a"
     (all-to-all head exchange) or "p2p" (ring attention, ``parallel/ring_attention.py``)."""

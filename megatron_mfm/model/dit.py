@@ -31,6 +31,7 @@ from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.geometry import pixel_shape
 from megatron_mfm.model.embeddings import ConditionAdapter, PatchEmbed, TimestepMLP
 from megatron_mfm.model.glue import block_glue
+from megatron_mfm.model.recompute_budget import AutoRecompute
 from megatron_mfm.model.rope import rope_cos_sin
 from megatron_mfm.parallel.context import TokenLayout, gather_tokens, pad_rope, scatter_tokens, token_layout
 
@@ -65,6 +66,7 @@ class MfMDiT(MegatronModule):
             with _init_stream(config, offset + i + 1):
                 layers.append(build_module(layer_spec, config=config, layer_number=offset + i + 1))
         self.layers = torch.nn.ModuleList(layers)
+        self.auto_recompute = AutoRecompute(len(layers)) if config.recompute_auto and layers else None
         if post_process:
             self.head_modulation = torch.nn.Linear(dim, 2 * dim)
             self.head_proj = torch.nn.Linear(dim, patch * patch * config.out_channels)
@@ -143,20 +145,32 @@ class MfMDiT(MegatronModule):
         token_mask = layout.key_padding_mask(batch, latents.device)
         text_sbh, mask = pad_text(text, text_mask)
         with fp8_context(self.config):
-            for index, layer in enumerate(self.layers):
-                if self.recomputes(index):
-                    # Keep only the block inputs; recompute the block in backward. c goes in as an
-                    # argument so its gradient is returned, not recomputed through the embedder.
-                    x = checkpoint_layer(self.config, layer, x, c, text_sbh, mask, cos, sin, token_mask)
-                else:
-                    x = layer(x, c, text_sbh, mask, (cos, sin), token_mask)
+            x = self.run_blocks(x, c, text_sbh, mask, cos, sin, token_mask)
         if not self.post_process:
             return make_viewless_tensor(torch.cat([x, c[None]]), requires_grad=True, keep_graph=True)
         return self.head(x, c, grid, layout)
 
+    def run_blocks(self, x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
+        """The blocks on x; ``args`` = (c, text, text_mask, cos, sin, token_mask)."""
+        c, text, mask, cos, sin, token_mask = args
+        auto = self.auto_recompute if self.training and torch.is_grad_enabled() else None
+        for index, layer in enumerate(self.layers):
+            if self.recomputes(index):
+                # Keep only the block inputs; recompute the block in backward. c goes in as an
+                # argument so its gradient is returned, not recomputed through the embedder.
+                x = checkpoint_layer(self.config, layer, x, *args)
+            elif auto is not None and auto.recomputed is None and index == 0:
+                x = auto.measure(lambda tokens: layer(tokens, c, text, mask, (cos, sin), token_mask), x)
+            else:
+                x = layer(x, c, text, mask, (cos, sin), token_mask)
+        return x
+
     def recomputes(self, index: int) -> bool:
         """Whether this chunk's ``index``-th block is recomputed in backward (full recompute of
-        every block, or of the first ``recompute_num_layers`` with the "block" method)."""
+        every block, or of the first ``recompute_num_layers`` with the "block" method, or as
+        ``recompute=auto`` decided)."""
+        if self.auto_recompute is not None:
+            return self.training and torch.is_grad_enabled() and self.auto_recompute.recomputes(index)
         if not self.training or self.config.recompute_granularity != "full":
             return False
         return self.config.recompute_method != "block" or index < self.config.recompute_num_layers

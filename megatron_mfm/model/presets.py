@@ -19,3 +19,6 @@ CONTEXT_PARALLEL_COMM = ("a2a", "p2p")
 
 SELECTIVE_RECOMPUTE_MODULES = ("layernorm", "mlp")
 """Parts of a block that selective recompute can drop and recompute in backward."""
+
+ATTENTION_BACKENDS = ("auto", "fa4", "cudnn", "sdpa")
+"""Core attentions of ``model.attention_backend`` (``model/attention_backends``)."""

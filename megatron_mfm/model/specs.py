@@ -1,8 +1,9 @@
 """Layer specs: which implementation backs each part of the MfM block.
 
-``local_layer_spec`` uses megatron's torch-native parallel linears and SDPA; it runs everywhere
-and is what the CPU tests exercise. ``te_layer_spec`` swaps in Transformer Engine linears and
-fused attention (FP8-capable) and is selected on GPU when TE imports.
+``local_layer_spec`` uses megatron's torch-native parallel linears; it runs everywhere and is what
+the CPU tests exercise. ``te_layer_spec`` swaps in Transformer Engine linears (FP8-capable) and is
+selected on GPU when TE imports. Either takes any core attention of ``attention_backends``
+(default: Transformer Engine's fused attention in the TE spec, timed SDPA in the local one).
 """
 
 from __future__ import annotations
@@ -16,15 +17,14 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron_mfm.model.attention import (
     CrossAttention,
     CrossAttentionSubmodules,
-    SDPACoreAttention,
     SelfAttention,
     SelfAttentionSubmodules,
-    TECoreAttention,
 )
+from megatron_mfm.model.attention_backends import core_attention_spec
 from megatron_mfm.model.layer import MLP, LayerSubmodules, MLPSubmodules, TransformerLayer
 
 
-def _layer_spec(column: type, row: type, core_attention: type) -> ModuleSpec:
+def _layer_spec(column: type, row: type, core_attention: ModuleSpec | type) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=LayerSubmodules(
@@ -47,19 +47,19 @@ def _layer_spec(column: type, row: type, core_attention: type) -> ModuleSpec:
     )
 
 
-def local_layer_spec() -> ModuleSpec:
-    """torch-native megatron layers + SDPA core attention."""
-    return _layer_spec(ColumnParallelLinear, RowParallelLinear, SDPACoreAttention)
+def local_layer_spec(attention_backend: str = "sdpa") -> ModuleSpec:
+    """torch-native megatron layers + the core attention of ``attention_backend`` (concrete)."""
+    return _layer_spec(ColumnParallelLinear, RowParallelLinear, core_attention_spec(attention_backend, False))
 
 
-def te_layer_spec() -> ModuleSpec:
-    """Transformer Engine linears and fused attention."""
+def te_layer_spec(attention_backend: str = "cudnn") -> ModuleSpec:
+    """Transformer Engine linears + the core attention of ``attention_backend`` (concrete)."""
     from megatron.core.extensions.transformer_engine import (
         TEColumnParallelLinear,
         TERowParallelLinear,
     )
 
-    return _layer_spec(TEColumnParallelLinear, TERowParallelLinear, TECoreAttention)
+    return _layer_spec(TEColumnParallelLinear, TERowParallelLinear, core_attention_spec(attention_backend, True))
 
 
 def transformer_engine_available() -> bool:
@@ -67,17 +67,22 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-def default_layer_spec(backend: str = "auto") -> ModuleSpec:
-    """``auto`` picks TE on a GPU with TE installed, the local spec otherwise."""
-    if backend == "local":
-        return local_layer_spec()
-    if backend == "te":
-        if not transformer_engine_available():
-            raise RuntimeError(
-                "backend 'te' needs Transformer Engine on a GPU machine: "
-                "pip install 'megatron_mfm[gpu]' (or use backend 'local')"
-            )
-        return te_layer_spec()
-    if backend != "auto":
+def uses_transformer_engine(backend: str) -> bool:
+    """Whether layer backend ``backend`` (auto, te, local) builds the TE spec here."""
+    if backend not in ("auto", "te", "local"):
         raise ValueError(f"unknown layer backend {backend!r}; choose auto, te or local")
-    return te_layer_spec() if transformer_engine_available() else local_layer_spec()
+    if backend == "te" and not transformer_engine_available():
+        raise RuntimeError(
+            "backend 'te' needs Transformer Engine on a GPU machine: "
+            "pip install 'megatron_mfm[gpu]' (or use backend 'local')"
+        )
+    return backend == "te" or (backend == "auto" and transformer_engine_available())
+
+
+def default_layer_spec(backend: str = "auto", attention_backend: str | None = None) -> ModuleSpec:
+    """``auto`` picks TE on a GPU with TE installed, the local spec otherwise; the attention
+    backend must be concrete (``attention_backends.resolve_attention_backend``); None: the spec's
+    default."""
+    te = uses_transformer_engine(backend)
+    spec = te_layer_spec if te else local_layer_spec
+    return spec() if attention_backend is None else spec(attention_backend)

@@ -13,6 +13,9 @@ backward: memory is O(local chunk), not O(sequence).
 Unlike all-to-all it needs only heads % tp == 0 (heads are not split across CP ranks) and its
 traffic is neighbour-to-neighbour, which suits CP groups that span nodes.
 
+The block kernels are pluggable (``BlockKernels``): torch's aten kernels by default, FA4's with
+``model.attention_backend=fa4`` (``model/attention_backends/fa4.py``).
+
 Padding: the sequence is padded at its end (``TokenLayout``), so instead of masking, each key
 chunk is cut to its real tokens (a chunk of padding only is skipped). The fused kernels then run
 without masks.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -107,6 +111,20 @@ def _attend_backward(dout, q, k, v, out, lse, scale: float) -> tuple[torch.Tenso
     return dq, dk, dv
 
 
+@dataclass(frozen=True)
+class BlockKernels:
+    """The fused kernels the ring runs on each block, all in (B, heads, S, D):
+    ``attend(q, k, v, scale) -> (out, LSE (B, heads, S) fp32)`` and
+    ``attend_backward(dout, q, k, v, out, lse, scale) -> (dq, dk, dv)``, the latter recomputing the
+    block's probabilities from the given (final) out and LSE."""
+
+    attend: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    attend_backward: Callable[..., tuple[torch.Tensor, ...]]
+
+
+ATEN_KERNELS = BlockKernels(attend=_attend, attend_backward=_attend_backward)
+
+
 def _merge(out, lse, block_out, block_lse) -> tuple[torch.Tensor, torch.Tensor]:
     """Online-softmax merge (fp32) of two partial results over disjoint key sets. Rows that have
     seen no real key yet carry LSE -inf; they are kept finite (weight 0), not NaN."""
@@ -149,7 +167,7 @@ class _RingAttention(torch.autograd.Function):
     """Inputs (S/cp, B, heads, D) per rank; output (S/cp, B, heads*D)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, real_keys: list[int], group):
+    def forward(ctx, query, key, value, real_keys: list[int], group, kernels: BlockKernels):
         ring = Ring.of(group)
         scale = 1.0 / math.sqrt(query.shape[-1])
         q, k, v = _heads_first(query, key, value)
@@ -161,14 +179,14 @@ class _RingAttention(torch.autograd.Function):
                 next_kv, requests = ring.pass_on(kv, _KV_TAG)
             real = real_keys[ring.source_of_step(step)]
             if real:  # a chunk of padding only adds nothing
-                block_out, block_lse = _attend(q, kv[0, :, :, :real], kv[1, :, :, :real], scale)
+                block_out, block_lse = kernels.attend(q, kv[0, :, :, :real], kv[1, :, :, :real], scale)
                 out, lse = _merge(out, lse, block_out, block_lse)
             if step + 1 < ring.size:
                 _wait(requests)
                 kv = next_kv
         out = out.to(query.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.real_keys, ctx.group, ctx.scale = real_keys, group, scale
+        ctx.real_keys, ctx.group, ctx.scale, ctx.kernels = real_keys, group, scale, kernels
         return out.permute(2, 0, 1, 3).flatten(2)
 
     @staticmethod
@@ -186,7 +204,8 @@ class _RingAttention(torch.autograd.Function):
             real = ctx.real_keys[ring.source_of_step(step)]
             dkv = torch.zeros_like(kv, dtype=torch.float32)  # this rank's share of the held chunk's dK/dV
             if real:
-                dq_block, dk, dv = _attend_backward(dout, q, kv[0, :, :, :real], kv[1, :, :, :real], out, lse, scale)
+                dq_block, dk, dv = ctx.kernels.attend_backward(dout, q, kv[0, :, :, :real], kv[1, :, :, :real],
+                                                               out, lse, scale)
                 dq += dq_block
                 dkv[0, :, :, :real] = dk
                 dkv[1, :, :, :real] = dv
@@ -203,7 +222,7 @@ class _RingAttention(torch.autograd.Function):
             _wait(dkv_requests)
             dkv = received
         dq, dkey, dvalue = (g.permute(2, 0, 1, 3).to(q.dtype) for g in (dq, dkv[0], dkv[1]))
-        return dq, dkey, dvalue, None, None
+        return dq, dkey, dvalue, None, None, None
 
 
 def ring_attention(
@@ -212,6 +231,7 @@ def ring_attention(
     value: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
     group: dist.ProcessGroup,
+    kernels: BlockKernels | None = None,
 ) -> torch.Tensor:
     """Bidirectional attention of this rank's queries over the keys of every rank in ``group``.
 
@@ -221,9 +241,10 @@ def ring_attention(
         key_padding_mask: (B, S) of the whole sequence, True for real tokens, padding at the end
             (see ``real_keys_per_chunk``); None: no padding.
         group: the CP group forming the ring.
+        kernels: the per-block fused kernels (None: torch's aten kernels).
 
     Returns:
         (S/cp, B, heads*D) in the query dtype.
     """
     real_keys = real_keys_per_chunk(key_padding_mask, dist.get_world_size(group), query.shape[0])
-    return _RingAttention.apply(query, key, value, real_keys, group)
+    return _RingAttention.apply(query, key, value, real_keys, group, kernels or ATEN_KERNELS)

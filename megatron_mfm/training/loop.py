@@ -21,6 +21,7 @@ from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.spec_utils import ModuleSpec
 from torch.utils._triton import has_triton
 
 from megatron_mfm.config import ConfigError, RunConfig, config_to_dict
@@ -29,10 +30,12 @@ from megatron_mfm.data.loader import SyntheticLoader
 from megatron_mfm.data.shards.streaming import ShardLoader
 from megatron_mfm.data.synthetic import SyntheticVideoDataset
 from megatron_mfm.diffusion.generation import SamplingConfig, generate, task_sample_for
+from megatron_mfm.model.attention_backends import AttentionBackendUnavailable, resolve_attention_backend
 from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.dit import ModelChunks, build_model_chunks
 from megatron_mfm.model.geometry import clip_tokens, latent_shape, token_grid
-from megatron_mfm.model.specs import default_layer_spec, transformer_engine_available
+from megatron_mfm.model.recompute_budget import after_optimizer_step
+from megatron_mfm.model.specs import default_layer_spec, transformer_engine_available, uses_transformer_engine
 from megatron_mfm.parallel.initialize import initialize_parallel
 from megatron_mfm.tasks.builders import TASKS
 from megatron_mfm.tasks.mixture import TaskMixture
@@ -70,6 +73,17 @@ class Trainer:
     dtype: torch.dtype
 
 
+def layer_spec_for(config: RunConfig) -> ModuleSpec:
+    """The layer spec of ``model.backend`` with the core attention of ``model.attention_backend``
+    (auto resolved for this machine and precision)."""
+    te = uses_transformer_engine(config.model.backend)
+    try:
+        attention = resolve_attention_backend(config.model.attention_backend, config.train.precision != "fp32", te)
+    except AttentionBackendUnavailable as error:
+        raise ConfigError(f"model.attention_backend={config.model.attention_backend}: {error}") from None
+    return default_layer_spec(config.model.backend, attention)
+
+
 def build_loader(config: RunConfig) -> SyntheticLoader | ShardLoader:
     """This data-parallel rank's loader (ranks of one TP/CP/PP group get the same one)."""
     train, seed = config.train, config.train.seed
@@ -92,13 +106,16 @@ def setup(config: RunConfig) -> Trainer:
     if config.model.compile_glue and torch.cuda.is_available() and not has_triton():
         raise ConfigError("model.compile_glue=true needs triton for torch.compile on the GPU (pip install triton, "
                           "the version your torch names), or model.compile_glue=false")
+    if config.model.recompute == "auto" and not torch.cuda.is_available():
+        raise ConfigError("model.recompute=auto measures GPU memory: it needs a GPU (use true or false on the CPU)")
+    layer_spec = layer_spec_for(config)
     model_config = config.to_model_config()
     initialize_parallel(tensor_parallel_size=config.parallel.tensor_parallel,
                         pipeline_parallel_size=config.parallel.pipeline_parallel,
                         context_parallel_size=config.parallel.context_parallel, seed=config.train.seed,
                         virtual_pipeline_size=model_config.virtual_pipeline_model_parallel_size)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model = build_model_chunks(model_config, default_layer_spec(config.model.backend)).to(device)
+    model = build_model_chunks(model_config, layer_spec).to(device)
     overlap = config.parallel.overlap_grad_reduce
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=config.parallel.distributed_optimizer,
@@ -215,6 +232,7 @@ def train_step(trainer: Trainer) -> tuple[torch.Tensor, float | None, bool, int,
         trainer.scheduler.step(increment=config.train.global_batch_size)
         return task_losses, None, False, flops, tokens
     _, grad_norm, _ = trainer.optimizer.step()
+    after_optimizer_step(trainer.model)
     trainer.scheduler.step(increment=config.train.global_batch_size)
     if trainer.ema is not None:
         trainer.ema.update()

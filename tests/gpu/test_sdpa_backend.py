@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from megatron_mfm.model.attention import GPU_SDPA_BACKENDS, SDPACoreAttention, fastest_sdpa_backend
+from megatron_mfm.model.attention_backends.sdpa import GPU_SDPA_BACKENDS, SDPACoreAttention, fastest_sdpa_backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 

@@ -1,0 +1,102 @@
+"""Core attention through FlashAttention-4 (``flash_attn.cute`` from the ``flash-attn-4`` wheel,
+CuTe DSL kernels JIT-compiled on first use): 1.25x cuDNN at head dim 64 on an H200, forward and
+backward. bshd layout, 16-bit inputs, sm90 / sm100 only.
+
+Padded keys: the kernels take a per-sample count of used keys (``seqused_k``), which covers keys
+padded at the end. Self-attention's padding always is (``TokenLayout``); the text keys' mask may be
+anything, so cross-attention first moves each sample's real keys to the front (attention does not
+depend on key order; RoPE was applied before).
+
+Ring CP: the forward kernel returns the log-sum-exp the ring merge needs (``return_lse``); the
+ring's backward runs each block's backward from the FINAL output and LSE, which the public
+autograd function does not expose, so ``FA4_RING_KERNELS`` call FA4's backward entry
+(``_flash_attn_bwd``) directly.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from megatron_mfm.parallel.ring_attention import BlockKernels
+
+SUPPORTED_MAJOR_CAPABILITIES = (9, 10)
+"""Hopper and Blackwell datacentre GPUs, where FA4 has forward and backward kernels."""
+
+
+@functools.lru_cache(maxsize=1)
+def fa4_unavailable_reason() -> str | None:
+    """Why FA4 cannot run here, or None when it can."""
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    major, minor = torch.cuda.get_device_capability()
+    if major not in SUPPORTED_MAJOR_CAPABILITIES:
+        return f"needs an sm90 or sm100 GPU (this one is sm{major}{minor})"
+    try:
+        import flash_attn.cute  # noqa: F401
+    except Exception as error:  # ImportError, or the CuTe DSL runtime failing to load
+        return f"flash_attn.cute does not import ({type(error).__name__}: {error}); pip install 'megatron_mfm[gpu]'"
+    return None
+
+
+def _interface():
+    from flash_attn.cute import interface
+
+    return interface
+
+
+def real_keys_first(key: torch.Tensor, value: torch.Tensor, key_padding_mask: torch.Tensor):
+    """(B, L, heads, D) keys and values with each sample's real keys moved to the front (stable),
+    and their counts (B,) int32: any key mask as FA4's ``seqused_k``."""
+    order = torch.argsort((~key_padding_mask).to(torch.int8), dim=1, stable=True)
+    index = order[:, :, None, None].expand_as(key)
+    used = key_padding_mask.sum(dim=1, dtype=torch.int32)
+    return key.gather(1, index), value.gather(1, index), used
+
+
+class FA4CoreAttention(torch.nn.Module):
+    """FlashAttention-4; (S, B, heads, D) in, (S, B, heads*D) out. Padded query rows attend to
+    the real keys (their outputs are dropped later), as with SDPA."""
+
+    ring_kernels: BlockKernels
+    """``ring_attention``'s block kernels: FA4's forward with LSE and its backward."""
+
+    def __init__(self, config, cross_attention: bool):
+        super().__init__()
+        self.cross_attention = cross_attention
+        self.ring_kernels = FA4_RING_KERNELS
+
+    def runs_ring(self, query: torch.Tensor, key_padding_mask: torch.Tensor | None) -> bool:
+        """FA4 sees only local tokens: ring CP goes through ``ring_attention`` (with FA4 kernels)."""
+        return False
+
+    def forward(self, query, key, value, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        fa4 = _interface()
+        q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # (B, S, heads, D)
+        if key_padding_mask is None:
+            out, _ = fa4.flash_attn_func(q, k, v)
+        else:
+            if self.cross_attention:
+                k, v, used = real_keys_first(k, v, key_padding_mask)
+            else:  # end-of-sequence padding (TokenLayout)
+                used = key_padding_mask.sum(dim=1, dtype=torch.int32)
+            out, _ = fa4.flash_attn_varlen_func(q, k, v, seqused_k=used)
+        return out.transpose(0, 1).flatten(2)
+
+
+def _attend(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ring block, (B, heads, S, D) -> (out (B, heads, S, D), LSE (B, heads, S) fp32)."""
+    out, lse = _interface().flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), softmax_scale=scale,
+                                            return_lse=True)
+    return out.transpose(1, 2), lse
+
+
+def _attend_backward(dout, q, k, v, out, lse, scale: float) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv) of one ring block, (B, heads, S, D), from the final out and LSE."""
+    grads = _interface()._flash_attn_bwd(*(t.transpose(1, 2) for t in (q, k, v, out, dout)), lse.contiguous(),
+                                         softmax_scale=scale, causal=False)
+    return tuple(g.transpose(1, 2) for g in grads[:3])
+
+
+FA4_RING_KERNELS = BlockKernels(attend=_attend, attend_backward=_attend_backward)
