@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron_mfm.diffusion.flow_matching import per_sample_mse
 from megatron_mfm.model.config import to_official_config
-from tools.check_against_official import load_official_class
+from tools.official_repo import load_official_class
 
 CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 OFFICIAL_MODES = ("bf16", "amp")

@@ -95,9 +95,9 @@ def official_pipeline_class(repo: Path):
     import diffusers  # noqa: F401  (their availability checks run before any stand-in exists)
     import transformers.pipelines  # noqa: F401
 
-    from tools.check_against_official import load_official_class
+    from tools.official_repo import official_module
 
-    load_official_class(repo)
+    official_module(repo, "mfm.modeling.transformer_3d")
     stand_ins = {}
     if importlib.util.find_spec("decord") is None:
         stand_ins["decord"] = _decord_stand_in()

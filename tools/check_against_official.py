@@ -12,7 +12,6 @@ project: pass its path.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -28,19 +27,7 @@ from megatron_mfm.checkpoint.model_state import build_from_checkpoint, global_st
 from megatron_mfm.export.official_io import write_official
 from megatron_mfm.model.config import to_official_config
 from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel
-
-
-def load_official_class(repo: Path):
-    """Import Transformer3DModel from an official checkout (with the torch>=2.10 alias it needs:
-    its version check compares version strings)."""
-    import torch.utils.checkpoint as checkpoint
-
-    if not hasattr(checkpoint, "_pt2_selective_checkpoint_context_fn_gen"):
-        checkpoint._pt2_selective_checkpoint_context_fn_gen = checkpoint.create_selective_checkpoint_contexts
-    sys.path.insert(0, str(repo))
-    from mfm.modeling.transformer_3d import Transformer3DModel
-
-    return Transformer3DModel
+from tools.official_repo import load_official_class
 
 
 def random_inputs(config, frames: int, height: int, width: int, text_len: int = 77, seed: int = 0) -> dict:
