@@ -14,7 +14,7 @@ from megatron_mfm.data.rng import Stream, sample_generator
 from megatron_mfm.tasks.builders import TASKS
 from megatron_mfm.training.loop import setup, train_step
 from megatron_mfm.training.observability import IntervalMeter, ProfileWindow, StepResult, spread
-from megatron_mfm.training.schedule import run_schedule, video_tokens
+from megatron_mfm.training.schedule import batch_tokens, run_schedule
 from megatron_mfm.training.step import make_forward_step
 from megatron_mfm.training.validation import validation_loss
 
@@ -48,7 +48,7 @@ def test_micro_batches_count_by_their_tokens_and_phases_are_profiled(trainer, tm
     mean of their gradients (not the plain mean), and the profiler window records the phases."""
     config = trainer.config
     batches = [trainer.loader.micro_batch(slot) for slot in (0, 1)]
-    tokens = [video_tokens(b) for b in batches]
+    tokens = [batch_tokens(b) for b in batches]
     assert sorted(tokens) == [4, 8]
     step = make_forward_step(trainer.encoders, config.flow_matching, config.train.seed, 2, torch.float32,
                              trainer.device)
