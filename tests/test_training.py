@@ -1,6 +1,6 @@
 """End-to-end training on CPU: the loss falls, resume is exact (also after a crash mid-save and
-after SIGTERM), TP=2 / TP=2+SP / DP=2 (with the distributed optimizer) match one process, and
-bad configs fail naming the field."""
+after SIGTERM), every layout (TP, SP, DP, PP, CP and their pairs) matches one process in its
+losses, held-out validation losses and sampled clips, and bad configs fail naming the field."""
 
 from __future__ import annotations
 
