@@ -94,15 +94,15 @@ def assert_losses_match(got: dict[int, float], expected: dict[int, float], itera
         assert abs(got[i] - expected[i]) <= relative * abs(expected[i]), (i, got[i], expected[i])
 
 
-def assert_samples_match(tmp: Path, expected: Path) -> None:
-    """The clips sampled at iteration 4 agree up to rounding before the 8-bit encode."""
+def assert_samples_match(tmp: Path, expected: Path, iteration: int = 4) -> None:
+    """The clips sampled at ``iteration`` agree up to rounding before the 8-bit encode."""
     from megatron_mfm.utils.media import read_video
 
     for task in ("t2v", "i2v"):
-        name = f"samples/iter_0000004_{task}.mp4"
+        name = f"samples/iter_{iteration:07d}_{task}.mp4"
         got, want = (read_video(run / name).astype(float) for run in (tmp, expected))
         assert abs(got - want).mean() < 0.5, task
-    assert (tmp / "samples" / "iter_0000004_sheet.png").stat().st_size > 0
+    assert (tmp / "samples" / f"iter_{iteration:07d}_sheet.png").stat().st_size > 0
 
 
 def logged_iterations(tmp: Path) -> list[int]:
@@ -229,14 +229,18 @@ def test_four_rank_layouts_match(tmp_path, reference_dir, reference_run, layout)
 
 def test_interleaved_pipeline_matches_one_process_and_resumes_at_plain_pp(tmp_path):
     """PP3 with two virtual stages per rank (6 layers: rank r runs layers r and r + 3), images and
-    videos mixed, against one process; its checkpoint then resumes at plain PP2."""
+    videos mixed, against one process (clips sampled at iteration 3 too); its checkpoint then
+    resumes at plain PP2."""
     depth = ["model.num_layers=6", "train.iterations=5", "train.micro_batch_size=1", "train.global_batch_size=6"]
+    sampled = ["logging.sample_interval=3", "logging.sample_steps=2"]
     reference = tmp_path / "reference"
     reference.mkdir()
-    train(reference, *depth)
+    train(reference, *depth, *sampled, f"logging.sample_dir={reference / 'samples'}")
     ckpt = tmp_path / "ckpt"
     train(tmp_path, *depth, "train.stop_iteration=3", "parallel.pipeline_parallel=3",
-          "parallel.virtual_pipeline_stages=2", f"checkpoint.save={ckpt}", ranks=3)
+          "parallel.virtual_pipeline_stages=2", f"checkpoint.save={ckpt}", *sampled,
+          f"logging.sample_dir={tmp_path / 'samples'}", ranks=3)
+    assert_samples_match(tmp_path, reference, iteration=3)
     train(tmp_path, *depth, "parallel.pipeline_parallel=2", f"checkpoint.load={ckpt}", ranks=2)
     assert logged_iterations(tmp_path) == [1, 2, 3, 4, 5]  # the second run resumed, not restarted
     expected, interleaved = losses(reference), losses(tmp_path)
