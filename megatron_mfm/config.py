@@ -252,6 +252,48 @@ class LoggingConfig:
     """Shift of the ``shifted`` schedule (match the training shift of small runs)."""
     peak_tflops: float = 0.0
     """Per-GPU dense bf16 peak for MFU (0: this GPU's from ``training/flops.py``; no MFU on CPU)."""
+    profile_steps: list[int] = field(default_factory=list)
+    """[first, last]: profile these iterations (torch profiler traces, and CUDA profiler
+    start/stop for ``nsys profile --capture-range=cudaProfilerApi``); [] never profiles."""
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
+    """Global ranks that profile during ``profile_steps``."""
+    profile_dir: str = ""
+    """Where the torch profiler traces go (rank<N>.json; '' : <checkpoint.save or .>/profile)."""
+
+    def __post_init__(self) -> None:
+        if self.interval < 1:
+            raise ConfigError(f"logging.interval={self.interval} must be >= 1")
+        steps = self.profile_steps
+        if steps and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
+            raise ConfigError(f"logging.profile_steps={steps}: expected [first, last] iterations, 1 <= first <= last")
+        if any(rank < 0 for rank in self.profile_ranks):
+            raise ConfigError(f"logging.profile_ranks={self.profile_ranks}: ranks must be >= 0")
+
+
+@dataclass
+class ValidationConfig:
+    """Held-out validation loss: the same samples, noise and sigmas at every evaluation."""
+
+    interval: int = 0
+    """Evaluate every N iterations (0: never)."""
+    num_samples: int = 16
+    """Held-out samples (a multiple of train.micro_batch_size x the data-parallel size)."""
+    sigmas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    """Noise levels every sample is evaluated at (logged as val/loss/sigma_<s>)."""
+    seed: int = 1
+    """Seed of the held-out synthetic scenes, their tasks and noise (must differ from
+    data.synthetic.seed, so no held-out scene is a training scene)."""
+    shards_path: str = ""
+    """Held-out shards (data_prep/make_shards.py output; needed with data.source=shards);
+    read with data.shards' other settings and data.stages' first stage."""
+
+    def __post_init__(self) -> None:
+        if self.interval < 0:
+            raise ConfigError(f"validation.interval={self.interval} must be >= 0 (0: never)")
+        if self.num_samples < 1:
+            raise ConfigError(f"validation.num_samples={self.num_samples} must be >= 1")
+        if not self.sigmas or any(not 0.0 < s <= 1.0 for s in self.sigmas):
+            raise ConfigError(f"validation.sigmas={self.sigmas}: need at least one, each within (0, 1]")
 
 
 def _single_stage() -> list[StageConfig]:
@@ -280,6 +322,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tasks: TaskMixtureConfig = field(default_factory=TaskMixtureConfig)
     flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
@@ -314,6 +357,9 @@ class RunConfig:
         """Checks that read the disk: the inputs the run names exist."""
         if self.data.source == "shards" and not (Path(self.data.shards.path) / INDEX).is_file():
             raise ConfigError(f"data.shards.path={self.data.shards.path!r}: no {INDEX} there (run data_prep/make_shards.py)")
+        held_out = self.validation.shards_path
+        if held_out and not (Path(held_out) / INDEX).is_file():
+            raise ConfigError(f"validation.shards_path={held_out!r}: no {INDEX} there (run data_prep/make_shards.py)")
 
     def check_world(self, world_size: int) -> None:
         """Checks that need the number of processes."""
@@ -341,9 +387,8 @@ class RunConfig:
         if self.model.recompute == "auto" and pp > 1:
             raise ConfigError("model.recompute=auto needs parallel.pipeline_parallel=1 (micro-batches in flight are not "
                               "modelled); set model.recompute_num_layers by hand")
-        if (pp > 1 or cp > 1) and self.logging.sample_interval:
-            raise ConfigError("logging.sample_interval: validation sampling needs pipeline_parallel=1 and context_parallel=1")
         dp = world_size // (tp * pp * cp)
+        self._check_validation(dp)
         if self.train.global_batch_size % (self.train.micro_batch_size * dp):
             raise ConfigError(
                 f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
@@ -360,6 +405,22 @@ class RunConfig:
                 f"{self.model.preset} (all-to-all context parallelism splits heads; "
                 "parallel.context_parallel_comm=p2p does not)"
             )
+
+
+    def _check_validation(self, dp: int) -> None:
+        validation, mbs = self.validation, self.train.micro_batch_size
+        if not validation.interval:
+            return
+        if validation.num_samples % (mbs * dp):
+            raise ConfigError(
+                f"validation.num_samples={validation.num_samples} is not a multiple of "
+                f"micro_batch_size * data-parallel size = {mbs} * {dp}"
+            )
+        if self.data.source == "shards" and not validation.shards_path:
+            raise ConfigError("validation.shards_path: held-out shards are needed with data.source=shards")
+        if not validation.shards_path and validation.seed == self.data.synthetic.seed:
+            raise ConfigError(f"validation.seed={validation.seed} equals data.synthetic.seed: the held-out scenes "
+                              "would be training scenes")
 
 
 def _build(cls: type, values: Any, path: str) -> Any:

@@ -25,7 +25,7 @@ from megatron_mfm.tasks.builders import IMAGE_TASKS, TASKS, Clip, build_task_sam
 from megatron_mfm.tasks.mixture import TaskMixtureConfig
 from megatron_mfm.utils.media import write_mp4
 from test_data_shards import moving_square
-from test_training import losses, train
+from test_training import losses, records, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -255,7 +255,8 @@ def test_training_on_shards_resumes_exactly_across_a_stage_switch(shard_dir, tmp
     stages = ("data.stages=[{name: low, iterations: 2, resolutions: [[32, 32], [32, 48]], frames: [9], "
               "token_budget: 32}, {name: high, resolutions: [[48, 48]], frames: [17], token_budget: 0}]")
     common = ["data.source=shards", f"data.shards.path={shard_dir}", "data.shards.workers=1", stages,
-              "train.micro_batch_size=1", "train.global_batch_size=2", "train.ema_decay=0"]
+              "train.micro_batch_size=1", "train.global_batch_size=2", "train.ema_decay=0",
+              "validation.interval=1", "validation.num_samples=2", f"validation.shards_path={shard_dir}"]
     full, part = tmp_path / "full", tmp_path / "part"
     full.mkdir(), part.mkdir()
     train(full, *common, "train.iterations=3")
@@ -263,5 +264,8 @@ def test_training_on_shards_resumes_exactly_across_a_stage_switch(shard_dir, tmp
     train(part, *common, "train.iterations=3", f"checkpoint.load={part / 'ckpt'}")
     reference, resumed = losses(full), losses(part)
     assert sorted(reference) == [1, 2, 3]
+    validated = [{r["iteration"]: r["val/loss"] for r in records(run, "val/loss")} for run in (full, part)]
+    assert sorted(validated[0]) == [1, 2, 3]
     for iteration in (2, 3):
         assert resumed[iteration] == pytest.approx(reference[iteration], rel=1e-6, abs=1e-7)
+        assert validated[1][iteration] == pytest.approx(validated[0][iteration], rel=1e-6)

@@ -1,6 +1,6 @@
 """End-to-end training on CPU: the loss falls, resume is exact (also after a crash mid-save and
-after SIGTERM), TP=2 / TP=2+SP / DP=2 (with the distributed optimizer) match one process, and
-bad configs fail naming the field."""
+after SIGTERM), every layout (TP, SP, DP, PP, CP and their pairs) matches one process in its
+losses, held-out validation losses and sampled clips, and bad configs fail naming the field."""
 
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ BASE = [
     "data.synthetic.frames=5", "data.synthetic.height=32", "data.synthetic.width=32", "logging.interval=1",
     "flow_matching.tokens_base=16", "flow_matching.tokens_max=256",
 ]
+# Held-out validation loss every 3 iterations and sampled clips at iteration 4 (the reference
+# and the layout runs compare them).
+VALIDATION = ["validation.interval=3", "validation.num_samples=4", "logging.sample_interval=4",
+              "logging.sample_steps=2"]
 
 
 def train(tmp: Path, *overrides: str, ranks: int = 1, env: dict | None = None, check: bool = True,
@@ -62,10 +66,26 @@ def _kill_group(process: subprocess.Popen) -> None:
         pass
 
 
+def records(tmp: Path, key: str) -> list[dict]:
+    """The metrics records holding ``key`` (iteration lines: "loss"; validation: "val/loss";
+    checkpoints: "checkpoint/size (GB)")."""
+    lines = (tmp / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if key in r]
+
+
 def losses(tmp: Path) -> dict[int, float]:
     """iteration -> loss (the last record wins, as a resumed run rewrites iterations)."""
-    records = [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines()]
-    return {r["iteration"]: r["loss"] for r in records}
+    return {r["iteration"]: r["loss"] for r in records(tmp, "loss")}
+
+
+def assert_validation_matches(tmp: Path, expected: Path, iterations: list[int]) -> None:
+    """The held-out losses (overall, per task, per sigma) of two runs agree at ``iterations``."""
+    got, want = ({r["iteration"]: r for r in records(run, "val/loss")} for run in (tmp, expected))
+    assert sorted(got) == iterations
+    for i in iterations:
+        assert got[i].keys() == want[i].keys() and len(got[i]) > 6, (got[i], want[i])
+        for key, value in want[i].items():
+            assert abs(got[i][key] - value) <= 1e-5 * abs(value), (i, key, got[i][key], value)
 
 
 def assert_losses_match(got: dict[int, float], expected: dict[int, float], iterations: Iterable[int],
@@ -74,17 +94,33 @@ def assert_losses_match(got: dict[int, float], expected: dict[int, float], itera
         assert abs(got[i] - expected[i]) <= relative * abs(expected[i]), (i, got[i], expected[i])
 
 
+def assert_samples_match(tmp: Path, expected: Path, iteration: int = 4) -> None:
+    """The clips sampled at ``iteration`` agree up to rounding before the 8-bit encode."""
+    from megatron_mfm.utils.media import read_video
+
+    for task in ("t2v", "i2v"):
+        name = f"samples/iter_{iteration:07d}_{task}.mp4"
+        got, want = (read_video(run / name).astype(float) for run in (tmp, expected))
+        assert abs(got - want).mean() < 0.5, task
+    assert (tmp / "samples" / f"iter_{iteration:07d}_sheet.png").stat().st_size > 0
+
+
 def logged_iterations(tmp: Path) -> list[int]:
     """Every logged iteration in order: a resumed run continues, a restarted one repeats."""
-    return [json.loads(line)["iteration"] for line in (tmp / "metrics.jsonl").read_text().splitlines()]
+    return [r["iteration"] for r in records(tmp, "loss")]
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory) -> dict[int, float]:
-    """12 uninterrupted iterations, one process."""
+def reference_dir(tmp_path_factory) -> Path:
+    """12 uninterrupted iterations, one process, validated every 3."""
     tmp = tmp_path_factory.mktemp("reference")
-    train(tmp, "train.iterations=12")
-    return losses(tmp)
+    train(tmp, "train.iterations=12", *VALIDATION, f"logging.sample_dir={tmp / 'samples'}")
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def reference_run(reference_dir) -> dict[int, float]:
+    return losses(reference_dir)
 
 
 def test_loss_falls(tmp_path):
@@ -106,6 +142,10 @@ def test_resume_is_exact(tmp_path, reference_run, async_save):
     assert (ckpt / "latest").read_text().strip() == "iter_0000008"
     if async_save:
         assert list((tmp_path / "tb" / "wandb").glob("offline-run-*")), "wandb writes an offline run"
+    saves = records(tmp_path, "checkpoint/size (GB)")  # each save's time, size and throughput
+    assert [r["iteration"] for r in saves] == [4, 8]
+    assert all(r["checkpoint/size (GB)"] > 0.01 and r["checkpoint/throughput (GB/s)"] > 0 for r in saves)
+    assert all(r["checkpoint/background seconds"] >= 0 and r["checkpoint/blocking seconds"] > 0 for r in saves)
     train(tmp_path, "train.iterations=12", f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}", *extra)
     resumed = losses(tmp_path)
     assert_losses_match(resumed, reference_run, range(1, 13), 1e-6)
@@ -160,10 +200,16 @@ def test_sigterm_saves_and_resume_continues(tmp_path, reference_run):
      ["parallel.context_parallel=2", "parallel.context_parallel_comm=p2p"]],
     ids=["tp2", "tp2-sp", "dp2", "dp2-distopt", "pp2", "cp2", "cp2-ring"],
 )
-def test_two_rank_layouts_match_one_process(tmp_path, reference_run, layout):
-    train(tmp_path, "train.iterations=12", "train.stop_iteration=6", *layout, ranks=2)
+def test_two_rank_layouts_match_one_process(tmp_path, reference_dir, reference_run, layout):
+    train(tmp_path, "train.iterations=12", "train.stop_iteration=6", *VALIDATION,
+          f"logging.sample_dir={tmp_path / 'samples'}", *layout, ranks=2)
     parallel = losses(tmp_path)
     assert_losses_match(parallel, reference_run, range(1, 7), 1e-5)
+    assert_validation_matches(tmp_path, reference_dir, [3, 6])
+    assert_samples_match(tmp_path, reference_dir)
+    spreads = records(tmp_path, "slowest rank")  # gathered from both ranks at every line
+    assert len(spreads) == 6 and all(r["slowest rank"] in (0, 1) for r in spreads)
+    assert all(r["step time min (ms)"] <= r["step time max (ms)"] for r in spreads)
 
 
 @pytest.mark.parametrize(
@@ -172,22 +218,29 @@ def test_two_rank_layouts_match_one_process(tmp_path, reference_run, layout):
      ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "parallel.context_parallel=2"],
      ["parallel.pipeline_parallel=2", "parallel.context_parallel=2"]],
     ids=["tp2xpp2-sp", "tp2xcp2-sp", "pp2xcp2"])
-def test_four_rank_layouts_match(tmp_path, reference_run, layout):
-    train(tmp_path, "train.iterations=12", "train.stop_iteration=4", *layout, ranks=4)
+def test_four_rank_layouts_match(tmp_path, reference_dir, reference_run, layout):
+    train(tmp_path, "train.iterations=12", "train.stop_iteration=4", *VALIDATION,
+          f"logging.sample_dir={tmp_path / 'samples'}", *layout, ranks=4)
     parallel = losses(tmp_path)
     assert_losses_match(parallel, reference_run, range(1, 5), 1e-5)
+    assert_validation_matches(tmp_path, reference_dir, [3])
+    assert_samples_match(tmp_path, reference_dir)
 
 
 def test_interleaved_pipeline_matches_one_process_and_resumes_at_plain_pp(tmp_path):
     """PP3 with two virtual stages per rank (6 layers: rank r runs layers r and r + 3), images and
-    videos mixed, against one process; its checkpoint then resumes at plain PP2."""
+    videos mixed, against one process (clips sampled at iteration 3 too); its checkpoint then
+    resumes at plain PP2."""
     depth = ["model.num_layers=6", "train.iterations=5", "train.micro_batch_size=1", "train.global_batch_size=6"]
+    sampled = ["logging.sample_interval=3", "logging.sample_steps=2"]
     reference = tmp_path / "reference"
     reference.mkdir()
-    train(reference, *depth)
+    train(reference, *depth, *sampled, f"logging.sample_dir={reference / 'samples'}")
     ckpt = tmp_path / "ckpt"
     train(tmp_path, *depth, "train.stop_iteration=3", "parallel.pipeline_parallel=3",
-          "parallel.virtual_pipeline_stages=2", f"checkpoint.save={ckpt}", ranks=3)
+          "parallel.virtual_pipeline_stages=2", f"checkpoint.save={ckpt}", *sampled,
+          f"logging.sample_dir={tmp_path / 'samples'}", ranks=3)
+    assert_samples_match(tmp_path, reference, iteration=3)
     train(tmp_path, *depth, "parallel.pipeline_parallel=2", f"checkpoint.load={ckpt}", ranks=2)
     assert logged_iterations(tmp_path) == [1, 2, 3, 4, 5]  # the second run resumed, not restarted
     expected, interleaved = losses(reference), losses(tmp_path)

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,9 @@ class TrainingState:
     skipped_samples: int = 0
     """Undecodable samples replaced since this launch started, over all DP ranks (logged; the
     loaders count afresh after a resume)."""
+    sidecar_misses: int = 0
+    """Sample parts encoded in the step although sidecars are configured, since this launch
+    started, over all DP ranks (logged, like ``skipped_samples``)."""
 
 
 def _rng_object() -> ShardedObject:
@@ -90,6 +94,29 @@ def _state(model: ModelChunks, optimizer, ema: EMA | None, optimizer_format: str
     return state
 
 
+@dataclass
+class SaveReport:
+    """One published checkpoint: how long training waited for it, how long it took in all (the
+    same unless saved asynchronously), and its size (known on rank 0; 0 elsewhere)."""
+
+    iteration: int
+    blocking_seconds: float
+    total_seconds: float
+    bytes: int
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "checkpoint/blocking seconds": self.blocking_seconds,
+            "checkpoint/background seconds": self.total_seconds - self.blocking_seconds,
+            "checkpoint/size (GB)": self.bytes / 2**30,
+            "checkpoint/throughput (GB/s)": self.bytes / 2**30 / max(self.total_seconds, 1e-9),
+        }
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 class Checkpointer:
     """Saves (optionally asynchronously), publishes, prunes and loads training checkpoints."""
 
@@ -103,6 +130,8 @@ class Checkpointer:
         if distributed_optimizer:
             self.save_format = "fully_reshardable" if reshardable_optimizer else "dp_reshardable"
         self.queue = AsyncCallsQueue() if async_save else None
+        self.finished: list[SaveReport] = []
+        """Saves published since ``take_finished`` was last called."""
 
     def save(self, iteration: int, model: ModelChunks, optimizer, scheduler, ema: EMA | None, data_state: dict,
              training: TrainingState, run_config: dict) -> None:
@@ -110,6 +139,8 @@ class Checkpointer:
         if self.save_dir is None:
             return
         self.wait()  # one checkpoint in flight at a time
+        start = time.perf_counter()
+        returned: list[float] = []  # when save() returned (set before an async publish runs)
         final = iteration_dir(self.save_dir, iteration)
         tmp = final.with_name(final.name + ".tmp")
         if dist.get_rank() == 0:
@@ -127,6 +158,9 @@ class Checkpointer:
         def publish() -> None:
             if os.environ.get(CRASH_ENV) == str(iteration):
                 os._exit(17)
+            size = _tree_bytes(tmp) if dist.get_rank() == 0 else 0
+            total = time.perf_counter() - start
+            self.finished.append(SaveReport(iteration, returned[0] if returned else total, total, size))
             if dist.get_rank() == 0:
                 (tmp / CONFIG_FILE).write_text(json.dumps(architecture, indent=2) + "\n")
                 stale = final.with_name(final.name + ".old")
@@ -143,10 +177,15 @@ class Checkpointer:
         if self.async_save:
             request.add_finalize_fn(publish)
             self.queue.schedule_async_request(request)
+            returned.append(time.perf_counter() - start)
         else:
             dist.barrier()
             publish()
             dist.barrier()
+
+    def take_finished(self) -> list[SaveReport]:
+        finished, self.finished = self.finished, []
+        return finished
 
     def poll(self) -> None:
         """Publish finished asynchronous saves (call once per iteration; collective)."""

@@ -9,6 +9,9 @@ would have seen.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import torch
 
 from megatron_mfm.data.batch import MicroBatch, collate
@@ -21,6 +24,7 @@ class SyntheticLoader:
     """This DP rank's micro-batches of each global batch, from the synthetic dataset."""
 
     skipped_samples = 0  # rendered samples never fail
+    sidecar_misses: Mapping[str, int] = MappingProxyType({})  # and have no sidecars
 
     def __init__(self, dataset: SyntheticVideoDataset, mixture: TaskMixture, micro_batch_size: int,
                  global_batch_size: int, dp_rank: int, dp_size: int, seed: int):

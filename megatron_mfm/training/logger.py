@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ class MetricsLogger:
         """``metrics``: scalars; keys of ``LINE_FORMAT`` go to the console line in that order."""
         if not self.active:
             return
-        parts = [f" iteration {iteration:8d}/{self.total:8d}"]
+        parts = [f"{_timestamp()} iteration {iteration:8d}/{self.total:8d}"]
         for key, fmt in LINE_FORMAT.items():
             if key in metrics and metrics[key] is not None:
                 parts.append(f"{key}: {metrics[key]:{fmt}}")
@@ -53,6 +54,18 @@ class MetricsLogger:
         if task_losses:
             parts.append(f"task losses: {task_losses}")
         print(" | ".join(parts), flush=True)
+        self._record(iteration, metrics)
+
+    def log_event(self, iteration: int, title: str, metrics: dict[str, float]) -> None:
+        """Metrics of something besides a training step (validation, a checkpoint): one console
+        line and their own record at ``iteration``."""
+        if not self.active:
+            return
+        values = " | ".join(f"{key}: {value:.6g}" for key, value in metrics.items())
+        print(f"{_timestamp()} {title} at iteration {iteration} | {values}", flush=True)
+        self._record(iteration, metrics)
+
+    def _record(self, iteration: int, metrics: dict[str, Any]) -> None:
         if self.metrics_file is not None:
             self.metrics_file.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
             self.metrics_file.flush()
@@ -80,16 +93,30 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def _timestamp() -> str:
+    return time.strftime("[%Y-%m-%d %H:%M:%S]")
+
+
 LINE_FORMAT = {
     "consumed samples": "12d",
     "elapsed time per iteration (ms)": ".1f",
+    "throughput per GPU (TFLOP/s/GPU)": ".2f",
+    "MFU": ".2%",
     "learning rate": ".3E",
     "global batch size": "5d",
     "loss": ".6E",
     "grad norm": ".4f",
+    "number of skipped iterations": "3d",
     "samples/s": ".2f",
     "tokens/s": ".1f",
-    "TFLOP/s": ".2f",
-    "MFU": ".2%",
-    "skipped steps": "d",
+    "data wait per iteration (ms)": ".1f",
+    "step time min (ms)": ".1f",
+    "step time median (ms)": ".1f",
+    "step time max (ms)": ".1f",
+    "slowest rank": "d",
+    "mem max allocated (GB)": ".2f",
+    "mem max reserved (GB)": ".2f",
+    "mem max RSS (GB)": ".2f",
+    "skipped samples": "d",
+    "sidecar misses": "d",
 }

@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,7 +21,6 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.spec_utils import ModuleSpec
 from torch.utils._triton import has_triton
 
@@ -33,17 +33,21 @@ from megatron_mfm.diffusion.generation import SamplingConfig, generate, task_sam
 from megatron_mfm.model.attention_backends import AttentionBackendUnavailable, resolve_attention_backend
 from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.dit import ModelChunks, build_model_chunks
-from megatron_mfm.model.geometry import clip_tokens, latent_shape, token_grid
+from megatron_mfm.model.geometry import latent_shape
 from megatron_mfm.model.recompute_budget import after_optimizer_step
 from megatron_mfm.model.specs import default_layer_spec, transformer_engine_available, uses_transformer_engine
 from megatron_mfm.parallel.initialize import initialize_parallel
-from megatron_mfm.tasks.builders import TASKS
+from megatron_mfm.parallel.pipeline import PipelinedModel
 from megatron_mfm.tasks.mixture import TaskMixture
 from megatron_mfm.checkpoint.training_state import Checkpointer, TrainingState
 from megatron_mfm.training.ema import EMA
 from megatron_mfm.training.flops import gpu_peak_tflops, training_flops
 from megatron_mfm.training.logger import MetricsLogger
+from megatron_mfm.training.observability import (IntervalMeter, ProfileWindow, StepResult, memory_gb, phase,
+                                                 rank_spread)
+from megatron_mfm.training.schedule import batch_tokens, reduce_task_losses, run_schedule
 from megatron_mfm.training.step import make_forward_step
+from megatron_mfm.training.validation import validation_loss
 from megatron_mfm.utils.media import contact_sheet, write_mp4, write_png
 
 
@@ -175,53 +179,43 @@ def _grads_finite(ddp: list[DistributedDataParallel]) -> bool:
     return bool(flag.item())
 
 
-def _reduce_task_losses(reports: list[dict], device: torch.device) -> torch.Tensor:
-    """(2, tasks) loss sums and counts over micro-batches and data-parallel ranks, known to every
-    pipeline stage (only the last one computes losses; CP and TP ranks hold the same copy)."""
-    total = torch.zeros(2, len(TASKS), device=device)
-    for report in reports:
-        total += report["task_loss"].float()
-    if parallel_state.get_data_parallel_world_size() > 1:
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-    return total.cpu()
-
-
 def _step_totals(trainer: Trainer, micro_batches: list) -> tuple[int, int]:
     """FLOPs and video tokens of the whole step, summed over data-parallel ranks (token-budget
-    micro-batches differ in size between ranks); also sums the ranks' skipped-sample counts."""
+    micro-batches differ in size between ranks); also sums the ranks' skipped-sample and
+    sidecar-miss counts."""
     flops = sum(training_flops(trainer.model_config, latent_shape(*mb.pixels.shape[2:])[1:],
                                trainer.encoders.text.max_length) * len(mb.prompts) for mb in micro_batches)
-    tokens = sum(clip_tokens(*mb.pixels.shape[2:]) * len(mb.prompts) for mb in micro_batches)
-    totals = torch.tensor([flops, tokens, trainer.loader.skipped_samples], dtype=torch.float64, device=trainer.device)
+    tokens = sum(batch_tokens(mb) for mb in micro_batches)
+    loader = trainer.loader
+    totals = torch.tensor([flops, tokens, loader.skipped_samples, sum(loader.sidecar_misses.values())],
+                          dtype=torch.float64, device=trainer.device)
     if parallel_state.get_data_parallel_world_size() > 1:
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    trainer.state.skipped_samples = int(totals[2].item())
+    trainer.state.skipped_samples, trainer.state.sidecar_misses = int(totals[2].item()), int(totals[3].item())
     return int(totals[0].item()), int(totals[1].item())
 
 
-def train_step(trainer: Trainer) -> tuple[torch.Tensor, float | None, bool, int, int]:
-    """One optimizer step: (task loss report, grad norm, whether it was applied, FLOPs and video
-    tokens of the step over all DP ranks)."""
+def train_step(trainer: Trainer) -> StepResult:
+    """One optimizer step. Each micro-batch's mean loss is weighted by its share of the step's
+    video tokens (images and clips of several sizes count by their tokens, not equally)."""
     config, ddp = trainer.config, trainer.ddp
-    micro_batches = trainer.loader.next_global_batch()
+    data_start = time.perf_counter()
+    with phase("data"):
+        micro_batches = trainer.loader.next_global_batch()
+    data_seconds = time.perf_counter() - data_start
     for chunk in ddp:
         chunk.zero_grad_buffer()
     trainer.optimizer.zero_grad()
-    forward_step = make_forward_step(trainer.encoders, config.flow_matching, config.train.seed,
-                                     trainer.model_config.patch_size, trainer.dtype, trainer.device)
-    seq = max(trainer.model[0].pipeline_seq_length(token_grid(latent_shape(*mb.pixels.shape[2:])[1:]))
-              for mb in micro_batches)  # with variable_seq_lengths the shapes travel with the tensors anyway
-    reports = get_forward_backward_func()(
-        # every chunk reads each micro-batch: text, timestep and targets are needed on all stages
-        forward_step_func=forward_step, data_iterator=[iter(micro_batches) for _ in ddp] if len(ddp) > 1
-        else iter(micro_batches), model=ddp,
-        num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=config.train.micro_batch_size,
-        forward_only=False,
-    )
     flops, tokens = _step_totals(trainer, micro_batches)
-    task_losses = _reduce_task_losses(reports, trainer.device)
+    # megatron divides by the micro-batches, DDP averages over DP: this weight undoes both
+    slots = len(micro_batches) * parallel_state.get_data_parallel_world_size()
+    forward_step = make_forward_step(trainer.encoders, config.flow_matching, config.train.seed,
+                                     trainer.model_config.patch_size, trainer.dtype, trainer.device,
+                                     weight=lambda mb: batch_tokens(mb) * slots / tokens)
+    with phase("forward-backward"):
+        reports = run_schedule(config, ddp, micro_batches, forward_step, forward_only=False)
+    task_losses = reduce_task_losses(reports, trainer.device)
+    result = partial(StepResult, task_losses, flops=flops, tokens=tokens, data_seconds=data_seconds)
     if not (torch.isfinite(task_losses).all() and _grads_finite(ddp)):
         trainer.state.skipped_steps += 1
         if trainer.state.skipped_steps > config.train.max_skipped_steps:
@@ -230,43 +224,34 @@ def train_step(trainer: Trainer) -> tuple[torch.Tensor, float | None, bool, int,
                 f"(train.max_skipped_steps={config.train.max_skipped_steps})"
             )
         trainer.scheduler.step(increment=config.train.global_batch_size)
-        return task_losses, None, False, flops, tokens
-    _, grad_norm, _ = trainer.optimizer.step()
-    after_optimizer_step(trainer.model)
-    trainer.scheduler.step(increment=config.train.global_batch_size)
-    if trainer.ema is not None:
-        trainer.ema.update()
-    return task_losses, grad_norm, True, flops, tokens
+        return result(None, False)
+    with phase("optimizer"):
+        _, grad_norm, _ = trainer.optimizer.step()
+        after_optimizer_step(trainer.model)
+        trainer.scheduler.step(increment=config.train.global_batch_size)
+        if trainer.ema is not None:
+            trainer.ema.update()
+    return result(grad_norm, True)
 
 
-def _metrics(trainer: Trainer, task_losses: torch.Tensor, grad_norm, seconds: float, flops: int,
-             tokens: int) -> dict:
+def _metrics(trainer: Trainer, meter: IntervalMeter) -> dict:
+    """The iteration line: the interval's averages, the run's totals, rank spread, memory
+    (collective)."""
     config = trainer.config
-    sums, counts = task_losses
-    world = dist.get_world_size()
-    samples = int(counts.sum().item())
     peak, _ = gpu_peak_tflops("bf16", config.logging.peak_tflops)
-    tflops_per_gpu = flops / seconds / world / 1e12
     metrics = {
         "consumed samples": trainer.loader.consumed_samples,
-        "elapsed time per iteration (ms)": seconds * 1000,
         "learning rate": trainer.optimizer.param_groups[0]["lr"],
-        "global batch size": samples,
+        "global batch size": int(meter.task_losses[1].sum().item()) // meter.steps,
+        **meter.averages(dist.get_world_size(), peak),
+        "skipped steps": trainer.state.skipped_steps,
         "skipped samples": trainer.state.skipped_samples,
+        "sidecar misses": trainer.state.sidecar_misses,
         # clips shorter than every frame count of their stage, passed over by the planner
         "too-short clips": trainer.loader.planner.state["too_short"] if isinstance(trainer.loader, ShardLoader) else 0,
-        "loss": (sums.sum() / counts.sum()).item(),
-        "grad norm": grad_norm,
-        "samples/s": samples / seconds,
-        "tokens/s": tokens / seconds,
-        "TFLOP/s": tflops_per_gpu,
-        "MFU": tflops_per_gpu / peak if peak else None,
-        "skipped steps": trainer.state.skipped_steps,
-        "flops per step": flops,
+        **rank_spread(meter.seconds / meter.steps, meter.data_seconds / meter.steps, trainer.device),
+        **memory_gb(),
     }
-    for task, s, n in zip(TASKS, sums.tolist(), counts.tolist()):
-        if n:
-            metrics[f"loss/{task}"] = s / n
     return metrics
 
 
@@ -276,12 +261,13 @@ def sample_validation(trainer: Trainer, iteration: int) -> list[Path]:
     out_dir = Path(config.logging.sample_dir or Path(config.checkpoint.save or ".") / "samples")
     dataset = SyntheticVideoDataset(config.data.synthetic)
     reference = dataset.clip(10**6, is_image=False)  # outside the training indices' usual range
-    (model,) = trainer.model  # validation sampling runs without pipeline parallelism (config check)
+    chunks = trainer.model
+    model = chunks[0] if config.parallel.pipeline_parallel == 1 else PipelinedModel(chunks)
     saved = None
     if trainer.ema is not None:
-        saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+        saved = {n: p.detach().clone() for n, p in chunks.named_parameters()}
         trainer.ema.copy_to_model()
-    model.eval()
+    chunks.eval()
     sampling = SamplingConfig(steps=config.logging.sample_steps, guidance_scale=config.logging.guidance_scale,
                               schedule=config.logging.sample_schedule, shift=config.logging.sample_shift)
     clips, paths = [], []
@@ -292,10 +278,10 @@ def sample_validation(trainer: Trainer, iteration: int) -> list[Path]:
             if dist.get_rank() == 0:
                 paths.append(write_mp4(out_dir / f"iter_{iteration:07d}_{task}.mp4", clip, reference.fps))
     finally:
-        model.train()
+        chunks.train()
         if saved is not None:
             with torch.no_grad():
-                for name, param in model.named_parameters():
+                for name, param in chunks.named_parameters():
                     param.copy_(saved[name])
     if dist.get_rank() == 0:
         sheet = contact_sheet([reference.pixels] + clips)
@@ -343,36 +329,55 @@ def train(config: RunConfig) -> Trainer:
         _train_loop(trainer)
     finally:
         trainer.checkpointer.wait()
+        _report_saves(trainer)
         trainer.logger.close()
         if isinstance(trainer.loader, ShardLoader):
             trainer.loader.close()
     return trainer
 
 
+def _report_saves(trainer: Trainer) -> None:
+    """Log the checkpoints published since the last call (time, size, throughput)."""
+    for report in trainer.checkpointer.take_finished():
+        trainer.logger.log_event(report.iteration, "checkpoint saved", report.metrics())
+
+
 def _train_loop(trainer: Trainer) -> None:
     config = trainer.config
     stop = _StopFlag()
-    log, ckpt = config.logging, config.checkpoint
+    log, ckpt, validation = config.logging, config.checkpoint, config.validation
+    profile = ProfileWindow(log, dist.get_rank(), Path(log.profile_dir or Path(ckpt.save or ".") / "profile"))
     for chunk in trainer.ddp:
         chunk.train()
     first_iteration = trainer.state.iteration
     last_iteration = min(config.train.iterations, config.train.stop_iteration or config.train.iterations)
+    meter = IntervalMeter()
     while trainer.state.iteration < last_iteration:
+        profile.before_step(trainer.state.iteration + 1)
         start = time.perf_counter()
-        task_losses, grad_norm, _, flops, tokens = train_step(trainer)
+        result = train_step(trainer)
         trainer.state.iteration += 1
         iteration = trainer.state.iteration
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        trainer.checkpointer.poll()
+        meter.add(result, time.perf_counter() - start)
+        with phase("checkpoint"):
+            trainer.checkpointer.poll()
+        _report_saves(trainer)
         if iteration % log.interval == 0:
-            trainer.logger.log(iteration, _metrics(trainer, task_losses, grad_norm, seconds, flops, tokens))
+            trainer.logger.log(iteration, _metrics(trainer, meter))
+            meter = IntervalMeter()
+        if validation.interval and iteration % validation.interval == 0:
+            with phase("validation"):
+                trainer.logger.log_event(iteration, "validation", validation_loss(trainer))
         if log.sample_interval and iteration % log.sample_interval == 0:
             sample_validation(trainer, iteration)
         stopping = _any_rank(stop.requested)
         if ckpt.save and (stopping or (ckpt.interval and iteration % ckpt.interval == 0)):
-            save(trainer)
+            with phase("checkpoint"):
+                save(trainer)
+            _report_saves(trainer)
+        profile.after_step(iteration)
         if stopping:
             trainer.logger.print(f"SIGTERM: saved iteration {iteration} and stopped")
             break
@@ -380,3 +385,4 @@ def _train_loop(trainer: Trainer) -> None:
         saved_already = ckpt.interval and trainer.state.iteration % ckpt.interval == 0
         if ckpt.save and trainer.state.iteration > first_iteration and not saved_already:
             save(trainer)
+    profile.close()

@@ -35,9 +35,9 @@ def task_loss_report(per_sample: torch.Tensor, tasks: list[str]) -> torch.Tensor
     return report
 
 
-def _loss(target: torch.Tensor, tasks: list[str], output: torch.Tensor):
+def _loss(target: torch.Tensor, tasks: list[str], weight: float, output: torch.Tensor):
     per_sample = per_sample_mse(output, target)
-    return per_sample.mean(), {"task_loss": task_loss_report(per_sample, tasks)}
+    return per_sample.mean() * weight, {"task_loss": task_loss_report(per_sample, tasks)}
 
 
 def merge_encoded(given: list[tuple[torch.Tensor, ...] | None], encode: Callable[[list[int]], tuple[torch.Tensor, ...]],
@@ -86,8 +86,11 @@ def _condition(encoders: FrozenEncoders, batch: MicroBatch, pixels: torch.Tensor
 
 
 def make_forward_step(encoders: FrozenEncoders, flow: FlowMatchingConfig, seed: int, patch_size: int,
-                      dtype: torch.dtype, device: torch.device) -> Callable:
-    """The ``forward_step_func`` for megatron's ``get_forward_backward_func``."""
+                      dtype: torch.dtype, device: torch.device, sigma: float | None = None,
+                      weight: Callable[[MicroBatch], float] | None = None) -> Callable:
+    """The ``forward_step_func`` for megatron's ``get_forward_backward_func``. ``sigma``: one
+    noise level for every sample instead of each sample's drawn one (validation); ``weight``:
+    a micro-batch's factor on its mean loss (1 without)."""
 
     def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
         batch = next(data_iterator)
@@ -101,12 +104,13 @@ def make_forward_step(encoders: FrozenEncoders, flow: FlowMatchingConfig, seed: 
         text, text_mask = _text(encoders, batch, device)
         condition = _condition(encoders, batch, pixels if estimate_depth else None, device) if first_stage else None
         tokens = math.prod(token_grid(latents.shape[2:], patch_size))
-        noise, sigma = noise_and_sigma(latents, batch.sample_ids, seed, flow, tokens)
-        noisy, target = add_noise(latents, noise, sigma)
+        noise, drawn = noise_and_sigma(latents, batch.sample_ids, seed, flow, tokens)
+        sigmas = drawn if sigma is None else torch.full_like(drawn, sigma)
+        noisy, target = add_noise(latents, noise, sigmas)
         output = model(
-            noisy.to(dtype), sigma * 1000.0, text.to(dtype), text_mask,
+            noisy.to(dtype), sigmas * 1000.0, text.to(dtype), text_mask,
             None if condition is None else condition.to(dtype), batch.motion_score.to(device),
         )
-        return output, partial(_loss, target, batch.tasks)
+        return output, partial(_loss, target, batch.tasks, 1.0 if weight is None else weight(batch))
 
     return forward_step

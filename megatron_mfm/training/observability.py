@@ -1,0 +1,166 @@
+"""What a run reports beyond its loss: phase ranges for profilers, a profiling window, the
+iteration line averaged over the logging interval, and the spread of step times over ranks
+(stragglers)."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_mfm.config import LoggingConfig
+from megatron_mfm.tasks.builders import TASKS
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """A named range of the step: in torch profiler traces, and an NVTX range for nsys on GPU."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.nvtx.range_push(name)
+    try:
+        with torch.profiler.record_function(name):
+            yield
+    finally:
+        if cuda:
+            torch.cuda.nvtx.range_pop()
+
+
+class ProfileWindow:
+    """Profiles iterations ``logging.profile_steps`` on ``logging.profile_ranks``: a torch
+    profiler trace per rank (``<dir>/rank<N>.json``) and, on GPU, ``cudaProfilerStart/Stop`` so
+    ``nsys profile --capture-range=cudaProfilerApi`` records exactly the window."""
+
+    def __init__(self, config: LoggingConfig, rank: int, out_dir: Path):
+        self.first, self.last = config.profile_steps or (0, -1)
+        self.active = bool(config.profile_steps) and rank in config.profile_ranks
+        self.trace = out_dir / f"rank{rank}.json"
+        self.profiler: torch.profiler.profile | None = None
+
+    def before_step(self, iteration: int) -> None:
+        """Called before iteration ``iteration`` runs."""
+        if self.active and iteration == self.first and self.profiler is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+                torch.cuda.profiler.start()
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.start()
+
+    def after_step(self, iteration: int) -> None:
+        """Called after iteration ``iteration`` (its checkpoint included); the window's last one
+        writes the trace."""
+        if self.profiler is not None and iteration >= self.last:
+            self.close()
+
+    def close(self) -> None:
+        if self.profiler is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.profiler.stop()
+        self.profiler.stop()
+        self.trace.parent.mkdir(parents=True, exist_ok=True)
+        self.profiler.export_chrome_trace(str(self.trace))
+        self.profiler = None
+
+
+class StepResult(NamedTuple):
+    """What one optimizer step reports (summed over data-parallel ranks where it says so)."""
+
+    task_losses: torch.Tensor
+    """(2, tasks) loss sums and sample counts over all ranks."""
+    grad_norm: float | None
+    applied: bool
+    """False when the step was skipped for non-finite loss or gradients."""
+    flops: int
+    """Model FLOPs of the step over all ranks."""
+    tokens: int
+    """Video tokens of the step over all ranks."""
+    data_seconds: float
+    """This rank's wait for the step's micro-batches."""
+
+
+@dataclass
+class IntervalMeter:
+    """Sums of the steps since the last log line."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    data_seconds: float = 0.0
+    flops: int = 0
+    tokens: int = 0
+    skipped: int = 0
+    grad_norms: list[float] = field(default_factory=list)
+    task_losses: torch.Tensor = field(default_factory=lambda: torch.zeros(2, len(TASKS)))
+
+    def add(self, result: StepResult, seconds: float) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.data_seconds += result.data_seconds
+        self.flops += result.flops
+        self.tokens += result.tokens
+        self.skipped += not result.applied
+        if result.grad_norm is not None:
+            self.grad_norms.append(result.grad_norm)
+        if torch.isfinite(result.task_losses).all():
+            self.task_losses += result.task_losses
+
+    def averages(self, world_size: int, peak_tflops: float) -> dict:
+        """The interval's per-iteration means (loss: over its samples; grad norm: over its
+        applied steps)."""
+        sums, counts = self.task_losses
+        samples = counts.sum().item()
+        tflops_per_gpu = self.flops / self.seconds / world_size / 1e12
+        metrics = {
+            "elapsed time per iteration (ms)": self.seconds / self.steps * 1000,
+            "throughput per GPU (TFLOP/s/GPU)": tflops_per_gpu,
+            "MFU": tflops_per_gpu / peak_tflops if peak_tflops else None,
+            "loss": (sums.sum() / counts.sum()).item() if samples else float("nan"),
+            "grad norm": statistics.fmean(self.grad_norms) if self.grad_norms else None,
+            "number of skipped iterations": self.skipped,
+            "samples/s": samples / self.seconds,
+            "tokens/s": self.tokens / self.seconds,
+            "flops per step": self.flops // self.steps,
+            "data wait per iteration (ms)": self.data_seconds / self.steps * 1000,
+        }
+        metrics.update({f"loss/{task}": s / n for task, s, n in zip(TASKS, sums.tolist(), counts.tolist()) if n})
+        return metrics
+
+
+def rank_spread(step_seconds: float, data_seconds: float, device: torch.device) -> dict:
+    """``spread`` of every rank's mean step time and data wait (collective: every rank calls it
+    at the same iteration)."""
+    mine = torch.tensor([[step_seconds, data_seconds]], dtype=torch.float64, device=device)
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return spread(torch.cat(gathered).cpu())
+
+
+def spread(times: torch.Tensor) -> dict:
+    """Min/median/max over ranks of the step time, the slowest rank, and the longest data wait,
+    from (ranks, [step seconds, data seconds])."""
+    steps = times[:, 0]
+    return {
+        "step time min (ms)": steps.min().item() * 1000,
+        "step time median (ms)": steps.median().item() * 1000,
+        "step time max (ms)": steps.max().item() * 1000,
+        "slowest rank": int(steps.argmax()),
+        "data wait max (ms)": times[:, 1].max().item() * 1000,
+    }
+
+
+def memory_gb() -> dict:
+    """Peak memory since the last call: GPU allocated/reserved, or the process's peak RSS on CPU."""
+    if torch.cuda.is_available():
+        metrics = {"mem max allocated (GB)": torch.cuda.max_memory_allocated() / 2**30,
+                   "mem max reserved (GB)": torch.cuda.max_memory_reserved() / 2**30}
+        torch.cuda.reset_peak_memory_stats()
+        return metrics
+    return {"mem max RSS (GB)": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
