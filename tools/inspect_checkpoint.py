@@ -25,9 +25,11 @@ quiet_known_warnings()
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.serialization import load_plain_tensors
 
-from megatron_mfm.checkpoint.model_state import (
+from megatron_mfm.checkpoint.layout import (
     CONFIG_FILE,
+    EMA_PREFIX,
     TRAINING_STATE_PREFIXES,
+    is_complete,
     resolve_checkpoint,
 )
 from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel
@@ -36,7 +38,7 @@ from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parall
 def resolve(path: str) -> Path:
     """A checkpoint directory from a checkpoint or a save directory."""
     path = resolve_checkpoint(path)
-    if not (path / "metadata.json").is_file():
+    if not is_complete(path):
         raise SystemExit(f"{path}: not a checkpoint (no metadata.json) nor a save directory (no latest)")
     return path
 
@@ -78,7 +80,7 @@ def main() -> None:
         state = tensors(path)
         model = {k: v for k, v in state.items() if not k.startswith(TRAINING_STATE_PREFIXES)}
         info["parameters"] = sum(v.numel() for v in model.values())
-        info["has EMA"] = any(k.startswith("ema.") for k in state)
+        info["has EMA"] = any(k.startswith(EMA_PREFIX) for k in state)
         print(json.dumps(info, indent=2, default=str))
         shown = state if args.all else model
         if not args.diff:

@@ -21,13 +21,16 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from tqdm import tqdm
 
+from megatron_mfm.checkpoint.layout import (
+    CONFIG_FILE,
+    EMA_PREFIX,
+    TRAINING_STATE_PREFIXES,
+    is_complete,
+    resolve_checkpoint,
+)
 from megatron_mfm.export.key_map import groups_from_official, groups_from_ours
 from megatron_mfm.model.config import MfMConfig, architecture_of, make_config
 from megatron_mfm.model.dit import MfMDiT
-
-CONFIG_FILE = "mfm_config.json"
-# Tensors a training checkpoint holds besides the model's (see megatron_mfm/checkpoint/training_state.py).
-TRAINING_STATE_PREFIXES = ("ema.", "optimizer.", "rng_state")
 
 
 def _sharded_tensors(model: MfMDiT) -> dict[str, ShardedTensor]:
@@ -37,25 +40,6 @@ def _sharded_tensors(model: MfMDiT) -> dict[str, ShardedTensor]:
         for sh in model.sharded_state_dict().values()
         if isinstance(sh, ShardedTensor)
     }
-
-
-LATEST = "latest"
-
-
-def latest_checkpoint(save_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a training save directory, or None."""
-    pointer = Path(save_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    path = Path(save_dir) / pointer.read_text().strip()
-    if not (path / "metadata.json").is_file():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
-    return path
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory given either itself or a save directory with ``latest``."""
-    return latest_checkpoint(path) or Path(path)
 
 
 def save_model(model: MfMDiT, path: str | Path) -> Path:
@@ -114,7 +98,7 @@ def check_shapes(model: MfMDiT, path: str | Path) -> None:
 def load_model(model: MfMDiT, path: str | Path) -> None:
     """Load a checkpoint saved at any TP layout into ``model`` (collective)."""
     path = Path(path)
-    if not (path / "metadata.json").is_file():
+    if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete dist checkpoint (no metadata.json)")
     check_shapes(model, path)
     request = model.sharded_state_dict()
@@ -127,8 +111,6 @@ def load_model(model: MfMDiT, path: str | Path) -> None:
 def load_ema_weights(model: MfMDiT, path: str | Path) -> None:
     """Replace the model's weights by the EMA saved in a training checkpoint, read straight into
     the parameters (no second copy of the weights; collective)."""
-    from megatron_mfm.training.ema import EMA_PREFIX
-
     request = {EMA_PREFIX + sh.key: dataclasses.replace(sh, key=EMA_PREFIX + sh.key)
                for sh in _sharded_tensors(model).values()}
     saved = dist_checkpointing.load_tensors_metadata(str(path))

@@ -1,10 +1,6 @@
-"""Training checkpoints with megatron dist_checkpointing.
-
-Layout of ``save`` dir::
-
-    iter_0000010/   model, optimizer, EMA shards + common state (scheduler, iteration, data
-                    state, RNG states, run config) + mfm_config.json
-    latest          the name of the newest COMPLETE checkpoint
+"""Training checkpoints with megatron dist_checkpointing: the full training state (model,
+optimizer, EMA shards; common state: scheduler, iteration, data state, RNG states, run config) in
+the layout of ``megatron_mfm/checkpoint/layout.py``.
 
 A checkpoint is written under ``iter_XXXXXXX.tmp`` and renamed, then ``latest`` is replaced
 atomically; so an interrupted save (crash, SIGKILL, full disk) leaves ``latest`` pointing at the
@@ -17,11 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -30,20 +25,30 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
+from megatron_mfm.checkpoint.layout import (
+    CONFIG_FILE,
+    EMA_PREFIX,
+    LATEST,
+    RNG_PREFIX,
+    iteration_dir,
+    iteration_of,
+    latest_checkpoint,
+)
+from megatron_mfm.checkpoint.model_state import to_local_keys
 from megatron_mfm.config import ConfigError
-from megatron_mfm.checkpoint.model_state import CONFIG_FILE, LATEST, latest_checkpoint, to_local_keys
 from megatron_mfm.model.config import architecture_of
 from megatron_mfm.model.dit import ModelChunks
-from megatron_mfm.training.ema import EMA, EMA_PREFIX
-
-_ITER = re.compile(r"^iter_(\d{7})$")
 # Fault injection for tests of interrupted saves: exit after the shards are written, before the
 # checkpoint is published.
 CRASH_ENV = "MFM_CRASH_BEFORE_PUBLISH"
 
 
-def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
-    return Path(save_dir) / f"iter_{iteration:07d}"
+class ShardedEMA(Protocol):
+    """What a checkpoint needs of the EMA (``megatron_mfm/training/ema.py``): keys ``ema.<model key>``."""
+
+    def sharded_state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass
@@ -66,7 +71,7 @@ def _rng_object() -> ShardedObject:
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
     world, rank = dist.get_world_size(), dist.get_rank()
-    return ShardedObject(f"rng_state_world{world}", states, (world,), (rank,), replica_id=0)
+    return ShardedObject(f"{RNG_PREFIX}_world{world}", states, (world,), (rank,), replica_id=0)
 
 
 def _restore_rng(states: dict) -> None:
@@ -76,7 +81,7 @@ def _restore_rng(states: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(states["tracker"])
 
 
-def _state(model: ModelChunks, optimizer, ema: EMA | None, optimizer_format: str | None, loading: bool) -> dict:
+def _state(model: ModelChunks, optimizer, ema: ShardedEMA | None, optimizer_format: str | None, loading: bool) -> dict:
     """The sharded state of a checkpoint; ``optimizer_format`` is the distributed optimizer's
     sharding type (None for the regular optimizer)."""
     sharded = model.sharded_state_dict()
@@ -104,7 +109,7 @@ class Checkpointer:
             self.save_format = "fully_reshardable" if reshardable_optimizer else "dp_reshardable"
         self.queue = AsyncCallsQueue() if async_save else None
 
-    def save(self, iteration: int, model: ModelChunks, optimizer, scheduler, ema: EMA | None, data_state: dict,
+    def save(self, iteration: int, model: ModelChunks, optimizer, scheduler, ema: ShardedEMA | None, data_state: dict,
              training: TrainingState, run_config: dict) -> None:
         """Collective. Returns once the files are written (or queued, with async_save)."""
         if self.save_dir is None:
@@ -161,11 +166,11 @@ class Checkpointer:
     def _prune(self) -> None:
         if self.keep_last <= 0:
             return
-        done = sorted(p for p in self.save_dir.iterdir() if _ITER.match(p.name))
+        done = sorted(p for p in self.save_dir.iterdir() if iteration_of(p) is not None)
         for old in done[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, load_dir: str, model: ModelChunks, optimizer, scheduler, ema: EMA | None, data,
+    def load(self, load_dir: str, model: ModelChunks, optimizer, scheduler, ema: ShardedEMA | None, data,
              training: TrainingState) -> int:
         """Resume from ``load_dir``'s latest checkpoint; returns its iteration (0 if none)."""
         path = latest_checkpoint(load_dir)
