@@ -28,6 +28,7 @@ from megatron_mfm.utils.warnings_filter import quiet_known_warnings
 
 quiet_known_warnings()
 
+from megatron_mfm.checkpoint.layout import CheckpointError
 from megatron_mfm.checkpoint.model_state import (
     OfficialTensors,
     build_from_checkpoint,
@@ -170,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         args.run(args)
+    except (CheckpointError, FileExistsError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
     finally:
         destroy_parallel()
 

@@ -27,6 +27,10 @@ TRAINING_STATE_PREFIXES = (EMA_PREFIX, OPTIMIZER_PREFIX, RNG_PREFIX)
 _ITERATION = re.compile(r"^iter_(\d{7})$")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (incomplete, corrupt or unsafe); the message names the file."""
+
+
 def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
     return Path(save_dir) / f"iter_{iteration:07d}"
 
@@ -48,7 +52,7 @@ def latest_checkpoint(save_dir: str | Path) -> Path | None:
         return None
     path = Path(save_dir) / pointer.read_text().strip()
     if not is_complete(path):
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
+        raise CheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint")
     return path
 
 

@@ -23,11 +23,13 @@ from tqdm import tqdm
 
 from megatron_mfm.checkpoint.layout import (
     CONFIG_FILE,
+    CheckpointError,
     EMA_PREFIX,
     TRAINING_STATE_PREFIXES,
     is_complete,
     resolve_checkpoint,
 )
+from megatron_mfm.checkpoint.verify import verify_checkpoint
 from megatron_mfm.export.key_map import groups_from_official, groups_from_ours
 from megatron_mfm.model.config import MfMConfig, architecture_of, make_config
 from megatron_mfm.model.dit import MfMDiT
@@ -90,7 +92,7 @@ def check_shapes(model: MfMDiT, path: str | Path) -> None:
     problems += [f"{key}: in checkpoint but not in the model" for key in unexpected]
     if problems:
         shown = "\n  ".join(problems[:8])
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} does not match the model config ({len(problems)} problems):\n  {shown}"
         )
 
@@ -99,7 +101,8 @@ def load_model(model: MfMDiT, path: str | Path) -> None:
     """Load a checkpoint saved at any TP layout into ``model`` (collective)."""
     path = Path(path)
     if not is_complete(path):
-        raise FileNotFoundError(f"{path} is not a complete dist checkpoint (no metadata.json)")
+        raise CheckpointError(f"{path} is not a complete dist checkpoint (no metadata.json)")
+    verify_checkpoint(path)
     check_shapes(model, path)
     request = model.sharded_state_dict()
     loaded = dist_checkpointing.load(request, str(path))
@@ -111,6 +114,7 @@ def load_model(model: MfMDiT, path: str | Path) -> None:
 def load_ema_weights(model: MfMDiT, path: str | Path) -> None:
     """Replace the model's weights by the EMA saved in a training checkpoint, read straight into
     the parameters (no second copy of the weights; collective)."""
+    verify_checkpoint(path)
     request = {EMA_PREFIX + sh.key: dataclasses.replace(sh, key=EMA_PREFIX + sh.key)
                for sh in _sharded_tensors(model).values()}
     saved = dist_checkpointing.load_tensors_metadata(str(path))

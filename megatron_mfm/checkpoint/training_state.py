@@ -35,6 +35,7 @@ from megatron_mfm.checkpoint.layout import (
     latest_checkpoint,
 )
 from megatron_mfm.checkpoint.model_state import to_local_keys
+from megatron_mfm.checkpoint.verify import read_common, verify_checkpoint
 from megatron_mfm.config import ConfigError
 from megatron_mfm.model.config import architecture_of
 from megatron_mfm.model.dit import ModelChunks
@@ -176,7 +177,8 @@ class Checkpointer:
         path = latest_checkpoint(load_dir)
         if path is None:
             return 0
-        common = dist_checkpointing.load_common_state_dict(str(path))
+        verify_checkpoint(path)
+        common = read_common(path)
         saved_format = common["optimizer"].get("param_state_sharding_type") if self.save_format else None
         if saved_format == "dp_reshardable":
             _check_model_parallel_layout(path, common["run_config"]["parallel"])

@@ -1,0 +1,127 @@
+"""Checkpoints: loading runs no code, a damaged one is named in one line, pruning keeps what
+the run wrote, a failed save leaves no partial files, and inspect reads only what it shows."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+from megatron_mfm.checkpoint.layout import RNG_PREFIX, TRAINING_STATE_PREFIXES, CheckpointError
+from megatron_mfm.checkpoint.model_state import build_from_checkpoint
+from megatron_mfm.checkpoint.verify import COMMON_FILE, DCP_METADATA_FILE
+from megatron_mfm.config import load_config
+from megatron_mfm.training.loop import save, setup
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN = ["model.preset=tiny", "model.num_layers=1", "model.backend=local", "train.micro_batch_size=1",
+            "train.global_batch_size=1", "data.synthetic.frames=5", "data.synthetic.height=32",
+            "data.synthetic.width=32", "train.ema_decay=0.5"]
+
+
+class Payload:
+    """Unpickling this creates ``marker``: proof that loading ran code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.fixture(scope="module")
+def trained(single_process_world, tmp_path_factory):
+    """A trainer and the training checkpoint it saved (one folder, iter_0000000)."""
+    save_dir = tmp_path_factory.mktemp("safety") / "ckpt"
+    trainer = setup(load_config(overrides=[*TINY_RUN, f"checkpoint.save={save_dir}"]))
+    save(trainer)
+    return trainer, save_dir / "iter_0000000"
+
+
+@pytest.fixture
+def copy(trained, tmp_path) -> Path:
+    target = tmp_path / "ckpt" / "iter_0000000"
+    shutil.copytree(trained[1], target)
+    (target.parent / "latest").write_text(target.name + "\n")
+    return target
+
+
+def resume(trainer, save_dir: Path) -> int:
+    return trainer.checkpointer.load(str(save_dir), trainer.model, trainer.optimizer, trainer.scheduler,
+                                     trainer.ema, trainer.loader, trainer.state)
+
+
+def test_crafted_metadata_runs_no_code(trained, copy, tmp_path):
+    marker = tmp_path / "pwned"
+    (copy / DCP_METADATA_FILE).write_bytes(pickle.dumps(Payload(marker)))
+    for load in (lambda: build_from_checkpoint(copy), lambda: resume(trained[0], copy.parent)):
+        with pytest.raises(CheckpointError, match=rf"{DCP_METADATA_FILE}: not loaded.*refused to load io.open"):
+            load()
+    assert not marker.exists()
+
+
+def test_crafted_object_in_shards_runs_no_code(trained, copy, tmp_path):
+    """The RNG state is stored as a pickled object inside a .distcp file, which torch reads with
+    weights_only=False: point its metadata at a payload appended to the file."""
+    marker = tmp_path / "pwned"
+    metadata = pickle.loads((copy / DCP_METADATA_FILE).read_bytes())  # our own file: trusted here
+    index = next(i for i in metadata.storage_data if i.fqn.startswith(RNG_PREFIX))
+    shard = copy / metadata.storage_data[index].relative_path
+    buffer = io.BytesIO()
+    torch.save([Payload(marker)], buffer)
+    offset = shard.stat().st_size
+    with open(shard, "ab") as stream:
+        stream.write(buffer.getvalue())
+    metadata.storage_data[index] = _StorageInfo(shard.name, offset, len(buffer.getvalue()))
+    (copy / DCP_METADATA_FILE).write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: not loaded.*Unsupported global"):
+        resume(trained[0], copy.parent)
+    assert not marker.exists()
+
+
+def test_crafted_common_state_runs_no_code(trained, copy, tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    torch.save({"iteration": Payload(marker)}, copy / COMMON_FILE)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch's default must not be all that protects us
+    with pytest.raises(CheckpointError, match=rf"{COMMON_FILE}: not loaded"):
+        resume(trained[0], copy.parent)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damaged", ["__0_1.distcp", COMMON_FILE, DCP_METADATA_FILE])
+def test_truncated_file_is_named(copy, damaged):
+    file = copy / damaged
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=rf"{file}: (truncated|corrupt)"):
+        build_from_checkpoint(copy)
+
+
+def test_tool_names_a_crafted_checkpoint_in_one_line(copy, tmp_path):
+    marker = tmp_path / "pwned"
+    (copy / DCP_METADATA_FILE).write_bytes(pickle.dumps(Payload(marker)))
+    result = subprocess.run([sys.executable, "-m", "tools.inspect_checkpoint", str(copy.parent)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0 and not marker.exists()
+    last = result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr and str(copy / DCP_METADATA_FILE) in last, result.stderr[-2000:]
+
+
+def test_inspect_diff_of_same_keys_and_model_only_loading(trained, copy, capsys):
+    from tools import inspect_checkpoint
+
+    assert not any(k.startswith(TRAINING_STATE_PREFIXES) for k in inspect_checkpoint.tensors(copy, everything=False))
+    counts = {}
+    for everything in (False, True):
+        inspect_checkpoint.report(argparse.Namespace(checkpoint=str(trained[1]), diff=str(copy), all=everything))
+        last = capsys.readouterr().out.strip().splitlines()[-1]
+        assert last.startswith("0 of ") and last.endswith("; 0 present in one checkpoint only"), last
+        counts[everything] = int(last.split()[2])
+    assert counts[True] > counts[False], "--all compares the optimizer and EMA tensors too"
