@@ -18,8 +18,9 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from megatron_mfm.checkpoint.layout import RNG_PREFIX, TRAINING_STATE_PREFIXES, CheckpointError
 from megatron_mfm.checkpoint.model_state import build_from_checkpoint
 from megatron_mfm.checkpoint.verify import COMMON_FILE, DCP_METADATA_FILE
-from megatron_mfm.config import load_config
-from megatron_mfm.training.loop import save, setup
+from megatron_mfm.checkpoint.training_state import Checkpointer
+from megatron_mfm.config import config_to_dict, load_config
+from megatron_mfm.training.loop import save, setup, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["model.preset=tiny", "model.num_layers=1", "model.backend=local", "train.micro_batch_size=1",
@@ -42,6 +43,7 @@ def trained(single_process_world, tmp_path_factory):
     """A trainer and the training checkpoint it saved (one folder, iter_0000000)."""
     save_dir = tmp_path_factory.mktemp("safety") / "ckpt"
     trainer = setup(load_config(overrides=[*TINY_RUN, f"checkpoint.save={save_dir}"]))
+    train_step(trainer)  # the optimizer holds state to save
     save(trainer)
     return trainer, save_dir / "iter_0000000"
 
@@ -125,3 +127,20 @@ def test_inspect_diff_of_same_keys_and_model_only_loading(trained, copy, capsys)
         assert last.startswith("0 of ") and last.endswith("; 0 present in one checkpoint only"), last
         counts[everything] = int(last.split()[2])
     assert counts[True] > counts[False], "--all compares the optimizer and EMA tensors too"
+
+
+def save_at(checkpointer: Checkpointer, trainer, iteration: int) -> None:
+    checkpointer.save(iteration, trainer.model, trainer.optimizer, trainer.scheduler, trainer.ema,
+                      trainer.loader.state_dict(), trainer.state, config_to_dict(trainer.config))
+
+
+def test_pruning_keeps_the_checkpoint_just_written(trained, tmp_path):
+    """Resumed from an older iteration, a run saves lower numbers than the folders it left behind:
+    the newest save is the last written, not the highest-numbered."""
+    trainer = trained[0]
+    checkpointer = Checkpointer(str(tmp_path), keep_last=1, async_save=False, distributed_optimizer=False)
+    save_at(checkpointer, trainer, 12)
+    save_at(checkpointer, trainer, 9)
+    assert (tmp_path / "latest").read_text().strip() == "iter_0000009"
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000009"]
+    assert resume(trainer, tmp_path) == 9

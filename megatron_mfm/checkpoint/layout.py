@@ -4,6 +4,7 @@ A training save directory::
 
     iter_0000010/   model, optimizer, EMA shards + common state + mfm_config.json
     latest          the name of the newest COMPLETE checkpoint
+    history         the published checkpoints, oldest first
 
 A model-only checkpoint is one such folder (dist checkpoint + ``mfm_config.json``).
 """
@@ -14,6 +15,8 @@ import re
 from pathlib import Path
 
 LATEST = "latest"
+# The published checkpoints in the order they were written (pruning keeps the newest by this).
+HISTORY = "history"
 CONFIG_FILE = "mfm_config.json"
 # Written last by megatron's dist_checkpointing: its presence marks a complete dist checkpoint.
 METADATA_FILE = "metadata.json"
