@@ -144,3 +144,27 @@ def test_pruning_keeps_the_checkpoint_just_written(trained, tmp_path):
     assert (tmp_path / "latest").read_text().strip() == "iter_0000009"
     assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000009"]
     assert resume(trainer, tmp_path) == 9
+
+
+def _small_filesystem_command(mount: Path, size: str, command: list[str]) -> list[str] | None:
+    """``command`` run with a tmpfs of ``size`` at ``mount`` (a private mount namespace), or None
+    where this machine allows no such namespace."""
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True)
+    if shutil.which("unshare") is None or probe.returncode != 0:
+        return None
+    script = f'mount -t tmpfs -o size={size} tmpfs "{mount}" && exec "$@"'
+    return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", *command]
+
+
+def test_full_disk_fails_on_every_rank_naming_the_folder(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    command = _small_filesystem_command(mount, "1m", [sys.executable, "-m", "faults.save_on_full_disk", str(mount / "ckpt")])
+    if command is None:
+        pytest.skip("no user+mount namespaces here to make a small filesystem")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):  # every rank learns why, and nothing partial is left behind
+        line = next(line for line in result.stdout.splitlines() if line.startswith(f"rank {rank}:"))
+        assert line.startswith(f"rank {rank}: CheckpointError: no space left on {mount / 'ckpt'}: "), line
+        assert line.endswith("| left: []"), line

@@ -262,20 +262,26 @@ def _bytes_written_by_all_ranks(state: dict) -> int:
 
 
 def _agree(failure: BaseException | None, final: Path, tmp: Path) -> None:
-    """Collective: raise on every rank if any rank failed, after removing the partial ``tmp``
-    (so a failed save neither hangs the other ranks nor keeps the disk full)."""
+    """Collective: raise on every rank, with the first failing rank's reason, if any rank failed,
+    after removing the partial ``tmp`` (a failed save neither hangs the other ranks nor keeps the
+    disk full)."""
     failed = torch.tensor([0 if failure is None else 1], device="cuda" if torch.cuda.is_available() else "cpu")
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if not failed.item():
         return
+    reasons: list = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, None if failure is None else _reason(failure, final))
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    if failure is not None and is_disk_full(failure):
-        raise CheckpointError(f"no space left on {final.parent}: checkpoint {final.name} not saved "
-                              f"({str(failure).splitlines()[0]}); the partial save was removed") from None
-    if failure is not None:
-        raise CheckpointError(f"checkpoint {final} not saved: {failure}") from failure
-    raise CheckpointError(f"checkpoint {final} not saved: another rank failed (see its message)")
+    raise CheckpointError(next(reason for reason in reasons if reason)) from None
+
+
+def _reason(failure: BaseException, final: Path) -> str:
+    first_line = (str(failure).strip().splitlines() or [type(failure).__name__])[0]
+    if is_disk_full(failure):
+        return (f"no space left on {final.parent}: checkpoint {final.name} not saved ({first_line}); "
+                f"the partial save was removed")
+    return f"checkpoint {final} not saved: {first_line}"
 
 
 def _check_model_parallel_layout(path: Path, saved: dict) -> None:
