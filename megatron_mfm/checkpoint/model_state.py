@@ -160,7 +160,21 @@ def build_from_official(folder: str | Path, backend: str = "local", **overrides)
         groups = {g.ours: g for g in groups_from_official(weights.keys(), config)}
         _fill(model, lambda key: groups[key].fuse([weights.get(n) for n in groups[key].official])
               if key in groups else None, progress=f"reading {folder}")
+        _check_all_used(folder, weights.keys(), [groups[k] for k in _sharded_tensors(model) if k in groups])
     return model
+
+
+def _check_all_used(folder: Path, keys: list[str], used_groups: list) -> None:
+    """Fail unless every tensor of the folder went into the model (of some rank; collective):
+    weights that config.json does not describe are an error, never silently dropped."""
+    everywhere: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everywhere, sorted({name for g in used_groups for name in g.official}))
+    unused = sorted(set(keys) - set().union(*everywhere))
+    if unused:
+        raise CheckpointError(
+            f"{folder}: {len(unused)} of {len(keys)} tensors are not part of the model that its config.json "
+            f"describes (e.g. {unused[:3]}); fix config.json (num_layers, ...) to match the weights"
+        )
 
 
 def to_local_keys(model: MfMDiT, state: dict) -> dict:
