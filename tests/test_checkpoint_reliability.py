@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +24,7 @@ from megatron_mfm.checkpoint.model_state import build_from_checkpoint
 from megatron_mfm.checkpoint.verify import COMMON_FILE, DCP_METADATA_FILE
 from megatron_mfm.checkpoint.training_state import Checkpointer
 from megatron_mfm.config import config_to_dict, load_config
-from megatron_mfm.training.loop import save, setup, train_step
+from megatron_mfm.training.loop import save, setup, train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["model.preset=tiny", "model.num_layers=1", "model.backend=local", "train.micro_batch_size=1",
@@ -168,3 +172,25 @@ def test_full_disk_fails_on_every_rank_naming_the_folder(tmp_path):
         line = next(line for line in result.stdout.splitlines() if line.startswith(f"rank {rank}:"))
         assert line.startswith(f"rank {rank}: CheckpointError: no space left on {mount / 'ckpt'}: "), line
         assert line.endswith("| left: []"), line
+
+
+def test_sigterm_without_a_save_folder_says_nothing_was_saved(single_process_world, tmp_path, capsys):
+    metrics = tmp_path / "metrics.jsonl"
+    config = load_config(overrides=[*TINY_RUN, "train.iterations=1000", "logging.interval=1",
+                                    f"logging.metrics_file={metrics}"])
+
+    def terminate_after_first_step() -> None:
+        while not (metrics.exists() and metrics.read_text().strip()):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=terminate_after_first_step, daemon=True).start()
+    try:
+        trainer = train(config)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert trainer.state.iteration < 1000
+    out = capsys.readouterr().out
+    assert "SIGTERM: stopped at iteration" in out and "nothing saved (checkpoint.save is empty)" in out
+    assert "saved iteration" not in out

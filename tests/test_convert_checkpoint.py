@@ -270,3 +270,12 @@ def test_import_refuses_weights_the_config_does_not_describe(official, tmp_path,
     (folder / "config.json").write_text(json.dumps({**OFFICIAL_CONFIG, "num_layers": TINY["layers"] - 1}))
     with pytest.raises(CheckpointError, match=r"fewer: \d+ of \d+ tensors are not part of the model .*transformer_blocks"):
         build_from_official(folder)
+
+
+def test_forward_never_overwrites_its_output(tmp_path):
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"kept")
+    args = convert_checkpoint.parse_args(["forward", "--load", str(tmp_path), "--inputs", str(out), "--output", str(out)])
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        convert_checkpoint.forward(args)
+    assert out.read_bytes() == b"kept"

@@ -374,7 +374,8 @@ def _train_loop(trainer: Trainer) -> None:
         if ckpt.save and (stopping or (ckpt.interval and iteration % ckpt.interval == 0)):
             save(trainer)
         if stopping:
-            trainer.logger.print(f"SIGTERM: saved iteration {iteration} and stopped")
+            trainer.logger.print(f"SIGTERM: saved iteration {iteration} and stopped" if ckpt.save else
+                                 f"SIGTERM: stopped at iteration {iteration}; nothing saved (checkpoint.save is empty)")
             break
     else:
         saved_already = ckpt.interval and trainer.state.iteration % ckpt.interval == 0
