@@ -454,7 +454,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        key_hint, value_hint = typing.get_args(hint) or (typing.Any, typing.Any)
+        return {_coerce(key_hint, k, where): _coerce(value_hint, v, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -479,6 +480,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return number
     if hint is str:
+        if isinstance(value, (list, dict, bool)):
+            raise ConfigError(f"{where}: expected text, got {value!r}")
         return "" if value is None else str(value)
     return value
 

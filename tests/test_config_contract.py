@@ -41,3 +41,13 @@ def test_missing_shard_index_is_a_file_check_not_a_parse_error(tmp_path):
     config = load_config(overrides=["data.source=shards", f"data.shards.path={tmp_path}"])  # parses: no I/O
     with pytest.raises(ConfigError, match="data.shards.path=.*no index.json"):
         config.check_files()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("checkpoint.save=[a, b]", "checkpoint.save: expected text, got ['a', 'b']"),
+    ("tasks.weights={t2v: high}", "tasks.weights.t2v: expected float, got 'high'"),
+])
+def test_wrongly_typed_values_name_the_field(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(overrides=[override])
+    assert str(error.value) == message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -258,3 +259,23 @@ def test_export_complete_pipeline_folder(official, checkpoint, tmp_path, link):
                                                      "transformer", "vae"]
     assert (out / "vae").is_symlink() == link and (out / "tokenizer" / "spiece.model").read_text() == "x"
     assert_bitwise_equal(out / "transformer", official[1])
+
+
+def test_import_refuses_weights_the_config_does_not_describe(official, tmp_path, single_process_world):
+    from megatron_mfm.checkpoint.layout import CheckpointError
+    from megatron_mfm.checkpoint.model_state import build_from_official
+
+    folder = tmp_path / "fewer"
+    shutil.copytree(official[0], folder)
+    (folder / "config.json").write_text(json.dumps({**OFFICIAL_CONFIG, "num_layers": TINY["layers"] - 1}))
+    with pytest.raises(CheckpointError, match=r"fewer: \d+ of \d+ tensors are not part of the model .*transformer_blocks"):
+        build_from_official(folder)
+
+
+def test_forward_never_overwrites_its_output(tmp_path):
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"kept")
+    args = convert_checkpoint.parse_args(["forward", "--load", str(tmp_path), "--inputs", str(out), "--output", str(out)])
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        convert_checkpoint.forward(args)
+    assert out.read_bytes() == b"kept"

@@ -28,6 +28,7 @@ from megatron_mfm.utils.warnings_filter import quiet_known_warnings
 
 quiet_known_warnings()
 
+from megatron_mfm.checkpoint.layout import CheckpointError
 from megatron_mfm.checkpoint.model_state import (
     OfficialTensors,
     build_from_checkpoint,
@@ -85,6 +86,8 @@ def export_official(args: argparse.Namespace) -> None:
 def forward(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file, save_file
 
+    if Path(args.output).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it")
     initialize_parallel(tensor_parallel_size=args.tp)
     model = build_from_checkpoint(args.load, "raw", args.backend, tensor_model_parallel_size=args.tp,
                                   sequence_parallel=args.sequence_parallel and args.tp > 1)
@@ -158,7 +161,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = sub.add_parser("forward", help="one forward pass on inputs named as the official forward's arguments")
     p.add_argument("--load", required=True, help="megatron_mfm checkpoint directory")
     p.add_argument("--inputs", required=True, help=f"safetensors with {', '.join(FORWARD_INPUTS)}")
-    p.add_argument("--output", required=True, help="safetensors file to write ('sample')")
+    p.add_argument("--output", required=True, help="safetensors file to write ('sample'); must not exist")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (world size under torchrun)")
     p.add_argument("--sequence-parallel", action="store_true", help="also split tokens across TP ranks")
     p.add_argument("--backend", default="auto", choices=["auto", "te", "local"], help="layer spec")
@@ -170,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         args.run(args)
+    except (CheckpointError, FileExistsError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
     finally:
         destroy_parallel()
 

@@ -5,14 +5,15 @@
   python tools/inspect_checkpoint.py CKPT --diff OTHER    # tensors that differ, by relative norm
 
 CKPT is a checkpoint directory (iter_XXXXXXX or a converted model) or a save directory with a
-``latest`` file. Runs in one process; tensors are loaded whole, one checkpoint at a time.
+``latest`` file. Runs in one process; the model's tensors (with --all also the optimizer's and the
+EMA's) are loaded whole, one checkpoint at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import math
 from pathlib import Path
 
 import torch
@@ -23,21 +24,25 @@ from megatron_mfm.utils.warnings_filter import quiet_known_warnings
 quiet_known_warnings()
 
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.serialization import load_plain_tensors
 
-from megatron_mfm.checkpoint.model_state import (
+from megatron_mfm.checkpoint.layout import (
     CONFIG_FILE,
+    EMA_PREFIX,
     TRAINING_STATE_PREFIXES,
+    CheckpointError,
+    is_complete,
     resolve_checkpoint,
 )
+from megatron_mfm.checkpoint.verify import read_common, verify_checkpoint
 from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel
 
 
 def resolve(path: str) -> Path:
     """A checkpoint directory from a checkpoint or a save directory."""
     path = resolve_checkpoint(path)
-    if not (path / "metadata.json").is_file():
+    if not is_complete(path):
         raise SystemExit(f"{path}: not a checkpoint (no metadata.json) nor a save directory (no latest)")
+    verify_checkpoint(path)
     return path
 
 
@@ -46,10 +51,7 @@ def summary(path: Path) -> dict:
     info: dict = {"path": str(path)}
     if (path / CONFIG_FILE).is_file():
         info["architecture"] = json.loads((path / CONFIG_FILE).read_text())
-    try:
-        common = dist_checkpointing.load_common_state_dict(str(path))
-    except Exception:  # model-only checkpoints written by the converter have no common state
-        common = {}
+    common = read_common(path)  # {} for model-only checkpoints written by the converter
     for key in ("iteration", "data", "training"):
         if key in common:
             info[key] = common[key]
@@ -60,8 +62,50 @@ def summary(path: Path) -> dict:
     return info
 
 
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in load_plain_tensors(str(path)).items() if torch.is_tensor(v)}
+def tensors(path: Path, everything: bool) -> dict[str, torch.Tensor]:
+    """The model's whole tensors, with ``everything`` also the optimizer's and the EMA's."""
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    wanted = {k: sh for k, sh in saved.items() if everything or not k.startswith(TRAINING_STATE_PREFIXES)}
+    loaded = dist_checkpointing.load(wanted, str(path), validate_access_integrity=False)
+    return {k: v for k, v in loaded.items() if k in wanted}  # load() adds the common state
+
+
+def report(args: argparse.Namespace) -> None:
+    path = resolve(args.checkpoint)
+    info = summary(path)
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    info["parameters"] = sum(math.prod(sh.global_shape) for k, sh in saved.items()
+                             if not k.startswith(TRAINING_STATE_PREFIXES))
+    info["has EMA"] = any(k.startswith(EMA_PREFIX) for k in saved)
+    print(json.dumps(info, indent=2, default=str))
+    shown = tensors(path, args.all)
+    if args.diff:
+        diff(shown, tensors(resolve(args.diff), args.all), args)
+        return
+    print(f"\n{'tensor':70s} {'shape':>22s} {'dtype':>10s} {'norm':>12s}")
+    for key in sorted(shown):
+        v = shown[key]
+        print(f"{key:70s} {str(tuple(v.shape)):>22s} {str(v.dtype)[6:]:>10s} {v.float().norm().item():12.5g}")
+
+
+def diff(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], args: argparse.Namespace) -> None:
+    """Print the tensors that differ and those present in one checkpoint only."""
+    common = sorted(set(first) & set(second))
+    differing = 0
+    print(f"\n{'tensor':70s} {'relative difference':>20s}")
+    for key in common:
+        a, b = first[key].float(), second[key].float()
+        if a.shape != b.shape:
+            print(f"{key:70s} shape {tuple(a.shape)} vs {tuple(b.shape)}")
+            differing += 1
+        elif not torch.equal(a, b):
+            print(f"{key:70s} {((a - b).norm() / a.norm().clamp_min(1e-30)).item():20.3e}")
+            differing += 1
+    only = [(key, args.checkpoint) for key in sorted(set(first) - set(second))]
+    only += [(key, args.diff) for key in sorted(set(second) - set(first))]
+    for key, where in only:
+        print(f"{key:70s} only in {where}")
+    print(f"\n{differing} of {len(common)} common tensors differ; {len(only)} present in one checkpoint only")
 
 
 def main() -> None:
@@ -73,38 +117,9 @@ def main() -> None:
 
     initialize_parallel()
     try:
-        path = resolve(args.checkpoint)
-        info = summary(path)
-        state = tensors(path)
-        model = {k: v for k, v in state.items() if not k.startswith(TRAINING_STATE_PREFIXES)}
-        info["parameters"] = sum(v.numel() for v in model.values())
-        info["has EMA"] = any(k.startswith("ema.") for k in state)
-        print(json.dumps(info, indent=2, default=str))
-        shown = state if args.all else model
-        if not args.diff:
-            print(f"\n{'tensor':70s} {'shape':>22s} {'dtype':>10s} {'norm':>12s}")
-            for key in sorted(shown):
-                v = shown[key]
-                print(f"{key:70s} {str(tuple(v.shape)):>22s} {str(v.dtype)[6:]:>10s} {v.float().norm().item():12.5g}")
-            return
-        other = tensors(resolve(args.diff))
-        only_a, only_b = sorted(set(shown) - set(other)), sorted(set(other) & set(state) - set(shown))
-        differing = 0
-        print(f"\n{'tensor':70s} {'relative difference':>20s}")
-        for key in sorted(set(shown) & set(other)):
-            a, b = shown[key].float(), other[key].float()
-            if a.shape != b.shape:
-                print(f"{key:70s} shape {tuple(a.shape)} vs {tuple(b.shape)}")
-                differing += 1
-            elif not torch.equal(a, b):
-                print(f"{key:70s} {((a - b).norm() / a.norm().clamp_min(1e-30)).item():20.3e}")
-                differing += 1
-        for key in only_a:
-            print(f"{key:70s} only in {args.checkpoint}")
-        for key in sorted(set(other) - set(state)):
-            print(f"{key:70s} only in {args.diff}")
-        print(f"\n{differing} of {len(set(shown) & set(other))} common tensors differ; "
-              f"{len(only_a) + len(only_b)} present in one checkpoint only")
+        report(args)
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from None
     finally:
         destroy_parallel()
 

@@ -1,1 +1,2 @@
-"""Checkpoint layout (latest, names, prefixes), model state and training state."""
+"""Checkpoints: the layout (``layout``), model weights (``model_state``) and the full training
+state (``training_state``). Nothing here depends on ``megatron_mfm.training``."""

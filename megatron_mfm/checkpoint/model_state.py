@@ -21,13 +21,18 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from tqdm import tqdm
 
+from megatron_mfm.checkpoint.layout import (
+    CONFIG_FILE,
+    CheckpointError,
+    EMA_PREFIX,
+    TRAINING_STATE_PREFIXES,
+    is_complete,
+    resolve_checkpoint,
+)
+from megatron_mfm.checkpoint.verify import verify_checkpoint
 from megatron_mfm.export.key_map import groups_from_official, groups_from_ours
 from megatron_mfm.model.config import MfMConfig, architecture_of, make_config
 from megatron_mfm.model.dit import MfMDiT
-
-CONFIG_FILE = "mfm_config.json"
-# Tensors a training checkpoint holds besides the model's (see megatron_mfm/checkpoint/training_state.py).
-TRAINING_STATE_PREFIXES = ("ema.", "optimizer.", "rng_state")
 
 
 def _sharded_tensors(model: MfMDiT) -> dict[str, ShardedTensor]:
@@ -37,25 +42,6 @@ def _sharded_tensors(model: MfMDiT) -> dict[str, ShardedTensor]:
         for sh in model.sharded_state_dict().values()
         if isinstance(sh, ShardedTensor)
     }
-
-
-LATEST = "latest"
-
-
-def latest_checkpoint(save_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a training save directory, or None."""
-    pointer = Path(save_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    path = Path(save_dir) / pointer.read_text().strip()
-    if not (path / "metadata.json").is_file():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
-    return path
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory given either itself or a save directory with ``latest``."""
-    return latest_checkpoint(path) or Path(path)
 
 
 def save_model(model: MfMDiT, path: str | Path) -> Path:
@@ -106,7 +92,7 @@ def check_shapes(model: MfMDiT, path: str | Path) -> None:
     problems += [f"{key}: in checkpoint but not in the model" for key in unexpected]
     if problems:
         shown = "\n  ".join(problems[:8])
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} does not match the model config ({len(problems)} problems):\n  {shown}"
         )
 
@@ -114,8 +100,9 @@ def check_shapes(model: MfMDiT, path: str | Path) -> None:
 def load_model(model: MfMDiT, path: str | Path) -> None:
     """Load a checkpoint saved at any TP layout into ``model`` (collective)."""
     path = Path(path)
-    if not (path / "metadata.json").is_file():
-        raise FileNotFoundError(f"{path} is not a complete dist checkpoint (no metadata.json)")
+    if not is_complete(path):
+        raise CheckpointError(f"{path} is not a complete dist checkpoint (no metadata.json)")
+    verify_checkpoint(path)
     check_shapes(model, path)
     request = model.sharded_state_dict()
     loaded = dist_checkpointing.load(request, str(path))
@@ -127,8 +114,7 @@ def load_model(model: MfMDiT, path: str | Path) -> None:
 def load_ema_weights(model: MfMDiT, path: str | Path) -> None:
     """Replace the model's weights by the EMA saved in a training checkpoint, read straight into
     the parameters (no second copy of the weights; collective)."""
-    from megatron_mfm.training.ema import EMA_PREFIX
-
+    verify_checkpoint(path)
     request = {EMA_PREFIX + sh.key: dataclasses.replace(sh, key=EMA_PREFIX + sh.key)
                for sh in _sharded_tensors(model).values()}
     saved = dist_checkpointing.load_tensors_metadata(str(path))
@@ -174,7 +160,21 @@ def build_from_official(folder: str | Path, backend: str = "local", **overrides)
         groups = {g.ours: g for g in groups_from_official(weights.keys(), config)}
         _fill(model, lambda key: groups[key].fuse([weights.get(n) for n in groups[key].official])
               if key in groups else None, progress=f"reading {folder}")
+        _check_all_used(folder, weights.keys(), [groups[k] for k in _sharded_tensors(model) if k in groups])
     return model
+
+
+def _check_all_used(folder: Path, keys: list[str], used_groups: list) -> None:
+    """Fail unless every tensor of the folder went into the model (of some rank; collective):
+    weights that config.json does not describe are an error, never silently dropped."""
+    everywhere: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everywhere, sorted({name for g in used_groups for name in g.official}))
+    unused = sorted(set(keys) - set().union(*everywhere))
+    if unused:
+        raise CheckpointError(
+            f"{folder}: {len(unused)} of {len(keys)} tensors are not part of the model that its config.json "
+            f"describes (e.g. {unused[:3]}); fix config.json (num_layers, ...) to match the weights"
+        )
 
 
 def to_local_keys(model: MfMDiT, state: dict) -> dict:

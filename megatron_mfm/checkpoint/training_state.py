@@ -1,10 +1,6 @@
-"""Training checkpoints with megatron dist_checkpointing.
-
-Layout of ``save`` dir::
-
-    iter_0000010/   model, optimizer, EMA shards + common state (scheduler, iteration, data
-                    state, RNG states, run config) + mfm_config.json
-    latest          the name of the newest COMPLETE checkpoint
+"""Training checkpoints with megatron dist_checkpointing: the full training state (model,
+optimizer, EMA shards; common state: scheduler, iteration, data state, RNG states, run config) in
+the layout of ``megatron_mfm/checkpoint/layout.py``.
 
 A checkpoint is written under ``iter_XXXXXXX.tmp`` and renamed, then ``latest`` is replaced
 atomically; so an interrupted save (crash, SIGKILL, full disk) leaves ``latest`` pointing at the
@@ -15,36 +11,51 @@ training checkpoints directly.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, is_main_replica
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
+from megatron_mfm.checkpoint.layout import (
+    CONFIG_FILE,
+    EMA_PREFIX,
+    HISTORY,
+    LATEST,
+    CheckpointError,
+    RNG_PREFIX,
+    iteration_dir,
+    iteration_of,
+    latest_checkpoint,
+)
+from megatron_mfm.checkpoint.model_state import to_local_keys
+from megatron_mfm.checkpoint.verify import read_common, verify_checkpoint
 from megatron_mfm.config import ConfigError
-from megatron_mfm.checkpoint.model_state import CONFIG_FILE, LATEST, latest_checkpoint, to_local_keys
 from megatron_mfm.model.config import architecture_of
 from megatron_mfm.model.dit import ModelChunks
-from megatron_mfm.training.ema import EMA, EMA_PREFIX
-
-_ITER = re.compile(r"^iter_(\d{7})$")
+from megatron_mfm.utils.atomic import fsync_dir, fsync_tree, is_disk_full
 # Fault injection for tests of interrupted saves: exit after the shards are written, before the
 # checkpoint is published.
 CRASH_ENV = "MFM_CRASH_BEFORE_PUBLISH"
 
 
-def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
-    return Path(save_dir) / f"iter_{iteration:07d}"
+class ShardedEMA(Protocol):
+    """What a checkpoint needs of the EMA (``megatron_mfm/training/ema.py``): keys ``ema.<model key>``."""
+
+    def sharded_state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass
@@ -70,7 +81,7 @@ def _rng_object() -> ShardedObject:
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
     world, rank = dist.get_world_size(), dist.get_rank()
-    return ShardedObject(f"rng_state_world{world}", states, (world,), (rank,), replica_id=0)
+    return ShardedObject(f"{RNG_PREFIX}_world{world}", states, (world,), (rank,), replica_id=0)
 
 
 def _restore_rng(states: dict) -> None:
@@ -80,7 +91,7 @@ def _restore_rng(states: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(states["tracker"])
 
 
-def _state(model: ModelChunks, optimizer, ema: EMA | None, optimizer_format: str | None, loading: bool) -> dict:
+def _state(model: ModelChunks, optimizer, ema: ShardedEMA | None, optimizer_format: str | None, loading: bool) -> dict:
     """The sharded state of a checkpoint; ``optimizer_format`` is the distributed optimizer's
     sharding type (None for the regular optimizer)."""
     sharded = model.sharded_state_dict()
@@ -133,9 +144,10 @@ class Checkpointer:
         self.finished: list[SaveReport] = []
         """Saves published since ``take_finished`` was last called."""
 
-    def save(self, iteration: int, model: ModelChunks, optimizer, scheduler, ema: EMA | None, data_state: dict,
+    def save(self, iteration: int, model: ModelChunks, optimizer, scheduler, ema: ShardedEMA | None, data_state: dict,
              training: TrainingState, run_config: dict) -> None:
-        """Collective. Returns once the files are written (or queued, with async_save)."""
+        """Collective. Returns once the files are written (or queued, with async_save); raises
+        ``CheckpointError`` on every rank when any rank fails to write or publish."""
         if self.save_dir is None:
             return
         self.wait()  # one checkpoint in flight at a time
@@ -143,37 +155,32 @@ class Checkpointer:
         returned: list[float] = []  # when save() returned (set before an async publish runs)
         final = iteration_dir(self.save_dir, iteration)
         tmp = final.with_name(final.name + ".tmp")
-        if dist.get_rank() == 0:
-            for stale in self.save_dir.glob("iter_*.tmp"):
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
         state = _state(model, optimizer, ema, self.save_format, loading=False)
         state.update(
             scheduler=scheduler.state_dict(), data=data_state, iteration=iteration,
             training=training.__dict__.copy(), run_config=run_config,
         )
+        self._prepare(tmp, _bytes_written_by_all_ranks(state))
         architecture = architecture_of(model.config)
 
         def publish() -> None:
             if os.environ.get(CRASH_ENV) == str(iteration):
                 os._exit(17)
             size = _tree_bytes(tmp) if dist.get_rank() == 0 else 0
+            failure = None
+            if dist.get_rank() == 0:
+                try:
+                    self._publish(tmp, final, architecture)
+                except Exception as error:
+                    failure = error
+            _agree(failure, final, tmp)
             total = time.perf_counter() - start
             self.finished.append(SaveReport(iteration, returned[0] if returned else total, total, size))
-            if dist.get_rank() == 0:
-                (tmp / CONFIG_FILE).write_text(json.dumps(architecture, indent=2) + "\n")
-                stale = final.with_name(final.name + ".old")
-                if final.exists():  # the same iteration saved again: swap, never leave a gap
-                    os.replace(final, stale)
-                os.replace(tmp, final)
-                shutil.rmtree(stale, ignore_errors=True)
-                pointer = self.save_dir / (LATEST + ".tmp")
-                pointer.write_text(final.name + "\n")
-                os.replace(pointer, self.save_dir / LATEST)
-                self._prune()
 
-        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=self.async_save)
+        try:
+            request = dist_checkpointing.save(state, str(tmp), async_sharded_save=self.async_save)
+        except Exception as error:  # megatron raises the write failures on every rank
+            _agree(error, final, tmp)
         if self.async_save:
             request.add_finalize_fn(publish)
             self.queue.schedule_async_request(request)
@@ -181,7 +188,36 @@ class Checkpointer:
         else:
             dist.barrier()
             publish()
-            dist.barrier()
+
+    def _prepare(self, tmp: Path, needed_bytes: int) -> None:
+        """Rank 0 removes stray partial saves, checks the free space and makes ``tmp`` (collective)."""
+        failure = None
+        if dist.get_rank() == 0:
+            try:
+                for stale in self.save_dir.glob("iter_*.tmp"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                self.save_dir.mkdir(parents=True, exist_ok=True)
+                free = shutil.disk_usage(self.save_dir).free
+                if needed_bytes > free:
+                    raise OSError(errno.ENOSPC, f"{needed_bytes / 1e9:.3g} GB needed, {free / 1e9:.3g} GB free")
+                tmp.mkdir()
+            except Exception as error:
+                failure = error
+        _agree(failure, tmp.with_suffix(""), tmp)
+
+    def _publish(self, tmp: Path, final: Path, architecture: dict) -> None:
+        """Rank 0: name the written checkpoint, point ``latest`` at it, prune; durable at each step."""
+        (tmp / CONFIG_FILE).write_text(json.dumps(architecture, indent=2) + "\n")
+        fsync_tree(tmp)
+        stale = final.with_name(final.name + ".old")
+        if final.exists():  # the same iteration saved again: swap, never leave a gap
+            os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+        history = [name for name in _history(self.save_dir) if name != final.name] + [final.name]
+        _write_durably(self.save_dir / HISTORY, "".join(f"{name}\n" for name in history))
+        _write_durably(self.save_dir / LATEST, final.name + "\n")
+        self._prune(history)
 
     def take_finished(self) -> list[SaveReport]:
         finished, self.finished = self.finished, []
@@ -197,20 +233,28 @@ class Checkpointer:
         if self.queue is not None:
             self.queue.maybe_finalize_async_calls(blocking=True)
 
-    def _prune(self) -> None:
+    def _prune(self, history: list[str]) -> None:
+        """Keep the ``keep_last`` checkpoints published last (by this save directory's history,
+        not by iteration number: a run resumed from an older iteration saves lower numbers)."""
         if self.keep_last <= 0:
             return
-        done = sorted(p for p in self.save_dir.iterdir() if _ITER.match(p.name))
-        for old in done[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        published = {p.name for p in self.save_dir.iterdir() if iteration_of(p) is not None}
+        unrecorded = sorted(published - set(history))  # saved before the history existed: oldest
+        by_age = unrecorded + [name for name in history if name in published]
+        keep = set(by_age[-self.keep_last:]) | {(self.save_dir / LATEST).read_text().strip()}
+        for name in by_age:
+            if name not in keep:
+                shutil.rmtree(self.save_dir / name, ignore_errors=True)
+        _write_durably(self.save_dir / HISTORY, "".join(f"{n}\n" for n in history if n in keep))
 
-    def load(self, load_dir: str, model: ModelChunks, optimizer, scheduler, ema: EMA | None, data,
+    def load(self, load_dir: str, model: ModelChunks, optimizer, scheduler, ema: ShardedEMA | None, data,
              training: TrainingState) -> int:
         """Resume from ``load_dir``'s latest checkpoint; returns its iteration (0 if none)."""
         path = latest_checkpoint(load_dir)
         if path is None:
             return 0
-        common = dist_checkpointing.load_common_state_dict(str(path))
+        verify_checkpoint(path)
+        common = read_common(path)
         saved_format = common["optimizer"].get("param_state_sharding_type") if self.save_format else None
         if saved_format == "dp_reshardable":
             _check_model_parallel_layout(path, common["run_config"]["parallel"])
@@ -229,6 +273,54 @@ class Checkpointer:
         if any(key.startswith(rng.key) for key in _saved_object_keys(path)):
             _restore_rng(dist_checkpointing.load({"rng": rng}, str(path))["rng"])
         return int(common["iteration"])
+
+
+def _history(save_dir: Path) -> list[str]:
+    file = save_dir / HISTORY
+    return file.read_text().split() if file.is_file() else []
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Replace ``path`` atomically and durably (written, flushed, renamed, folder flushed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _bytes_written_by_all_ranks(state: dict) -> int:
+    """Bytes of the tensors that this save writes, summed over ranks (each replica once)."""
+    local = sum(sh.data.numel() * sh.data.element_size() for sh in nested_values(state)
+                if isinstance(sh, ShardedTensor) and sh.data is not None and is_main_replica(sh.replica_id))
+    total = torch.tensor([local], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def _agree(failure: BaseException | None, final: Path, tmp: Path) -> None:
+    """Collective: raise on every rank, with the first failing rank's reason, if any rank failed,
+    after removing the partial ``tmp`` (a failed save neither hangs the other ranks nor keeps the
+    disk full)."""
+    failed = torch.tensor([0 if failure is None else 1], device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if not failed.item():
+        return
+    reasons: list = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, None if failure is None else _reason(failure, final))
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise CheckpointError(next(reason for reason in reasons if reason)) from None
+
+
+def _reason(failure: BaseException, final: Path) -> str:
+    first_line = (str(failure).strip().splitlines() or [type(failure).__name__])[0]
+    if is_disk_full(failure):
+        return (f"no space left on {final.parent}: checkpoint {final.name} not saved ({first_line}); "
+                f"the partial save was removed")
+    return f"checkpoint {final} not saved: {first_line}"
 
 
 def _check_model_parallel_layout(path: Path, saved: dict) -> None:

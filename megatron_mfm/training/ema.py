@@ -7,9 +7,8 @@ import dataclasses
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+from megatron_mfm.checkpoint.layout import EMA_PREFIX
 from megatron_mfm.model.dit import MfMDiT, ModelChunks
-
-EMA_PREFIX = "ema."
 
 
 def _parameters_by_key(model: MfMDiT | ModelChunks) -> dict[str, tuple[torch.nn.Parameter, ShardedTensor]]:

@@ -379,7 +379,8 @@ def _train_loop(trainer: Trainer) -> None:
             _report_saves(trainer)
         profile.after_step(iteration)
         if stopping:
-            trainer.logger.print(f"SIGTERM: saved iteration {iteration} and stopped")
+            trainer.logger.print(f"SIGTERM: saved iteration {iteration} and stopped" if ckpt.save else
+                                 f"SIGTERM: stopped at iteration {iteration}; nothing saved (checkpoint.save is empty)")
             break
     else:
         saved_already = ckpt.interval and trainer.state.iteration % ckpt.interval == 0

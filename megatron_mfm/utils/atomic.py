@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import uuid
@@ -36,3 +37,30 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """Flush every file under ``root`` and every folder of it to disk (before it is published)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(folder) / name, os.O_RDONLY)
+        fsync_dir(folder)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make renames and new entries in ``folder`` durable."""
+    _fsync(Path(folder), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _fsync(path: Path, flags: int) -> None:
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether a write failed for lack of space (torch's zip writer reports only "unexpected pos")."""
+    return (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
+        text in str(error) for text in ("No space left", "unexpected pos", "file write failed"))
