@@ -39,8 +39,15 @@ class SyntheticConfig:
     """Share of samples that are single images."""
     fps: float = 16.0
     seed: int = 0
+    workers: int = 0
+    """Processes rendering the next steps' micro-batches while the model trains (0: render in
+    the step, on its critical path)."""
+    prefetch_steps: int = 2
+    """Steps rendered ahead with ``workers``."""
 
     def __post_init__(self) -> None:
+        if self.workers < 0 or self.prefetch_steps < 0:
+            raise ValueError("data.synthetic.workers and prefetch_steps must be >= 0")
         if self.frames < 1 or (self.frames - 1) % 4:
             raise ValueError(f"data.synthetic.frames={self.frames} must be 4k+1 (the VAE compresses time 4x)")
         if self.height % 16 or self.width % 16:

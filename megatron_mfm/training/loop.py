@@ -344,8 +344,7 @@ def train(config: RunConfig) -> Trainer:
     finally:
         trainer.checkpointer.wait()
         trainer.logger.close()
-        if isinstance(trainer.loader, ShardLoader):
-            trainer.loader.close()
+        trainer.loader.close()
     return trainer
 
 
