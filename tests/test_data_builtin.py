@@ -90,3 +90,14 @@ def test_synthetic_workers_render_the_same_batches_ahead_and_resume():
         assert all(torch.equal(a.pixels, b.pixels) for a, b in zip(resumed, expected))
     finally:
         ahead.close()
+
+
+def test_simpler_synthetic_scenes_and_their_validation():
+    dataset = SyntheticVideoDataset(SyntheticConfig(frames=5, height=32, width=32, max_objects=1, backgrounds=["plain"]))
+    for index in range(6):
+        caption = dataset.clip(index, is_image=False).caption
+        assert " and " not in caption and caption.endswith(" background") and len(caption.split(" on a ")[1].split()) == 2
+    with pytest.raises(ValueError, match="data.synthetic.backgrounds"):
+        SyntheticConfig(backgrounds=["dotted"])
+    with pytest.raises(ValueError, match="data.synthetic.max_objects"):
+        SyntheticConfig(max_objects=0)
