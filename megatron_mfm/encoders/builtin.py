@@ -63,7 +63,7 @@ class LowFrequencyVideoCodec:
     """Pixels (B, 3, F, H, W) in [-1, 1] <-> latents (B, 16, (F-1)/4+1, H/8, W/8).
 
     Each channel is scaled to about unit variance on the synthetic scenes, as real VAE latents
-    are: a DC coefficient is 8x its patch mean (scale 0.25), and the coefficients fall ~3.3x per
+    are: a DC coefficient is 8x its patch mean (scale 0.25), and the coefficients fall ~2.5x per
     frequency order. With one common scale instead, the high-frequency channels (~15x smaller
     than the DC ones) drowned under unit noise at every sigma, and any velocity error in them
     decoded as full-contrast 8x8 DCT patterns: the saturated block noise of young t2v samples.
@@ -71,7 +71,7 @@ class LowFrequencyVideoCodec:
 
     scaling_factor = 0.25
     """Scale of the DC channels (the 8x patch mean to about unit scale)."""
-    falloff = 0.3
+    falloff = 0.4
     """Coefficient amplitude ratio between consecutive frequency orders on the synthetic data."""
 
     def __init__(self):
