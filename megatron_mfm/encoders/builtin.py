@@ -5,9 +5,8 @@ downloaded here. These keep the real interfaces and shapes:
 
 - ``LowFrequencyVideoCodec``: latents with the CogVideoX shape (16 channels, 4x time, 8x space,
   (F-1)/4+1 frames). Each 8x8 RGB patch is projected onto its 16 lowest-frequency orthonormal
-  DCT basis vectors, each scaled to about unit variance; frame 0 is encoded alone and later
-  frames in groups of 4 (averaged). Decoding inverts that: a low-pass, frame-held
-  reconstruction. Invertible on its range.
+  DCT basis vectors; frame 0 is encoded alone and later frames in groups of 4 (averaged).
+  Decoding is the transpose: a low-pass, frame-held reconstruction. Invertible on its range.
 - ``HashedTextEncoder``: a fixed random vector per word (stable hash) plus a sinusoidal position
   code, 77 tokens with a padding mask; similar captions get similar embeddings.
 """
@@ -35,48 +34,29 @@ def _dct_basis(n: int) -> torch.Tensor:
     return basis * math.sqrt(2 / n)
 
 
-def _low_frequency_rows() -> list[tuple[int, int, int]]:
-    """(u, v, RGB channel) of each latent channel: frequencies by u+v then u, one row per colour."""
-    freqs = sorted(((u, v) for u in range(PATCH) for v in range(PATCH)), key=lambda f: (f[0] + f[1], f[0]))
-    return [(u, v, channel) for u, v in freqs for channel in range(3)][:LATENT_CHANNELS]
-
-
 def _low_frequency_basis() -> torch.Tensor:
-    """(16, 3*8*8) orthonormal rows, one per ``_low_frequency_rows`` entry."""
+    """(16, 3*8*8) orthonormal rows: per frequency (by u+v, then u), one row per RGB channel."""
     dct = _dct_basis(PATCH)
+    freqs = sorted(((u, v) for u in range(PATCH) for v in range(PATCH)), key=lambda f: (f[0] + f[1], f[0]))
     rows = []
-    for u, v, channel in _low_frequency_rows():
-        row = torch.zeros(3, PATCH, PATCH, dtype=torch.float64)
-        row[channel] = torch.outer(dct[u], dct[v])
-        rows.append(row.flatten())
-    return torch.stack(rows).float()
-
-
-def _channel_scales(dc_scale: float, falloff: float) -> torch.Tensor:
-    """(16,) latent = coefficient * scale: ``dc_scale`` at frequency order u+v = 0, divided by
-    ``falloff`` per order, so that every channel has about unit variance on scenes whose
-    coefficient amplitude falls ``falloff`` per order."""
-    return torch.tensor([dc_scale / falloff ** (u + v) for u, v, _ in _low_frequency_rows()])
+    for u, v in freqs:
+        pattern = torch.outer(dct[u], dct[v])  # (8, 8)
+        for channel in range(3):
+            row = torch.zeros(3, PATCH, PATCH, dtype=torch.float64)
+            row[channel] = pattern
+            rows.append(row.flatten())
+            if len(rows) == LATENT_CHANNELS:
+                return torch.stack(rows).float()
+    raise AssertionError("unreachable")
 
 
 class LowFrequencyVideoCodec:
-    """Pixels (B, 3, F, H, W) in [-1, 1] <-> latents (B, 16, (F-1)/4+1, H/8, W/8).
+    """Pixels (B, 3, F, H, W) in [-1, 1] <-> latents (B, 16, (F-1)/4+1, H/8, W/8)."""
 
-    Each channel is scaled to about unit variance on the synthetic scenes, as real VAE latents
-    are: a DC coefficient is 8x its patch mean (scale 0.25), and the coefficients fall ~2.5x per
-    frequency order. With one common scale instead, the high-frequency channels (~15x smaller
-    than the DC ones) drowned under unit noise at every sigma, and any velocity error in them
-    decoded as full-contrast 8x8 DCT patterns: the saturated block noise of young t2v samples.
-    """
-
-    scaling_factor = 0.25
-    """Scale of the DC channels (the 8x patch mean to about unit scale)."""
-    falloff = 0.4
-    """Coefficient amplitude ratio between consecutive frequency orders on the synthetic data."""
+    scaling_factor = 0.25  # keeps latents near unit scale (the DC row is 8x the patch mean)
 
     def __init__(self):
         self.basis = _low_frequency_basis()
-        self.scales = _channel_scales(self.scaling_factor, self.falloff)
 
     def encode(self, pixels: torch.Tensor, generator: list[torch.Generator] | None = None) -> torch.Tensor:
         """Deterministic: ``generator`` is accepted for the codec interface and unused."""
@@ -87,12 +67,11 @@ class LowFrequencyVideoCodec:
         groups = [first] + ([rest.unflatten(2, (-1, TIME_STRIDE)).mean(dim=3)] if frames > 1 else [])
         grouped = torch.cat(groups, dim=2)  # (B, 3, T, H, W)
         patches = rearrange(grouped, "b c t (h p) (w q) -> b t h w (c p q)", p=PATCH, q=PATCH)
-        latents = patches @ self.basis.to(patches).T * self.scales.to(patches)
+        latents = patches @ self.basis.to(patches).T * self.scaling_factor
         return rearrange(latents, "b t h w c -> b c t h w")
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        coefficients = rearrange(latents, "b c t h w -> b t h w c") / self.scales.to(latents)
-        patches = coefficients @ self.basis.to(latents)
+        patches = rearrange(latents, "b c t h w -> b t h w c") / self.scaling_factor @ self.basis.to(latents)
         frames = rearrange(patches, "b t h w (c p q) -> b c t (h p) (w q)", c=3, p=PATCH, q=PATCH)
         held = [frames[:, :, :1]] + ([frames[:, :, 1:].repeat_interleave(TIME_STRIDE, dim=2)] if frames.shape[2] > 1 else [])
         return torch.cat(held, dim=2).clamp(-1, 1)
