@@ -37,7 +37,7 @@ from megatron_mfm.checkpoint.model_state import build_from_checkpoint
 from megatron_mfm.config import ConfigError, load_config
 from megatron_mfm.data.synthetic import SyntheticConfig, SyntheticVideoDataset
 from megatron_mfm.diffusion.flow_matching import add_noise, per_sample_mse
-from megatron_mfm.diffusion.generation import SamplingConfig, generate, task_sample_for
+from megatron_mfm.diffusion.generation import SCHEDULES, SamplingConfig, generate, task_sample_for
 from megatron_mfm.encoders.interface import FrozenEncoders, builtin_encoders
 from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel
 from megatron_mfm.tasks.builders import GENERATION_TASKS, IMAGE_TASKS, TASKS, TaskSample
@@ -168,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=4, help="held-out clips per task")
     parser.add_argument("--steps", type=int, help="Euler steps (default: the config's logging.sample_steps)")
     parser.add_argument("--guidance-scale", type=float, help="default: the config's logging.guidance_scale")
-    parser.add_argument("--schedule", choices=("official", "shifted"), help="default: logging.sample_schedule")
+    parser.add_argument("--schedule", choices=SCHEDULES, help="default: the config's logging.sample_schedule")
     parser.add_argument("--shift", type=float, help="default: the config's logging.sample_shift")
     parser.add_argument("--output", required=True, help="folder for metrics.json and contact_sheet.png")
     args = parser.parse_args(argv)
