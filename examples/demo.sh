@@ -12,9 +12,11 @@ start=$(date +%s)
   logging.metrics_file="$OUT/metrics.jsonl" logging.sample_dir="$OUT/validation"
 ckpt="$OUT/checkpoints/$(cat "$OUT/checkpoints/latest")"
 "$PY" tools/convert_checkpoint.py export-official --load "$ckpt" --output "$OUT/export/transformer" --weights ema
-# The tiny run trains at small shifts: sample on a matching schedule (the official warp suits 2B/8B).
+# The tiny run trains at small shifts: sample with a matching scheduler shift (the official 3 suits 2B/8B).
 "$PY" tools/sample.py --load "$ckpt" --tasks t2v i2v --output "$OUT/samples" --steps 30 --guidance-scale 3 \
-  --schedule shifted --shift 1.5 --frames 9 --height 64 --width 64 --negative-prompt ""  # the demo's clip size
+  --schedule scheduler --shift 1.5 --frames 9 --height 64 --width 64 --negative-prompt ""  # the demo's clip size
+# Per-task metrics on held-out clips of the demo's data (given-frame PSNR of i2v, colours of t2v)
+"$PY" -m tools.evaluate --load "$ckpt" --config examples/tiny_cpu.yaml --tasks t2v i2v --samples 2 --output "$OUT/eval"
 "$PY" - "$OUT/metrics.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
@@ -28,5 +30,6 @@ demo finished in $(( $(date +%s) - start )) s
   official export:   $OUT/export/transformer (config.json + diffusion_pytorch_model.safetensors)
   samples:           $OUT/samples/t2v.mp4, $OUT/samples/i2v.mp4
   contact sheet:     $OUT/samples/contact_sheet.png
+  evaluation:        $OUT/eval/metrics.json, $OUT/eval/contact_sheet.png (condition, sample, truth)
   metrics:           $OUT/metrics.jsonl, TensorBoard: $OUT/tensorboard
 TXT

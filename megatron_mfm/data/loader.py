@@ -4,12 +4,17 @@ Sample ``i`` of the run always gets the same clip, task, noise and timestep, wha
 parallel layout: a global batch is cut into micro-batch slots, slot ``s`` holding samples
 ``s*mbs .. s*mbs+mbs-1``; DP rank ``r`` takes slots ``base + m*dp + r``. The only state is the
 number of consumed samples, saved in checkpoints, so a resumed run sees exactly the samples it
-would have seen.
+would have seen. With ``data.synthetic.workers`` the micro-batches of the next steps are
+rendered ahead by worker processes (the same function of the slot, so the same data).
 """
 
 from __future__ import annotations
 
+import multiprocessing
+from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
@@ -18,6 +23,26 @@ from megatron_mfm.data.batch import MicroBatch, collate
 from megatron_mfm.data.rng import Stream, sample_generator
 from megatron_mfm.data.synthetic import SyntheticVideoDataset
 from megatron_mfm.tasks.mixture import TaskMixture
+
+
+@dataclass
+class SlotRenderer:
+    """Micro-batch slot -> MicroBatch (all images or all videos); picklable for worker processes."""
+
+    dataset: SyntheticVideoDataset
+    mixture: TaskMixture
+    micro_batch_size: int
+    seed: int
+
+    def __call__(self, slot: int) -> MicroBatch:
+        kind = sample_generator(self.seed, slot, Stream.MICRO_BATCH_KIND)
+        is_image = torch.rand(1, generator=kind).item() < self.dataset.config.image_fraction
+        samples = []
+        ids = list(range(slot * self.micro_batch_size, (slot + 1) * self.micro_batch_size))
+        for sample_id in ids:
+            clip = self.dataset.clip(sample_id, is_image)
+            samples.append(self.mixture.sample(clip, sample_generator(self.seed, sample_id, Stream.TASK)))
+        return collate(samples, ids)
 
 
 class SyntheticLoader:
@@ -30,30 +55,32 @@ class SyntheticLoader:
                  global_batch_size: int, dp_rank: int, dp_size: int, seed: int):
         if global_batch_size % (micro_batch_size * dp_size):
             raise ValueError("global batch size must be a multiple of micro batch size x DP size")
-        self.dataset, self.mixture = dataset, mixture
+        self.micro_batch = SlotRenderer(dataset, mixture, micro_batch_size, seed)
         self.mbs, self.gbs = micro_batch_size, global_batch_size
-        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        self.dp_rank, self.dp_size = dp_rank, dp_size
         self.consumed_samples = 0
+        workers, self.prefetch_steps = dataset.config.workers, dataset.config.prefetch_steps
+        self._pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                          initializer=torch.set_num_threads, initargs=(1,))
+                      if workers else None)
+        self._queue: deque[list[Future]] = deque()  # rendering steps, from consumed_samples on
 
     @property
     def num_microbatches(self) -> int:
         return self.gbs // (self.mbs * self.dp_size)
 
-    def micro_batch(self, slot: int) -> MicroBatch:
-        """The micro-batch of global slot ``slot`` (all images or all videos)."""
-        kind = sample_generator(self.seed, slot, Stream.MICRO_BATCH_KIND)
-        is_image = torch.rand(1, generator=kind).item() < self.dataset.config.image_fraction
-        samples = []
-        ids = list(range(slot * self.mbs, (slot + 1) * self.mbs))
-        for sample_id in ids:
-            clip = self.dataset.clip(sample_id, is_image)
-            samples.append(self.mixture.sample(clip, sample_generator(self.seed, sample_id, Stream.TASK)))
-        return collate(samples, ids)
+    def _slots(self, step_ahead: int) -> list[int]:
+        base = (self.consumed_samples + step_ahead * self.gbs) // self.mbs
+        return [base + m * self.dp_size + self.dp_rank for m in range(self.num_microbatches)]
 
     def next_global_batch(self) -> list[MicroBatch]:
         """This rank's micro-batches for the next step; advances the consumed-sample count."""
-        base = self.consumed_samples // self.mbs
-        batches = [self.micro_batch(base + m * self.dp_size + self.dp_rank) for m in range(self.num_microbatches)]
+        if self._pool is None:
+            batches = [self.micro_batch(slot) for slot in self._slots(0)]
+        else:
+            while len(self._queue) <= self.prefetch_steps:
+                self._queue.append([self._pool.submit(self.micro_batch, s) for s in self._slots(len(self._queue))])
+            batches = [future.result() for future in self._queue.popleft()]
         self.consumed_samples += self.gbs
         return batches
 
@@ -61,4 +88,12 @@ class SyntheticLoader:
         return {"consumed_samples": self.consumed_samples}
 
     def load_state_dict(self, state: dict) -> None:
+        for step in self._queue:
+            for future in step:
+                future.cancel()
+        self._queue.clear()
         self.consumed_samples = int(state["consumed_samples"])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)

@@ -10,7 +10,7 @@ static frames. No downloads, any resolution and frame count.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,14 +39,30 @@ class SyntheticConfig:
     """Share of samples that are single images."""
     fps: float = 16.0
     seed: int = 0
+    max_objects: int = 3
+    """Shapes per scene: 1 to this many."""
+    backgrounds: list[str] = field(default_factory=lambda: list(BACKGROUNDS))
+    """Background kinds drawn from (plain, striped, checkered, gradient); fewer make easier data."""
+    workers: int = 0
+    """Processes rendering the next steps' micro-batches while the model trains (0: render in
+    the step, on its critical path)."""
+    prefetch_steps: int = 2
+    """Steps rendered ahead with ``workers``."""
 
     def __post_init__(self) -> None:
+        if self.workers < 0 or self.prefetch_steps < 0:
+            raise ValueError("data.synthetic.workers and prefetch_steps must be >= 0")
         if self.frames < 1 or (self.frames - 1) % 4:
             raise ValueError(f"data.synthetic.frames={self.frames} must be 4k+1 (the VAE compresses time 4x)")
         if self.height % 16 or self.width % 16:
             raise ValueError(f"data.synthetic height/width {self.height}x{self.width} must be multiples of 16")
         if not 0.0 <= self.image_fraction <= 1.0:
             raise ValueError("data.synthetic.image_fraction must be within [0, 1]")
+        if self.max_objects < 1:
+            raise ValueError(f"data.synthetic.max_objects={self.max_objects} must be >= 1")
+        unknown = sorted(set(self.backgrounds) - set(BACKGROUNDS))
+        if unknown or not self.backgrounds:
+            raise ValueError(f"data.synthetic.backgrounds: {unknown or 'empty'}; choose from {list(BACKGROUNDS)}")
 
 
 def _background(kind: str, color: torch.Tensor, other: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
@@ -93,9 +109,9 @@ class SyntheticVideoDataset:
         rand = lambda: torch.rand(1, generator=g).item()  # noqa: E731
         frames = 1 if is_image else cfg.frames
         names = list(COLORS)
-        bg_kind, bg_name, bg_other = pick(BACKGROUNDS), pick(names), pick(names)
+        bg_kind, bg_name, bg_other = pick(cfg.backgrounds), pick(names), pick(names)
         objects = []
-        for _ in range(1 + int(torch.randint(3, (1,), generator=g))):
+        for _ in range(1 + int(torch.randint(cfg.max_objects, (1,), generator=g))):
             objects.append(dict(
                 shape=pick(SHAPES), color=pick(names), edit_color=pick(names), direction=pick(list(DIRECTIONS)),
                 cy=0.2 + 0.6 * rand(), cx=0.2 + 0.6 * rand(), r=0.08 + 0.1 * rand(), speed=0.2 + 0.4 * rand(),

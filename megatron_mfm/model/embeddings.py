@@ -15,6 +15,9 @@ from torch import nn
 
 from megatron_mfm.model.config import ADAPTER_CHANNELS
 
+SILU_GAIN = 1.6765
+"""1 / sqrt(E[silu(z)^2]) for z ~ N(0, 1): the weight gain that keeps a SiLU stack's variance."""
+
 
 def timestep_sinusoid(t: torch.Tensor, channels: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features of t (B,) -> (B, channels), cos first, frequency shift 1 (official)."""
@@ -69,6 +72,12 @@ class ConditionAdapter(nn.Module):
     conv_in, then four stages of (3x3 conv, stride-2 downsample) alternating Conv3d/Conv2d for
     the downsample (16x space, 4x time: 97 -> 49 -> 25 frames), SiLU after every conv but the
     last, conv_out to the model width. Module names match the official ``cond_conv``.
+
+    Initialisation (ours; the official one is unpublished and only trained weights must match):
+    variance-preserving normal weights with the SiLU gain for every conv but conv_out, which is
+    Xavier like the patch embedding (with the SiLU gain: its input is a SiLU output); zero biases. PyTorch's default conv init shrinks the
+    signal ~3.5x per layer, leaving the condition ~1e-6 of each token at the start (the model
+    then learns to ignore it); this keeps it within an order of magnitude of the patch features.
     """
 
     def __init__(self, in_channels: int, hidden_size: int, channels: tuple[int, ...] = ADAPTER_CHANNELS):
@@ -81,6 +90,15 @@ class ConditionAdapter(nn.Module):
             blocks.append(down(c_in, c_out, kernel_size=3, padding=1, stride=2))
         self.blocks = nn.ModuleList(blocks)
         self.conv_out = nn.Conv2d(channels[-1], hidden_size, kernel_size=3, padding=1)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for conv in (self.conv_in, *self.blocks):
+            nn.init.normal_(conv.weight, std=SILU_GAIN / math.sqrt(conv.weight[0].numel()))
+        nn.init.xavier_uniform_(self.conv_out.weight.view(self.conv_out.out_channels, -1), gain=SILU_GAIN)
+        for conv in (self.conv_in, *self.blocks, self.conv_out):
+            nn.init.zeros_(conv.bias)
 
     def forward(self, condition: torch.Tensor) -> torch.Tensor:
         frames = condition.shape[2]

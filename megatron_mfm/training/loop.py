@@ -331,8 +331,7 @@ def train(config: RunConfig) -> Trainer:
         trainer.checkpointer.wait()
         _report_saves(trainer)
         trainer.logger.close()
-        if isinstance(trainer.loader, ShardLoader):
-            trainer.loader.close()
+        trainer.loader.close()
     return trainer
 
 

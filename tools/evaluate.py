@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""Per-task quality of a checkpoint on held-out synthetic clips: metrics JSON + a contact sheet.
+
+For each task, ``--samples`` held-out clips (indices from 10^6 on, which training never reaches
+in practice) are turned into that task's condition and sampled, then scored against the ground
+truth (all PSNRs in dB on pixels in [-1, 1]):
+
+- i2v, itrans, vexd, vtrans: PSNR of the given frames against the condition;
+- iinp, ioutp, vinp, voutp: PSNR of the known and of the generated region against ground truth;
+- isr, vsr, icolor, vcolor: PSNR and SSIM against ground truth, and those of the degraded input
+  (the bicubic upscale, the grey clip): the sample should beat its input;
+- vedit: PSNR against the edited clip;
+- t2v, t2i: distance of the per-channel colour mean and std to the held-out clips', and the mean
+  absolute frame-to-frame difference against the data's (temporal consistency);
+- every task: the velocity MSE at fixed sigmas with the true condition and with a zeroed one
+  (their ratio says how much the model uses the condition), and the codec's encode-decode
+  PSNR over the same region (the ceiling any sample can reach).
+
+  python tools/evaluate.py --load ckpt --config examples/convergence.yaml --output eval/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from megatron_mfm.utils.warnings_filter import quiet_known_warnings
+
+quiet_known_warnings()
+
+from megatron_mfm.checkpoint.model_state import build_from_checkpoint
+from megatron_mfm.config import ConfigError, load_config
+from megatron_mfm.data.synthetic import SyntheticConfig, SyntheticVideoDataset
+from megatron_mfm.diffusion.flow_matching import add_noise, per_sample_mse
+from megatron_mfm.diffusion.generation import SCHEDULES, SamplingConfig, generate, task_sample_for
+from megatron_mfm.encoders.interface import FrozenEncoders, builtin_encoders
+from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel
+from megatron_mfm.tasks.builders import GENERATION_TASKS, IMAGE_TASKS, TASKS, TaskSample
+from megatron_mfm.utils.media import contact_sheet, write_png
+
+HELD_OUT_START = 10**6
+VALIDATION_SIGMAS = (0.25, 0.5, 0.75)
+REGION_TASKS = ("iinp", "ioutp", "vinp", "voutp")
+RESTORATION_TASKS = ("isr", "vsr", "icolor", "vcolor")
+TEXT_ONLY_TASKS = ("t2v", "t2i")
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, region: torch.Tensor | None = None) -> float:
+    """PSNR in dB of clips in [-1, 1] (peak-to-peak 2), over ``region`` (broadcast, bool) if given."""
+    squared = (a.float() - b.float()).pow(2)
+    if region is not None:
+        squared = squared[region.expand_as(squared)]
+    return float(10 * torch.log10(4 / squared.mean().clamp_min(1e-10)))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> float:
+    """Mean SSIM over channels and frames of (3, F, H, W) clips in [-1, 1] (uniform window, as
+    scikit-image's default)."""
+    x, y = (t.float().transpose(0, 1) * 0.5 + 0.5 for t in (a, b))  # (F, 3, H, W) in [0, 1]
+    pool = lambda t: F.avg_pool2d(t, window, stride=1)  # noqa: E731
+    mx, my = pool(x), pool(y)
+    vx, vy, cxy = pool(x * x) - mx**2, pool(y * y) - my**2, pool(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    value = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return float(value.mean())
+
+
+def colour_statistics(clip: torch.Tensor) -> torch.Tensor:
+    """(6,) per-channel mean and std of a (3, F, H, W) clip."""
+    flat = clip.float().flatten(1)
+    return torch.cat([flat.mean(dim=1), flat.std(dim=1)])
+
+
+def frame_difference(clip: torch.Tensor) -> float:
+    """Mean absolute change between consecutive frames (0 for an image)."""
+    return float((clip[:, 1:] - clip[:, :-1]).abs().mean()) if clip.shape[1] > 1 else 0.0
+
+
+def sample_metrics(task: str, sample: TaskSample, generated: torch.Tensor, reconstructed: torch.Tensor) -> dict:
+    """The task's metrics of one sample; ``reconstructed`` is the ground truth through the codec."""
+    truth, mask = sample.pixels, sample.condition[-1:] > 0.5  # mask channel: 1 = known
+    if task in GENERATION_TASKS:
+        given = mask.flatten(2).all(dim=2)[0]  # (F,) frames revealed whole
+        return {"given_frames_psnr": psnr(generated[:, given], truth[:, given]),
+                "codec_given_frames_psnr": psnr(reconstructed[:, given], truth[:, given])}
+    if task in REGION_TASKS:
+        return {"known_psnr": psnr(generated, truth, mask), "generated_psnr": psnr(generated, truth, ~mask),
+                "codec_known_psnr": psnr(reconstructed, truth, mask)}
+    if task in RESTORATION_TASKS:
+        degraded = sample.condition[:3]
+        return {"psnr": psnr(generated, truth), "ssim": ssim(generated, truth),
+                "input_psnr": psnr(degraded, truth), "input_ssim": ssim(degraded, truth),
+                "codec_psnr": psnr(reconstructed, truth)}
+    if task in TEXT_ONLY_TASKS:
+        return {"colour_distance": float((colour_statistics(generated) - colour_statistics(truth)).abs().mean()),
+                "frame_difference": frame_difference(generated), "data_frame_difference": frame_difference(truth)}
+    return {"psnr": psnr(generated, truth), "codec_psnr": psnr(reconstructed, truth)}  # vedit
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, encoders: FrozenEncoders, sample: TaskSample, seed: int,
+                    zero_condition: bool = False) -> float:
+    """Mean velocity MSE at ``VALIDATION_SIGMAS`` with fixed noise (the training objective)."""
+    device = next(model.parameters()).device
+    latents = encoders.encode_video(sample.pixels[None].to(device))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    text, text_mask = encoders.encode_text([sample.prompt], device)
+    condition = sample.condition[None].to(device)
+    if zero_condition:
+        condition = torch.zeros_like(condition)
+    motion = torch.tensor([sample.motion_score], device=device)
+    losses = []
+    for sigma in VALIDATION_SIGMAS:
+        sigmas = torch.tensor([sigma], device=device)
+        noisy, target = add_noise(latents, noise, sigmas)
+        losses.append(per_sample_mse(model(noisy, sigmas * 1000.0, text, text_mask, condition, motion), target))
+    return float(torch.cat(losses).mean())
+
+
+def mean_metrics(rows: list[dict]) -> dict:
+    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
+
+
+def evaluate_task(model: torch.nn.Module, encoders: FrozenEncoders, dataset: SyntheticVideoDataset, task: str,
+                  count: int, sampling: SamplingConfig) -> tuple[dict, list[torch.Tensor]]:
+    """(mean metrics over ``count`` held-out clips, [condition, sample, truth] of the first)."""
+    rows, sheet = [], []
+    for number in range(count):
+        index = HELD_OUT_START + number
+        sample = task_sample_for(dataset.clip(index, is_image=task in IMAGE_TASKS), task, seed=index)
+        generated = generate(model, encoders, sample, SamplingConfig(**{**vars(sampling), "seed": index})).cpu()
+        reconstructed = encoders.decode_video(encoders.encode_video(sample.pixels[None])).cpu()[0]
+        row = sample_metrics(task, sample, generated, reconstructed)
+        row["loss"] = validation_loss(model, encoders, sample, seed=index)
+        if task not in TEXT_ONLY_TASKS:
+            row["loss_zero_condition"] = validation_loss(model, encoders, sample, seed=index, zero_condition=True)
+        rows.append(row)
+        if not sheet:
+            sheet = [sample.condition[:3], generated, sample.pixels]
+    return mean_metrics(rows), sheet
+
+
+def labelled_sheet(rows: dict[str, list[torch.Tensor]]) -> np.ndarray:
+    """One contact sheet: per task three rows (condition, sample, ground truth) behind its name."""
+    from PIL import Image, ImageDraw
+
+    blocks = []
+    for task, clips in rows.items():
+        block = contact_sheet(clips)
+        label = Image.new("RGB", (56, block.shape[0]), "black")
+        ImageDraw.Draw(label).text((4, 4), task, fill="white")
+        blocks.append(np.concatenate([np.asarray(label), block], axis=1))
+    width = max(b.shape[1] for b in blocks)
+    return np.concatenate([np.pad(b, ((0, 2), (0, width - b.shape[1]), (0, 0))) for b in blocks], axis=0)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--load", required=True, help="checkpoint (iter_XXXXXXX) or save directory (its latest)")
+    parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    parser.add_argument("--config", help="the run's YAML: clip size and sampling settings come from it")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--samples", type=int, default=4, help="held-out clips per task")
+    parser.add_argument("--steps", type=int, help="Euler steps (default: the config's logging.sample_steps)")
+    parser.add_argument("--guidance-scale", type=float, help="default: the config's logging.guidance_scale")
+    parser.add_argument("--schedule", choices=SCHEDULES, help="default: the config's logging.sample_schedule")
+    parser.add_argument("--shift", type=float, help="default: the config's logging.sample_shift")
+    parser.add_argument("--output", required=True, help="folder for metrics.json and contact_sheet.png")
+    args = parser.parse_args(argv)
+    if args.samples < 1:
+        parser.error("--samples must be at least 1")
+    return args
+
+
+def settings(args: argparse.Namespace) -> tuple[SyntheticConfig, SamplingConfig]:
+    """The held-out data and the sampling settings: the run config's, overridden by flags."""
+    try:
+        config = load_config(args.config) if args.config else load_config()
+    except (ConfigError, FileNotFoundError) as error:
+        raise SystemExit(f"evaluate.py: --config {args.config}: {error}") from None
+    log = config.logging
+    sampling = SamplingConfig(
+        steps=args.steps or log.sample_steps,
+        guidance_scale=log.guidance_scale if args.guidance_scale is None else args.guidance_scale,
+        schedule=args.schedule or log.sample_schedule, shift=log.sample_shift if args.shift is None else args.shift,
+    )
+    return config.data.synthetic, sampling
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    data, sampling = settings(args)
+    initialize_parallel()
+    try:
+        try:
+            model = build_from_checkpoint(args.load, args.weights, backend="auto")
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"evaluate.py: --load {args.load}: {error}") from None
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        model.to(device).eval()
+        encoders = builtin_encoders(model.config.text_hidden_size)
+        dataset = SyntheticVideoDataset(data)
+        results, sheets = {}, {}
+        for task in args.tasks:
+            results[task], sheets[task] = evaluate_task(model, encoders, dataset, task, args.samples, sampling)
+            print(f"{task}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[task].items()), flush=True)
+    finally:
+        destroy_parallel()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"checkpoint": str(args.load), "weights": args.weights, "samples_per_task": args.samples,
+              "sampling": vars(sampling), "validation_sigmas": list(VALIDATION_SIGMAS), "tasks": results}
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_png(out / "contact_sheet.png", labelled_sheet(sheets))
+    print(f"wrote {out / 'metrics.json'} and {out / 'contact_sheet.png'} (per task: condition, sample, truth)")
+    return report
+
+
+if __name__ == "__main__":
+    main()
