@@ -139,9 +139,9 @@ def example_inputs(config: MfMConfig, batch: int = 2, frames: int = 2, height: i
     return inputs if config.use_motion_score else inputs[:-1]
 
 
-def dynamic_shapes(config: MfMConfig) -> tuple[dict[int, object] | None, ...]:
+def dynamic_shapes(config: MfMConfig, min_batch: int = 1) -> tuple[dict[int, object] | None, ...]:
     """torch.export dims of each input: batch, latent frames, height, width, text length."""
-    batch = Dim("batch", min=1, max=MAX_BATCH)
+    batch = Dim("batch", min=min_batch, max=MAX_BATCH)
     frames = Dim("frames", min=1, max=MAX_FRAMES)
     rows = Dim("patch_rows", min=2, max=MAX_PATCHES_PER_SIDE)
     cols = Dim("patch_cols", min=2, max=MAX_PATCHES_PER_SIDE)
@@ -179,7 +179,13 @@ def export_program(model: MfMDiT, dtype: torch.dtype = torch.float32,
     serving = _serving_module(model, dtype, device)
     with _any_size_tracing():
         return torch.export.export(serving, example_inputs(model.config, dtype=dtype, device=device),
-                                   dynamic_shapes=dynamic_shapes(model.config), strict=False)
+                                   dynamic_shapes=dynamic_shapes(model.config, min_batch_on(device)), strict=False)
+
+
+def min_batch_on(device: torch.device | str) -> int:
+    """The smallest batch a graph for ``device`` takes: 2 on CUDA, where tracing SDPA guards the
+    batch against 1 (seen with torch 2.11 on an H200; a guided step always runs 2), else 1."""
+    return 2 if torch.device(device).type == "cuda" else 1
 
 
 def save_aoti_package(model: MfMDiT, path: str | Path, dtype: torch.dtype = torch.float32,

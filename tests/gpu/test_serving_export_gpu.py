@@ -13,8 +13,9 @@ from megatron_mfm.model.specs import local_layer_spec
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
-# (batch, latent frames, latent height, latent width, text tokens): an image, a video.
-SHAPES = [(1, 1, 8, 12, 7), (2, 5, 12, 8, 77)]
+# (batch, latent frames, latent height, latent width, text tokens): images, a video (CUDA graphs
+# take batches of 2 or more: serving.min_batch_on).
+SHAPES = [(2, 1, 8, 12, 7), (3, 5, 12, 8, 77)]
 
 
 def test_cuda_bf16_package_equals_eager(single_process_world, tmp_path):
