@@ -4,7 +4,7 @@
   python pretrain_mfm.py --config examples/tiny_cpu.yaml train.iterations=50
   torchrun --nproc-per-node 8 pretrain_mfm.py --config examples/mfm_2b.yaml parallel.tensor_parallel=2
 
-Overrides are ``section.field=value`` (see megatron_mfm/config.py for every field). The whole
+Overrides are ``section.field=value`` (see megatron_mfm/config/sections.py for every field). The whole
 configuration is validated before any process group or GPU is touched.
 """
 

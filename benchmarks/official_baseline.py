@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from benchmarks.timing import release_memory, timed
 from megatron_mfm.diffusion.flow_matching import per_sample_mse
 from megatron_mfm.model.config import to_official_config
 from tools.official_repo import load_official_class
@@ -95,7 +96,7 @@ def official_step(model: torch.nn.Module, case, mode: str):
     return step
 
 
-def time_official(args, case, timed, release_memory) -> dict:
+def time_official(args, case) -> dict:
     """Step time, peak memory and losses of the official step; retried with full-block
     checkpointing when the step does not fit."""
     compile_blocks = (args.official_compile or ("on" if torch.cuda.is_available() else "off")) == "on"
@@ -128,10 +129,10 @@ def official_key(row: dict) -> tuple:
     return row["preset"], row["frames"], row["height"], row["width"], "fp32" if row["precision"] == "fp32" else "bf16"
 
 
-def compare_rows(args, rows: list[dict], cases: dict, timed, release_memory) -> None:
+def compare_rows(args, rows: list[dict], cases: dict) -> None:
     """Adds the official columns to every row (after our rows: the official compile changes
     dynamo's global settings)."""
-    measured = {key: time_official(args, case, timed, release_memory) for key, case in cases.items()}
+    measured = {key: time_official(args, case) for key, case in cases.items()}
     for row in rows:
         if "error" in row or official_key(row) not in measured:
             continue

@@ -46,16 +46,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
-import gc
 import io
 import itertools
 import json
 import os
 import re
-import statistics
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,33 +62,26 @@ from megatron_mfm.utils.warnings_filter import quiet_known_warnings
 quiet_known_warnings()
 
 import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from torch.autograd import DeviceType
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.profiler import ProfilerActivity, profile
-from torch.utils.checkpoint import checkpoint
 
 from tqdm import tqdm
 
-from megatron_mfm.config import FP8_RECIPES, ConfigError, OptimizerConfig, load_config
+from megatron_mfm.config import FP8_RECIPES, ConfigError, load_config
 from megatron_mfm.diffusion.flow_matching import per_sample_mse
-from megatron_mfm.checkpoint.model_state import OfficialTensors
 from megatron_mfm.model.attention_backends import ATTENTION_BACKENDS
-from megatron_mfm.model.config import MfMConfig, to_official_config
+from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.geometry import clip_tokens, latent_shape, token_grid
 from megatron_mfm.model.recompute_budget import after_optimizer_step
 from megatron_mfm.parallel.initialize import destroy_parallel
 from benchmarks import official_baseline
-from benchmarks.plain_mfm import ReferenceMfM, sdpa_attention
+from benchmarks.kernel_profile import KERNEL_CATEGORIES, kernel_breakdown, kernel_roofline_seconds
+from benchmarks.plain_baseline import SDPA_BACKENDS, PlainCase, compare_with_plain
+from benchmarks.timing import TEXT_TOKENS, release_memory, timed
 from megatron_mfm.training.flops import gpu_peak_tflops, training_flops
-from megatron_mfm.training.loop import Trainer, setup
+from megatron_mfm.training.loop import setup
 from megatron_mfm.utils.atomic import atomic_write_text
 
-TEXT_TOKENS = 77
-SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
 @dataclass(frozen=True)
@@ -117,32 +105,6 @@ def parse_layout(text: str) -> Layout:
     if min(sizes.values()) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: sizes must be at least 1")
     return Layout(**sizes)
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def release_memory() -> None:
-    """Free what the last model left (DDP hooks make reference cycles) before the next one."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def timed(fn, repeats: int, warmup: int) -> float:
-    """Median seconds of ``fn`` after warm-up."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def random_batch(config: MfMConfig, frames: int, height: int, width: int, batch: int, device: torch.device,
@@ -181,93 +143,7 @@ def launch_losses(losses: list[torch.Tensor], copies: int) -> list[float]:
     return (total / copies).tolist()
 
 
-def kernel_roofline_seconds(config: MfMConfig, tokens: int, batch: int, dtype, device, repeats: int) -> float:
-    """Sum over this stage's blocks of the best fwd+bwd time of each GEMM (this rank's share of
-    the tokens and of the weights) and attention (all tokens, this rank's heads), timed alone."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    cp = parallel_state.get_context_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    d, ffn, ct = config.hidden_size, config.ffn_hidden_size, config.text_hidden_size
-    block = block_kernel_seconds(d, ffn, ct, config.num_attention_heads // (tp * cp), config.kv_channels, tp, cp,
-                                 tokens, batch, dtype, device, repeats)
-    return block * config.num_layers / pp
-
-
-@functools.lru_cache(maxsize=None)
-def block_kernel_seconds(d: int, ffn: int, ct: int, heads: int, hd: int, tp: int, cp: int, tokens: int, batch: int,
-                         dtype: torch.dtype, device: torch.device, repeats: int) -> float:
-    """One block's GEMMs and attentions timed alone (cached: rows of a sweep share the shapes).
-    Attention takes the fastest SDPA backend that runs it (cuDNN, flash, memory-efficient on a
-    GPU: the default choice varies between runs)."""
-    m, mt = batch * -(-tokens // cp), batch * TEXT_TOKENS
-    gemms = [(m, d, 3 * d // tp), (m, d // tp, d), (m, d, d // tp), (mt, ct, 2 * d // tp), (m, d // tp, d),
-             (m, d, ffn // tp), (m, ffn // tp, d)]
-    total = 0.0
-    for rows, k, n in gemms:
-        x = torch.randn(rows, k, device=device, dtype=dtype, requires_grad=True)
-        w = torch.randn(k, n, device=device, dtype=dtype, requires_grad=True)
-        grad = torch.randn(rows, n, device=device, dtype=dtype)
-        total += timed(lambda: (x @ w).backward(grad), repeats, 2)
-    backends = ([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-                if device.type == "cuda" else [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION])
-    for q_len, kv_len, q_heads in ((tokens, tokens, heads), (m // batch, TEXT_TOKENS, heads * cp)):
-        q = torch.randn(batch, q_heads, q_len, hd, device=device, dtype=dtype, requires_grad=True)
-        kv = torch.randn(batch, q_heads, kv_len, hd, device=device, dtype=dtype, requires_grad=True)
-        grad = torch.randn(batch, q_heads, q_len, hd, device=device, dtype=dtype)
-        times = []
-        for backend in backends:
-            try:
-                with sdpa_kernel(backend):
-                    times.append(timed(lambda: F.scaled_dot_product_attention(q, kv, kv).backward(grad), repeats, 2))
-            except RuntimeError:  # this backend does not take these shapes or this dtype here
-                continue
-        total += min(times)
-    return total
-
-
-KERNEL_CATEGORIES = (
-    ("attention", r"sdpa|flash|fmha|attn|attention"),
-    ("convolution", r"conv|implicit_gemm|fprop|dgrad|wgrad"),
-    ("gemm", r"gemm|nvjet|xmma|cutlass|cublas|matmul|::mm$|::addmm|::bmm"),
-    ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|all_?to_?all|send|recv"),
-    ("optimizer", r"multi_tensor|adam|l2norm"),
-    ("fp8 casts", r"(?<!no)cast|transpose|amax|quantize|fp8"),
-    ("compiled glue", r"triton"),
-    ("norms", r"norm"),
-    ("memory copies", r"memcpy|memset|copy"),
-    ("other elementwise", r""),
-)
 """Kernel-name patterns (first match wins, case-insensitive) that group a profiled step."""
-
-
-def kernel_category(name: str) -> str:
-    return next(label for label, pattern in KERNEL_CATEGORIES if re.search(pattern, name, re.IGNORECASE))
-
-
-def kernel_breakdown(step, top: int = 12) -> dict:
-    """One more step under torch.profiler: seconds of GPU kernels per category, their sum (the
-    GPU's busy time, to read against the step time) and the top kernels. On the CPU the
-    operators' own CPU times stand in for kernels."""
-    cuda = torch.cuda.is_available()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as profiler:
-        step()
-        synchronize()
-    kernels = {}
-    for event in profiler.key_averages():
-        on_device = event.device_type == DeviceType.CUDA
-        if cuda != on_device:
-            continue
-        microseconds = event.device_time_total if cuda else event.self_cpu_time_total
-        if microseconds > 0:
-            kernels[event.key] = (microseconds / 1e6, event.count)
-    categories = {label: 0.0 for label, _ in KERNEL_CATEGORIES}
-    for name, (seconds, _) in kernels.items():
-        categories[kernel_category(name)] += seconds
-    ranked = sorted(kernels.items(), key=lambda item: -item[1][0])[:top]
-    return {"kernel_seconds": {k: v for k, v in categories.items() if v > 0},
-            "kernel_busy_s": sum(categories.values()),
-            "top_kernels": [{"name": name[:160], "seconds": s, "calls": n} for name, (s, n) in ranked]}
 
 
 RECOMPUTE = {
@@ -291,28 +167,6 @@ def recompute_overrides(recompute: str) -> list[str]:
     if partial:
         return ["model.recompute=true", f"model.recompute_num_layers={partial[1]}"]
     return RECOMPUTE[recompute]
-
-
-@dataclass
-class PlainCase:
-    """What a row's plain step shares with ours: the sizes, our initial weights (official names,
-    on the CPU while our model is freed), the inputs and target, the optimizer settings and
-    whether each block is recomputed."""
-
-    config: MfMConfig
-    weights: dict[str, torch.Tensor]
-    inputs: dict[str, torch.Tensor]
-    target: torch.Tensor
-    optimizer: OptimizerConfig
-    recompute: bool
-
-    @classmethod
-    def before_training(cls, trainer: Trainer, inputs: dict[str, torch.Tensor], target: torch.Tensor,
-                        recompute: bool) -> PlainCase:
-        """Taken before our first step, which updates the weights in place (so copied, on the
-        CPU too, where ``.cpu()`` would alias them)."""
-        weights = {name: t.to("cpu", copy=True) for name, t in OfficialTensors(trainer.model[0])}
-        return cls(trainer.model_config, weights, inputs, target, trainer.config.optimizer, recompute)
 
 
 def profile_one(args, layout: Layout, preset: str, frames: int, height: int, width: int, recompute: str,
@@ -401,85 +255,6 @@ def recompute_decision(model: torch.nn.Module) -> dict:
     """``recompute=auto``'s measured block memory, prediction and choice (empty otherwise)."""
     auto = getattr(model, "auto_recompute", None)
     return {"recompute_decision": auto.decision} if auto is not None else {}
-
-
-class Checkpointed(torch.nn.Module):
-    """A block whose activations are recomputed in backward (what ``model.recompute=true`` does
-    to ours), keeping only its inputs."""
-
-    def __init__(self, block: torch.nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, *args):
-        return checkpoint(self.block, *args, use_reentrant=False)
-
-
-def build_plain(case: PlainCase, backends: list[str]) -> ReferenceMfM:
-    """The plain model on the inputs' device and dtype with our initial weights (built on the
-    meta device: no transient fp32 copy of a large model)."""
-    latents = case.inputs["latents"]
-    attention = sdpa_attention([SDPA_BACKENDS[name] for name in backends])
-    with torch.device("meta"):
-        model = ReferenceMfM.from_official_config(to_official_config(case.config), attention)
-    model = model.to(latents.dtype).to_empty(device=latents.device)
-    model.load_state_dict(case.weights)
-    if case.recompute:
-        model.transformer_blocks = torch.nn.ModuleList(Checkpointed(b) for b in model.transformer_blocks)
-    return model
-
-
-def time_plain(args, case: PlainCase) -> dict:
-    """Step time, peak memory and losses of the plain training step: forward, MSE, backward,
-    gradient clipping, AdamW (decay on matrices only, as megatron's optimizer)."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    model = build_plain(case, args.plain_sdpa_backends)
-    params, opt = list(model.parameters()), case.optimizer
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() > 1]}, {"params": [p for p in params if p.dim() == 1],
-                                                          "weight_decay": 0.0}],
-        lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay,
-        fused=torch.cuda.is_available(),
-    )
-    losses = []
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = per_sample_mse(model(**case.inputs), case.target).mean()
-        loss.backward()
-        if opt.clip_grad:
-            torch.nn.utils.clip_grad_norm_(params, opt.clip_grad)
-        optimizer.step()
-        losses.append(loss.detach())
-
-    seconds = timed(step, args.iterations, args.warmup)
-    return {
-        "plain_step_s": seconds,
-        "plain_peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-        "plain_losses": torch.stack(losses[-args.iterations:]).float().tolist(),
-    }
-
-
-def compare_with_plain(args, row: dict, case: PlainCase, measured: dict) -> dict:
-    """The row's plain columns. Rows whose plain step is the same share one run (fp8 rows compare
-    against the bf16 plain step; full and partial recompute both checkpoint every plain block); an
-    out-of-memory plain model is reported, not raised."""
-    key = (row["preset"], row["frames"], row["height"], row["width"], case.recompute, case.target.dtype)
-    if key not in measured:
-        try:
-            measured[key] = time_plain(args, case)
-        except torch.OutOfMemoryError:
-            measured[key] = {"plain_error": "out of memory"}
-        release_memory()
-    plain = measured[key]
-    columns = {"plain_attention": "sdpa:" + ",".join(args.plain_sdpa_backends), **plain}
-    if "plain_error" in plain:
-        return columns
-    tflops = row["flops_per_step"] / plain["plain_step_s"] / 1e12
-    peak, _ = gpu_peak_tflops("bf16" if row["precision"] == "fp8" else row["precision"], args.peak_tflops)
-    return {**columns, "plain_tflops_per_gpu": tflops, "plain_mfu": tflops / peak if peak else None,
-            "speedup_vs_plain": plain["plain_step_s"] / row["step_s"]}
 
 
 TABLE = ("layout", "dp", "preset", "tokens", "recompute", "glue", "attention_backend", "precision", "step_s",
@@ -643,7 +418,7 @@ def main(argv=None) -> list[dict]:
             if args.output and rank == 0:
                 write_results(rows, Path(args.output))  # partial results survive a later failure
         if official_cases:
-            official_baseline.compare_rows(args, rows, official_cases, timed, release_memory)
+            official_baseline.compare_rows(args, rows, official_cases)
     finally:
         destroy_parallel()
     if rank != 0:

@@ -24,7 +24,6 @@ import argparse
 import io
 import json
 import os
-import sys
 import tarfile
 import uuid
 import zlib

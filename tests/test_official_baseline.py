@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks import official_baseline
-from benchmarks.profile_throughput import PlainCase
+from benchmarks.plain_baseline import PlainCase
 from megatron_mfm.checkpoint.model_state import fill_from_global
 from megatron_mfm.config import OptimizerConfig
 from megatron_mfm.diffusion.flow_matching import per_sample_mse

@@ -33,15 +33,15 @@ VALIDATION = ["validation.interval=3", "validation.num_samples=4", "logging.samp
 
 
 def train(tmp: Path, *overrides: str, ranks: int = 1, env: dict | None = None, check: bool = True,
-          background: bool = False):
+          background: bool = False, script: tuple[str, ...] = (str(ROOT / "pretrain_mfm.py"),)):
     """Run pretrain_mfm.py in its own process group; metrics go to tmp/metrics.jsonl and the
     console to tmp/output.log (files, not pipes: helper processes that a crashed run leaves
     behind would hold a pipe open)."""
     args = [*BASE, f"logging.metrics_file={tmp / 'metrics.jsonl'}", *overrides]
-    launcher = [sys.executable, str(ROOT / "pretrain_mfm.py")]
+    launcher = [sys.executable, *script]
     if ranks > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-                    "--master-port", str(free_port()), str(ROOT / "pretrain_mfm.py")]
+                    "--master-port", str(free_port()), *script]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     log = open(tmp / "output.log", "w")
     process = subprocess.Popen(launcher + args, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True,
@@ -154,7 +154,7 @@ def test_resume_is_exact(tmp_path, reference_run, async_save):
 def test_crash_during_save_resumes_from_previous_checkpoint(tmp_path, reference_run):
     ckpt = tmp_path / "ckpt"
     result = train(tmp_path, "train.iterations=12", f"checkpoint.save={ckpt}", "checkpoint.interval=4",
-                   env={"MFM_CRASH_BEFORE_PUBLISH": "8"}, check=False)
+                   script=(str(ROOT / "tests" / "faults" / "crash_before_publish.py"), "8"), check=False)
     assert result.returncode != 0
     assert (ckpt / "latest").read_text().strip() == "iter_0000004"
     assert (ckpt / "iter_0000008.tmp").is_dir() and not (ckpt / "iter_0000008").exists()

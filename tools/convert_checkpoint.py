@@ -18,7 +18,6 @@ than one), so memory holds the model and at most one shard.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch

@@ -45,9 +45,6 @@ from megatron_mfm.config import ConfigError
 from megatron_mfm.model.config import architecture_of
 from megatron_mfm.model.dit import ModelChunks
 from megatron_mfm.utils.atomic import fsync_dir, fsync_tree, is_disk_full
-# Fault injection for tests of interrupted saves: exit after the shards are written, before the
-# checkpoint is published.
-CRASH_ENV = "MFM_CRASH_BEFORE_PUBLISH"
 
 
 class ShardedEMA(Protocol):
@@ -164,8 +161,6 @@ class Checkpointer:
         architecture = architecture_of(model.config)
 
         def publish() -> None:
-            if os.environ.get(CRASH_ENV) == str(iteration):
-                os._exit(17)
             size = _tree_bytes(tmp) if dist.get_rank() == 0 else 0
             failure = None
             if dist.get_rank() == 0:
