@@ -164,7 +164,7 @@ class TrainConfig:
     fp8_recipe: str = "delayed"
     """FP8 scaling with ``precision=fp8``: delayed (amax history) or current (per-tensor, per step)."""
     ema_decay: float = 0.999
-    """EMA of the weights (0 disables)."""
+    """EMA of the weights (0 disables); warmed up over the first steps (``training/ema.py``)."""
     stop_iteration: int = 0
     """Stop (and save) once this iteration is done, keeping the LR schedule of ``iterations``
     (for job time limits); 0 runs to ``iterations``."""

@@ -22,17 +22,27 @@ def _parameters_by_key(model: MfMDiT | ModelChunks) -> dict[str, tuple[torch.nn.
 
 
 class EMA:
-    """fp32 shadow of this rank's parameter shards: ema = decay * ema + (1 - decay) * param."""
+    """fp32 shadow of this rank's parameter shards: ema = d * ema + (1 - d) * param, with the decay
+    warmed up as d = min(decay, (1 + step) / (10 + step)). Without the warm-up a decay of 0.999
+    still holds 37% of the random initialisation after 1,000 steps (and that init's zero output
+    head shrinks every sampled velocity); with it the initialisation is gone within tens of steps."""
 
     def __init__(self, model: MfMDiT | ModelChunks, decay: float):
         self.decay = decay
         self.params = _parameters_by_key(model)
         self.shadow = {key: param.detach().float().clone() for key, (param, _) in self.params.items()}
 
+    def decay_at(self, step: int) -> float:
+        """The decay of the update after optimizer step ``step`` (0 for the first)."""
+        return min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, step: int) -> None:
+        """Average in the parameters after optimizer step ``step`` (the run's iteration count
+        before it, saved in checkpoints: a resumed run continues with the same decays)."""
+        weight = 1.0 - self.decay_at(step)
         for key, (param, _) in self.params.items():
-            self.shadow[key].lerp_(param.detach().float(), 1.0 - self.decay)
+            self.shadow[key].lerp_(param.detach().float(), weight)
 
     def sharded_state_dict(self) -> dict:
         """ShardedTensors laid out as the model's, keyed ``ema.<model key>``."""

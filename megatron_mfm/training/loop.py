@@ -230,7 +230,7 @@ def train_step(trainer: Trainer) -> StepResult:
         after_optimizer_step(trainer.model)
         trainer.scheduler.step(increment=config.train.global_batch_size)
         if trainer.ema is not None:
-            trainer.ema.update()
+            trainer.ema.update(trainer.state.iteration)
     return result(grad_norm, True)
 
 
