@@ -117,3 +117,42 @@ def test_filters_and_manifest(media, tmp_path):
     assert "24 frames < --min-frames 30" in report["skipped"][0]["reason"]
     records = [r for shard in sorted(out.glob("*.tar")) for *_, r in iter_shard(shard)]
     assert [r["caption"] for r in records] == ["grey"]
+
+
+def test_rerun_after_adding_inputs_keeps_index_and_shards_in_agreement(media, tmp_path, capsys):
+    from data_prep import make_shards as tool
+    from megatron_mfm.data.shards.catalog import load_catalog, read_sample
+
+    inputs, out = tmp_path / "inputs", tmp_path / "shards"
+    inputs.mkdir()
+    for name in ("clip0.mp4", "clip1.mp4"):
+        (inputs / name).write_bytes((media / name).read_bytes())
+    argv = ["--input", str(inputs), "--output", str(out), "--workers", "1", "--min-side", "64"]
+    assert tool.main(argv)["samples"] == 2 and "(1 written now)" in capsys.readouterr().out
+    first = (out / "shard-000000.tar").read_bytes()
+    (inputs / "clip2.mp4").write_bytes((media / "clip2.mp4").read_bytes())  # sorts after, lands in no shard yet
+    (inputs / "a_still.jpg").write_bytes((media / "still.jpg").read_bytes())  # sorts first
+
+    index = tool.main(argv)
+    assert "(1 written now)" in capsys.readouterr().out
+    assert (out / "shard-000000.tar").read_bytes() == first, "a finished shard never changes"
+    assert index == json.loads((out / "index.json").read_text())
+    assert index["samples"] == 4 and [s["samples"] for s in index["shards"]] == [2, 2]
+    for shard in index["shards"]:
+        with tarfile.open(out / shard["name"]) as tar:
+            assert len(tar.getmembers()) == 2 * shard["samples"]
+    entries = load_catalog(out)
+    assert len(entries) == 4
+    sources = {Path(read_sample(out, entry)[1]["source"]).name for entry in entries}
+    assert sources == {"clip0.mp4", "clip1.mp4", "clip2.mp4", "a_still.jpg"}
+
+    assert tool.main(argv) == index and "(0 written now)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["missing_folder", "missing.jsonl", "missing.csv"])
+def test_missing_input_is_one_line(tmp_path, name):
+    from data_prep import make_shards as tool
+
+    with pytest.raises(SystemExit) as exit_:  # a message, not a traceback, and exit status 1
+        tool.main(["--input", str(tmp_path / name), "--output", str(tmp_path / "out")])
+    assert exit_.value.code == f"--input {tmp_path / name}: no such file or folder"
