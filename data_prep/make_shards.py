@@ -8,9 +8,12 @@ fail, or fail the filters, are skipped and listed in ``report.json``, never fata
 
 Shards hold each sample's media bytes as they are (``KEY.mp4``/``KEY.jpg``...) and ``KEY.json``
 (caption, metadata, probe); beside each shard, ``shard-XXXXXX.json`` catalogs its samples' byte
-offsets and probed sizes, so the training loader plans batches without opening the tars. The assignment of samples to shards is a pure function of the
-inputs and ``--shard-size-mb``; each shard is written to a temporary name and renamed, so a
-re-run skips finished shards and redoes only missing ones.
+offsets and probed sizes, so the training loader plans batches without opening the tars.
+
+Each shard is written to a temporary name and renamed, and never changes once written (so
+sidecars made from it stay valid). A re-run into the same ``--output`` keeps the finished shards
+and writes the kept samples that no shard holds yet (new inputs, or an interrupted run's rest)
+into new shards; ``index.json`` is rebuilt from the shards' catalogs, so it always matches them.
 
   python data_prep/make_shards.py --input videos/ --output shards/ --shard-size-mb 1024 --workers 16
 """
@@ -21,17 +24,19 @@ import argparse
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
 
 
-from megatron_mfm.data.shards.catalog import INDEX, catalog_path, write_catalog
+from megatron_mfm.data.shards.catalog import INDEX, SampleEntry, catalog_path, shard_entries, write_catalog
 from megatron_mfm.data.decode.pyav import IMAGE_SUFFIXES, VIDEO_SUFFIXES, MediaError, MediaInfo, probe
 from megatron_mfm.utils.atomic import atomic_write_text
 
@@ -40,6 +45,8 @@ REPORT = "report.json"
 
 def list_inputs(source: Path) -> list[dict]:
     """Samples as {path, caption, metadata} from a folder or a CSV/JSONL manifest."""
+    if not source.exists():
+        raise SystemExit(f"--input {source}: no such file or folder")
     if source.is_dir():
         samples = []
         for path in sorted(source.rglob("*")):
@@ -48,15 +55,8 @@ def list_inputs(source: Path) -> list[dict]:
                 samples.append({"path": str(path), "caption": caption.read_text().strip() if caption.exists() else "",
                                 "metadata": {}})
         return samples
-    if source.suffix == ".jsonl":
-        rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
-    elif source.suffix == ".csv":
-        with open(source, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    else:
-        raise SystemExit(f"--input {source}: expected a folder, a .csv or a .jsonl manifest")
     samples = []
-    for number, row in enumerate(rows, 1):
+    for number, row in enumerate(read_manifest(source), 1):
         if "path" not in row:
             raise SystemExit(f"--input {source}: row {number} has no 'path'")
         path = Path(row["path"])
@@ -64,6 +64,25 @@ def list_inputs(source: Path) -> list[dict]:
         metadata = {k: v for k, v in row.items() if k not in ("path", "caption")}
         samples.append({"path": str(path), "caption": row.get("caption", ""), "metadata": metadata})
     return samples
+
+
+def read_manifest(source: Path) -> list[dict]:
+    """The rows of a CSV or JSONL manifest; a malformed line is named."""
+    if source.suffix == ".csv":
+        with open(source, newline="") as handle:
+            return list(csv.DictReader(handle))
+    if source.suffix != ".jsonl":
+        raise SystemExit(f"--input {source}: expected a folder, a .csv or a .jsonl manifest")
+    rows = []
+    for number, line in enumerate(source.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"--input {source}: line {number} is not JSON ({error})") from None
+        if row is not None and not isinstance(row, dict):
+            raise SystemExit(f"--input {source}: line {number} is not a JSON object")
+        rows += [row] if row is not None else []
+    return rows
 
 
 def probe_worker(path: str) -> tuple[str, tuple[dict | None, str | None]]:
@@ -86,12 +105,12 @@ def filter_reason(info: MediaInfo, args: argparse.Namespace) -> str | None:
     return None
 
 
-def bucket_of(info: MediaInfo) -> str:
+def bucket_of(kind: str, width: int, height: int) -> str:
     """A coarse resolution/aspect/kind label for the index totals."""
-    short = min(info.width, info.height)
+    short = min(width, height)
     tier = next((t for t in (2160, 1080, 720, 480, 360, 240) if short >= t), 0)
-    aspect = "landscape" if info.width > info.height * 1.1 else "portrait" if info.height > info.width * 1.1 else "square"
-    return f"{info.kind}/{tier}p/{aspect}"
+    aspect = "landscape" if width > height * 1.1 else "portrait" if height > width * 1.1 else "square"
+    return f"{kind}/{tier}p/{aspect}"
 
 
 def plan_shards(samples: list[dict], shard_bytes: int) -> list[list[dict]]:
@@ -124,6 +143,60 @@ def write_shard(path: Path, samples: list[dict]) -> None:
     write_catalog(path)
 
 
+def probe_and_filter(samples: list[dict], args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """(kept samples with probe, key and size; skipped files with the reason)."""
+    with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
+        probes = dict(tqdm(pool.map(probe_worker, [s["path"] for s in samples], chunksize=8),
+                           total=len(samples), desc="probing", unit="file"))
+    kept, skipped = [], []
+    for sample in samples:
+        info, error = probes[sample["path"]]
+        if error is None:
+            error = filter_reason(MediaInfo(**info), args)
+        if error is not None:
+            skipped.append({"path": sample["path"], "reason": error})
+            continue
+        key = hashlib.sha1(sample["path"].encode()).hexdigest()[:16]
+        kept.append({**sample, "probe": info, "key": key, "bytes": Path(sample["path"]).stat().st_size})
+    return kept, skipped
+
+
+def finished_shards(output: Path) -> dict[str, list[SampleEntry]]:
+    """The samples of every shard an earlier run finished (catalogued now if it was interrupted
+    between the shard and its catalog); leftovers of interrupted writes are removed."""
+    for leftover in output.glob("shard-*.tar.tmp"):
+        leftover.unlink()
+    shards = {}
+    for path in sorted(output.glob("shard-*.tar")):
+        try:
+            if not catalog_path(path).exists():
+                write_catalog(path)
+            shards[path.name] = shard_entries(path)
+        except (OSError, tarfile.TarError, ValueError, KeyError, TypeError) as error:
+            raise SystemExit(f"{path}: unreadable shard or catalog ({error}); remove both and re-run") from None
+    return shards
+
+
+def free_shard_numbers(shards: dict[str, list]) -> Iterator[int]:
+    """Shard numbers not taken yet, lowest first (a deleted shard's number is reused)."""
+    return (n for n in itertools.count() if f"shard-{n:06d}.tar" not in shards)
+
+
+def shard_index(shards: dict[str, list[SampleEntry]]) -> dict:
+    """index.json, from the shards' own catalogs."""
+    entries = [entry for name in sorted(shards) for entry in shards[name]]
+    buckets: dict[str, int] = {}
+    for entry in entries:
+        label = bucket_of(entry.kind, entry.width, entry.height)
+        buckets[label] = buckets.get(label, 0) + 1
+    return {
+        "shards": [{"name": name, "samples": len(shards[name])} for name in sorted(shards)],
+        "samples": len(entries),
+        "buckets": dict(sorted(buckets.items())),
+        "frames": sum(entry.frames for entry in entries),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, type=Path, help="media folder or CSV/JSONL manifest")
@@ -137,44 +210,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     samples = list_inputs(args.input)
     args.output.mkdir(parents=True, exist_ok=True)
-    skipped = []
-    with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
-        probes = dict(tqdm(pool.map(probe_worker, [s["path"] for s in samples], chunksize=8),
-                           total=len(samples), desc="probing", unit="file"))
-    kept = []
-    for sample in samples:
-        info, error = probes[sample["path"]]
-        if error is None:
-            error = filter_reason(MediaInfo(**info), args)
-        if error is not None:
-            skipped.append({"path": sample["path"], "reason": error})
-            continue
-        key = hashlib.sha1(sample["path"].encode()).hexdigest()[:16]
-        kept.append({**sample, "probe": info, "key": key, "bytes": Path(sample["path"]).stat().st_size})
-
-    shards = plan_shards(kept, int(args.shard_size_mb * 2**20))
-    written = 0
-    for number, shard in enumerate(tqdm(shards, desc="writing shards", unit="shard")):
-        path = args.output / f"shard-{number:06d}.tar"
-        if not path.exists():  # finished shards of an earlier run are kept
-            write_shard(path, shard)
-            written += 1
-        elif not catalog_path(path).exists():  # interrupted between the shard and its catalog
-            write_catalog(path)
-    buckets: dict[str, int] = {}
-    for sample in kept:
-        label = bucket_of(MediaInfo(**sample["probe"]))
-        buckets[label] = buckets.get(label, 0) + 1
-    index = {
-        "shards": [{"name": f"shard-{n:06d}.tar", "samples": len(s)} for n, s in enumerate(shards)],
-        "samples": len(kept),
-        "buckets": dict(sorted(buckets.items())),
-        "frames": sum(s["probe"]["frames"] for s in kept),
-    }
+    kept, skipped = probe_and_filter(samples, args)
+    shards = finished_shards(args.output)
+    done = {entry.key for entries in shards.values() for entry in entries}
+    new = [sample for sample in kept if sample["key"] not in done]
+    numbers = free_shard_numbers(shards)
+    planned = plan_shards(new, int(args.shard_size_mb * 2**20))
+    for shard in tqdm(planned, desc="writing shards", unit="shard"):
+        path = args.output / f"shard-{next(numbers):06d}.tar"
+        write_shard(path, shard)
+        shards[path.name] = shard_entries(path)
+    index = shard_index(shards)
     atomic_write_text(args.output / INDEX, json.dumps(index, indent=2) + "\n")
     atomic_write_text(args.output / REPORT, json.dumps({"skipped": skipped, "kept": len(kept)}, indent=2) + "\n")
-    print(f"{len(kept)} samples in {len(shards)} shards ({written} written now), {len(skipped)} skipped "
+    stale = len(done - {sample["key"] for sample in kept})
+    print(f"{index['samples']} samples in {len(shards)} shards ({len(planned)} written now), {len(skipped)} skipped "
           f"(see {args.output / REPORT})")
+    if stale:
+        print(f"note: {stale} samples of earlier shards are not among this run's kept inputs; they stay in the "
+              f"shards (write to a new --output to leave them out)")
     return index
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -279,3 +280,34 @@ def test_forward_never_overwrites_its_output(tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         convert_checkpoint.forward(args)
     assert out.read_bytes() == b"kept"
+
+
+def hugging_face_snapshot(root: Path, files: dict[str, str]) -> Path:
+    """A Hugging Face cache entry: each file of the snapshot a relative link to its blob."""
+    snapshot = root / "snapshots" / "0123abc"
+    for number, (name, payload) in enumerate(files.items()):
+        blob = root / "blobs" / f"blob{number}"
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_text(payload)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snapshot
+
+
+def test_pipeline_export_from_a_hugging_face_cache_copies_the_linked_files(tmp_path):
+    from megatron_mfm.export.official_io import write_pipeline
+
+    files = {"model_index.json": '{"_class_name": "MfMPipeline"}', "vae/config.json": '{"vae": 1}',
+             "tokenizer/spiece.model": "sp", "transformer/config.json": "{}"}
+    snapshot = hugging_face_snapshot(tmp_path / "models--org--MfM", files)
+    assert (snapshot / "vae" / "config.json").is_symlink()
+    out = write_pipeline(tmp_path / "export", snapshot, OFFICIAL_CONFIG, {"w": torch.ones(2)})
+    for name, payload in files.items():
+        if not name.startswith("transformer/"):
+            assert not (out / name).is_symlink() and (out / name).read_text() == payload, name
+
+    (tmp_path / "models--org--MfM" / "blobs" / "blob1").unlink()  # an interrupted download
+    with pytest.raises(FileNotFoundError, match=r"vae/config.json: a symbolic link to \.\./\.\./\.\./blobs/blob1"):
+        write_pipeline(tmp_path / "export2", snapshot, OFFICIAL_CONFIG, {"w": torch.ones(2)})
+    assert not (tmp_path / "export2").exists()

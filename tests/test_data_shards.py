@@ -7,14 +7,16 @@ import json
 import subprocess
 import sys
 import tarfile
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from megatron_mfm.data.decode.pyav import MediaError, decode_clip, probe
+from megatron_mfm.data.decode.pyav import MediaError, decode_clip, probe, video_timing
 from megatron_mfm.data.shards.reader import clip_from_sample, iter_shard
 from megatron_mfm.utils.media import write_mp4
 
@@ -117,3 +119,86 @@ def test_filters_and_manifest(media, tmp_path):
     assert "24 frames < --min-frames 30" in report["skipped"][0]["reason"]
     records = [r for shard in sorted(out.glob("*.tar")) for *_, r in iter_shard(shard)]
     assert [r["caption"] for r in records] == ["grey"]
+
+
+def test_rerun_after_adding_inputs_keeps_index_and_shards_in_agreement(media, tmp_path, capsys):
+    from data_prep import make_shards as tool
+    from megatron_mfm.data.shards.catalog import load_catalog, read_sample
+
+    inputs, out = tmp_path / "inputs", tmp_path / "shards"
+    inputs.mkdir()
+    for name in ("clip0.mp4", "clip1.mp4"):
+        (inputs / name).write_bytes((media / name).read_bytes())
+    argv = ["--input", str(inputs), "--output", str(out), "--workers", "1", "--min-side", "64"]
+    assert tool.main(argv)["samples"] == 2 and "(1 written now)" in capsys.readouterr().out
+    first = (out / "shard-000000.tar").read_bytes()
+    (inputs / "clip2.mp4").write_bytes((media / "clip2.mp4").read_bytes())  # sorts after, lands in no shard yet
+    (inputs / "a_still.jpg").write_bytes((media / "still.jpg").read_bytes())  # sorts first
+
+    index = tool.main(argv)
+    assert "(1 written now)" in capsys.readouterr().out
+    assert (out / "shard-000000.tar").read_bytes() == first, "a finished shard never changes"
+    assert index == json.loads((out / "index.json").read_text())
+    assert index["samples"] == 4 and [s["samples"] for s in index["shards"]] == [2, 2]
+    for shard in index["shards"]:
+        with tarfile.open(out / shard["name"]) as tar:
+            assert len(tar.getmembers()) == 2 * shard["samples"]
+    entries = load_catalog(out)
+    assert len(entries) == 4
+    sources = {Path(read_sample(out, entry)[1]["source"]).name for entry in entries}
+    assert sources == {"clip0.mp4", "clip1.mp4", "clip2.mp4", "a_still.jpg"}
+
+    assert tool.main(argv) == index and "(0 written now)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["missing_folder", "missing.jsonl", "missing.csv"])
+def test_missing_input_is_one_line(tmp_path, name):
+    from data_prep import make_shards as tool
+
+    with pytest.raises(SystemExit) as exit_:  # a message, not a traceback, and exit status 1
+        tool.main(["--input", str(tmp_path / name), "--output", str(tmp_path / "out")])
+    assert exit_.value.code == f"--input {tmp_path / name}: no such file or folder"
+
+
+def write_grey_video(path: Path, codec: str, rate: int, stamps: list[int]) -> None:
+    """Frame i is a flat grey of level 20 + 8 i, shown at ``stamps[i]`` / ``rate`` seconds."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, rate)
+        for i, stamp in enumerate(stamps):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20 + 8 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = stamp, Fraction(1, rate)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def frame_numbers(clip: torch.Tensor) -> list[int]:
+    """Which source frames a clip of ``write_grey_video`` frames shows, from their grey level."""
+    levels = (clip.mean(dim=(0, 2, 3)) + 1) * 127.5
+    return [round((level - 20) / 8) for level in levels.tolist()]
+
+
+def test_avi_declaring_frame_slots_probes_and_decodes_at_its_real_rate(tmp_path):
+    path = tmp_path / "slots.avi"  # MPEG-4 part 2 in AVI: 24 fps as every 10th slot of 240
+    write_grey_video(path, "mpeg4", 240, [10 * i for i in range(24)])
+    data = path.read_bytes()
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].average_rate == 240, "the file declares frame slots"
+    info = probe(data, path.name)
+    assert (info.frames, info.fps, info.codec) == (24, 24, "mpeg4")
+    assert frame_numbers(decode_clip(data, path.name, frames=9, height=32, width=32, fps=12)) == list(range(0, 18, 2))
+
+
+def test_variable_frame_rate_clip_is_sampled_by_timestamp(tmp_path):
+    path = tmp_path / "vfr.mp4"  # 10 frames at 10 fps, then 20 at 40 fps (milliseconds)
+    stamps = [100 * i for i in range(10)] + [1000 + 25 * i for i in range(20)]
+    write_grey_video(path, "h264", 1000, stamps)
+    data = path.read_bytes()
+    info = probe(data, path.name)
+    assert info.frames == 30 and info.fps == pytest.approx(29 / 1.475)
+    expected = list(range(10)) + [10, 14, 18]  # the frames shown at 0, 0.1, ..., 1.2 s
+    assert video_timing(data).source_frames(13, 10, path.name) == expected  # what every backend decodes
+    assert frame_numbers(decode_clip(data, path.name, frames=13, height=32, width=32, fps=10)) == expected
+    with pytest.raises(MediaError, match="vfr.mp4: 30 frames in 1.475 s, 17 frames at 10 fps need 1.600 s"):
+        decode_clip(data, path.name, frames=17, height=32, width=32, fps=10)

@@ -12,7 +12,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Mapping, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from pathlib import Path
 
 import torch
@@ -168,19 +168,36 @@ def write_pipeline(folder: str | Path, source: str | Path, config: dict, tensors
                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """A complete diffusers pipeline folder: our ``transformer/`` plus every other component
     (``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``, ``model_index.json``...) copied,
-    or symlinked with ``link``, from an official pipeline folder ``source``."""
+    or symlinked with ``link``, from an official pipeline folder ``source``. Copies hold the
+    files that symbolic links point to (a Hugging Face cache links every file to its blobs)."""
     source = Path(source).resolve()
     if not (source / "model_index.json").is_file():
         raise FileNotFoundError(f"{source}: not a diffusers pipeline folder (no model_index.json)")
+    components = [entry for entry in sorted(source.iterdir()) if entry.name != "transformer"]
+    _refuse_broken_links(components)
     with atomic_directory(folder) as tmp:
-        for entry in sorted(source.iterdir()):
-            if entry.name == "transformer":
-                continue
+        for entry in components:
             if link:
                 (tmp / entry.name).symlink_to(entry)
             elif entry.is_dir():
-                shutil.copytree(entry, tmp / entry.name, symlinks=True)
+                shutil.copytree(entry, tmp / entry.name)
             else:
                 shutil.copy2(entry, tmp / entry.name)
         _write_transformer(tmp / "transformer", config, tensors, max_shard_bytes)
     return Path(folder)
+
+
+def _refuse_broken_links(paths: list[Path]) -> None:
+    """Name the first symbolic link under ``paths`` whose target is missing (an incomplete
+    download), before anything is written."""
+    for path in paths:
+        for entry in _tree(path):
+            if not entry.exists():
+                raise FileNotFoundError(f"{entry}: a symbolic link to {os.readlink(entry)}, which does not exist")
+
+
+def _tree(path: Path) -> Iterator[Path]:
+    """``path`` and everything under it, through symbolic links."""
+    yield path
+    for folder, dirs, files in os.walk(path, followlinks=True):
+        yield from (Path(folder) / name for name in dirs + files)

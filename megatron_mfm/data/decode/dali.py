@@ -3,7 +3,7 @@
 DALI decodes on the GPU (``device="gpu"``: NVDEC through DALI's "mixed" decoder, H.264/HEVC/AV1
 and more) or on the CPU (libavcodec; VP8/VP9/MJPEG only, DALI's CPU decoder refuses H.264).
 It keeps ``decode.decode_clip``'s contract: (3, F, height, width) float in [-1, 1], the same
-source frames (``decode.frame_indices``) and the same scale-to-cover + centre-crop window
+source frames (``VideoTiming.source_frames``) and the same scale-to-cover + centre-crop window
 (``decode.cover_crop_box``), so the loader can switch backends without changing a sample.
 
 Differences from the PyAV backend, measured in tests/test_dali_decode.py:
@@ -20,7 +20,6 @@ does not cost the loader the whole batch.
 from __future__ import annotations
 
 import io
-import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from megatron_mfm.data.decode.pyav import IMAGE_SUFFIXES, MediaError, cover_crop_box, decode_clip, frame_indices
+from megatron_mfm.data.decode.pyav import IMAGE_SUFFIXES, MediaError, cover_crop_box, decode_clip, video_timing
 
 DALI_INSTALL = "pip install nvidia-dali-cuda130 (the 'dali' extra: pip install -e '.[dali]')"
 DECODE_BACKENDS = ("pyav", "dali")
@@ -101,23 +100,19 @@ def _crop_roi(h: int, w: int, height: int, width: int) -> tuple[np.ndarray, np.n
     return np.array([top, left], np.float32) * scale, np.array([top + height, left + width], np.float32) * scale
 
 
-def _read_video_header(request: ClipRequest) -> tuple[str, float, int, int, int]:
-    """(codec, fps, height, width, packets up to the last one needed) without decoding: demuxing
-    costs a small fraction of decoding, and it finds short clips before DALI pads them."""
+def _read_video_header(request: ClipRequest) -> tuple[str, list[int], int, int]:
+    """(codec, source frames to decode, height, width) without decoding: demuxing costs a small
+    fraction of decoding, and it finds short clips before DALI pads them."""
     import av
 
     try:
+        timing = video_timing(request.data)
         with av.open(io.BytesIO(request.data)) as container:
-            stream = container.streams.video[0]
-            codec = stream.codec_context.name
-            fps = float(stream.average_rate or request.fps or 1)
-            needed = frame_indices(fps, request.frames, request.fps)[-1] + 1
-            packets = (packet for packet in container.demux(stream) if packet.size)
-            available = sum(1 for _ in itertools.islice(packets, needed))
-            height, width = stream.codec_context.height, stream.codec_context.width
-            return CODEC_ALIASES.get(codec, codec), fps, height, width, available
+            context = container.streams.video[0].codec_context
+            codec, height, width = context.name, context.height, context.width
     except (av.FFmpegError, IndexError) as error:
         raise MediaError(f"{request.name}: not a readable video ({type(error).__name__}: {error})") from error
+    return CODEC_ALIASES.get(codec, codec), timing.source_frames(request.frames, request.fps, request.name), height, width
 
 
 def _plan(request: ClipRequest, config: DaliDecodeConfig) -> _Plan:
@@ -132,15 +127,11 @@ def _plan(request: ClipRequest, config: DaliDecodeConfig) -> _Plan:
         except Exception as error:  # Pillow raises many types for bad bytes
             raise MediaError(f"{request.name}: not a readable image ({error})") from error
         return _Plan("image", np.zeros(0, np.int32), size, *_crop_roi(h, w, request.height, request.width))
-    codec, fps, h, w, available = _read_video_header(request)
+    codec, indices, h, w = _read_video_header(request)
     if codec not in config.codecs:
         raise MediaError(f"{request.name}: codec {codec} cannot be decoded by DALI on the {config.device} "
                          f"(it decodes {', '.join(sorted(config.codecs))}); decode it on the GPU or with PyAV")
-    indices = np.array(frame_indices(fps, request.frames, request.fps), np.int32)
-    if available <= indices[-1]:
-        raise MediaError(f"{request.name}: {available} frames at {fps:g} fps, frame {indices[-1]} needed for "
-                         f"{request.frames} frames at {request.fps or fps:g} fps")
-    return _Plan("video", indices, size, *_crop_roi(h, w, request.height, request.width))
+    return _Plan("video", np.array(indices, np.int32), size, *_crop_roi(h, w, request.height, request.width))
 
 
 def _build_pipeline(kind: str, config: DaliDecodeConfig):

@@ -81,6 +81,12 @@ def write_catalog(shard: Path) -> None:
     atomic_write_text(catalog_path(shard), json.dumps([asdict(e) for e in scan_shard(shard)]) + "\n")
 
 
+def shard_entries(shard: Path) -> list[SampleEntry]:
+    """The samples of one shard: from its catalog, else by scanning the tar."""
+    catalog = catalog_path(shard)
+    return [SampleEntry(**e) for e in json.loads(catalog.read_text())] if catalog.is_file() else scan_shard(shard)
+
+
 def load_catalog(directory: str | Path) -> list[SampleEntry]:
     """Every sample of a shard directory, in index order (shard by shard)."""
     directory = Path(directory)
@@ -93,9 +99,7 @@ def load_catalog(directory: str | Path) -> list[SampleEntry]:
         path = directory / shard["name"]
         if not path.is_file():
             raise FileNotFoundError(f"{path}: listed in {index_file} but missing")
-        catalog = catalog_path(path)
-        found = ([SampleEntry(**e) for e in json.loads(catalog.read_text())] if catalog.is_file()
-                 else scan_shard(path))
+        found = shard_entries(path)
         if len(found) != shard["samples"]:
             raise ValueError(f"{path}: {len(found)} samples, {index_file} says {shard['samples']}")
         entries.extend(found)
