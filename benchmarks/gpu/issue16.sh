@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Issue 16 on one H200 in one device call (< 9 min), after staging with FA4:
-#   bash ../shared/device/stage.sh te fa4     # then one call per stage; append to the LAST one:
-#   bash .gpu/stageN/boot.sh && bash benchmarks/gpu/issue16.sh official
-# (official = the ignored copy of github leeruibin/MfM carried with the call). Wheels FA4 needs that
-# the staging lacks (quack-kernels, torch-c-dlpack-ext) are installed from .gpu/extra/ if carried.
+# Issue 16 on one H200 in one call (< 9 min), with the gpu extra installed (pip install -e ".[gpu]":
+# Transformer Engine, flash-attn-4 and its CuTe DSL runtime):
+#   bash benchmarks/gpu/issue16.sh PATH_TO_OFFICIAL_MFM_CHECKOUT      (github leeruibin/MfM)
+# On a machine without network, wheels put in .gpu/extra/ are installed first.
 # Parts, each under its own time limit so one failure keeps the rest, JSON written as they go:
 #   1 tests/gpu/test_fa4.py                       -> $OUT/tests_fa4.log
 #   2 MfM-2B 22k tokens, compiled glue, bf16 + FP8 delayed, cudnn + fa4, no recompute,
