@@ -166,7 +166,9 @@ def test_full_disk_fails_on_every_rank_naming_the_folder(tmp_path):
     command = _small_filesystem_command(mount, "1m", [sys.executable, "-m", "faults.save_on_full_disk", str(mount / "ckpt")])
     if command is None:
         pytest.skip("no user+mount namespaces here to make a small filesystem")
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    tests_on_path = os.pathsep.join(filter(None, [str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": tests_on_path})
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):  # every rank learns why, and nothing partial is left behind
         line = next(line for line in result.stdout.splitlines() if line.startswith(f"rank {rank}:"))
