@@ -32,7 +32,7 @@ trained=$(( $(date +%s) - start ))
   --output "$OUT/eval" ${EVAL_ARGS:-} | tee "$OUT/eval.log"
 "$PY" - "$OUT/metrics.jsonl" <<'PY'
 import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1])]
+rows = [r for r in map(json.loads, open(sys.argv[1])) if "loss" in r]  # training records (not checkpoint ones)
 first, last = rows[0], rows[-1]
 print(f"loss: iteration {first['iteration']} {first['loss']:.4f} -> iteration {last['iteration']} {last['loss']:.4f}, "
       f"{last['elapsed time per iteration (ms)']:.0f} ms/iteration at the end")

@@ -19,7 +19,7 @@ ckpt="$OUT/checkpoints/$(cat "$OUT/checkpoints/latest")"
 "$PY" -m tools.evaluate --load "$ckpt" --config examples/tiny_cpu.yaml --tasks t2v i2v --samples 2 --output "$OUT/eval"
 "$PY" - "$OUT/metrics.jsonl" <<'PY'
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
+rows = [r for r in map(json.loads, open(sys.argv[1])) if "loss" in r]  # training records (not checkpoint ones)
 first, last = rows[0], rows[-1]
 print(f"loss: iteration {first['iteration']} {first['loss']:.4f} -> iteration {last['iteration']} {last['loss']:.4f}")
 PY
