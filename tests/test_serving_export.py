@@ -13,7 +13,7 @@ import torch
 from megatron_mfm.checkpoint.model_state import build_from_official, global_state, save_model
 from megatron_mfm.export import serving
 from megatron_mfm.export.official_io import CONFIG_NAME, write_official
-from megatron_mfm.model.config import preset_config, to_official_config
+from megatron_mfm.model.config import preset_config
 from megatron_mfm.model.dit import MfMDiT, build_model
 from megatron_mfm.model.specs import local_layer_spec
 from tools import export_serving

@@ -99,11 +99,10 @@ def build_loader(config: RunConfig) -> SyntheticLoader | ShardLoader:
                            train.micro_batch_size, train.global_batch_size, dp_rank, dp_size, seed)
 
 
-def setup(config: RunConfig) -> Trainer:
-    """Validate, create process groups, build every component, resume if asked."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+def check_machine(config: RunConfig) -> None:
+    """Checks that need the disk, the world size or this machine, before any process group."""
     config.check_files()
-    config.check_world(world_size)
+    config.check_world(int(os.environ.get("WORLD_SIZE", "1")))
     if config.train.precision == "fp8" and not transformer_engine_available():
         raise ConfigError("train.precision=fp8 needs Transformer Engine on a GPU: pip install 'megatron_mfm[gpu]' "
                           "on a GPU machine, or train.precision=bf16")
@@ -112,20 +111,17 @@ def setup(config: RunConfig) -> Trainer:
                           "the version your torch names), or model.compile_glue=false")
     if config.model.recompute == "auto" and not torch.cuda.is_available():
         raise ConfigError("model.recompute=auto measures GPU memory: it needs a GPU (use true or false on the CPU)")
-    layer_spec = layer_spec_for(config)
-    model_config = config.to_model_config()
-    initialize_parallel(tensor_parallel_size=config.parallel.tensor_parallel,
-                        pipeline_parallel_size=config.parallel.pipeline_parallel,
-                        context_parallel_size=config.parallel.context_parallel, seed=config.train.seed,
-                        virtual_pipeline_size=model_config.virtual_pipeline_model_parallel_size)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model = build_model_chunks(model_config, layer_spec).to(device)
+
+
+def wrap_ddp(config: RunConfig, model_config: MfMConfig, model: ModelChunks) -> list[DistributedDataParallel]:
+    """One megatron DDP per model chunk, with the gradient reduction overlapped with backward
+    when ``parallel.overlap_grad_reduce``."""
     overlap = config.parallel.overlap_grad_reduce
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=config.parallel.distributed_optimizer,
         overlap_grad_reduce=overlap,
     )
-    # one DDP per chunk; only the first chunk's gradients are bucketed for overlap (megatron's rule)
+    # only the first chunk's gradients are bucketed for overlap (megatron's rule)
     ddp = [DistributedDataParallel(model_config, ddp_config, chunk, disable_bucketing=i > 0)
            for i, chunk in enumerate(model)]
     model_config.finalize_model_grads_func = finalize_model_grads
@@ -133,6 +129,12 @@ def setup(config: RunConfig) -> Trainer:
         no_sync, start = [c.no_sync for c in ddp], [c.start_grad_sync for c in ddp]
         model_config.no_sync_func = no_sync[0] if len(ddp) == 1 else no_sync
         model_config.grad_sync_func = start[0] if len(ddp) == 1 else start
+    return ddp
+
+
+def build_optimizer(config: RunConfig, model_config: MfMConfig,
+                    ddp: list[DistributedDataParallel]) -> tuple[object, OptimizerParamScheduler]:
+    """Megatron's Adam (distributed or not) and its LR schedule, stepped in samples."""
     opt = config.optimizer
     optimizer = get_megatron_optimizer(
         MegatronOptimizerConfig(
@@ -150,6 +152,22 @@ def setup(config: RunConfig) -> Trainer:
         lr_warmup_steps=warmup, lr_decay_steps=max(iterations * gbs, warmup + 1), lr_decay_style=opt.decay_style,
         start_wd=opt.weight_decay, end_wd=opt.weight_decay, wd_incr_steps=iterations * gbs, wd_incr_style="constant",
     )
+    return optimizer, scheduler
+
+
+def setup(config: RunConfig) -> Trainer:
+    """Validate, create process groups, build every component, resume if asked."""
+    check_machine(config)
+    layer_spec = layer_spec_for(config)
+    model_config = config.to_model_config()
+    initialize_parallel(tensor_parallel_size=config.parallel.tensor_parallel,
+                        pipeline_parallel_size=config.parallel.pipeline_parallel,
+                        context_parallel_size=config.parallel.context_parallel, seed=config.train.seed,
+                        virtual_pipeline_size=model_config.virtual_pipeline_model_parallel_size)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model = build_model_chunks(model_config, layer_spec).to(device)
+    ddp = wrap_ddp(config, model_config, model)
+    optimizer, scheduler = build_optimizer(config, model_config, ddp)
     loader = build_loader(config)
     trainer = Trainer(
         config=config, model_config=model_config, model=model, ddp=ddp, optimizer=optimizer, scheduler=scheduler,
@@ -157,7 +175,7 @@ def setup(config: RunConfig) -> Trainer:
         encoders=build_encoders(config.encoders, model_config.text_hidden_size, device),
         checkpointer=Checkpointer(config.checkpoint.save, config.checkpoint.keep_last, config.checkpoint.async_save,
                                   config.parallel.distributed_optimizer, config.checkpoint.reshardable_optimizer),
-        logger=MetricsLogger(config.logging, config_to_dict(config), iterations),
+        logger=MetricsLogger(config.logging, config_to_dict(config), config.train.iterations),
         state=TrainingState(), device=device,
         dtype=torch.bfloat16 if model_config.bf16 else torch.float32,
     )
