@@ -27,6 +27,7 @@ from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.glue import block_glue
 from megatron_mfm.model.norms import RMSNorm
 
+
 @dataclass
 class MLPSubmodules:
     linear_fc1: ModuleSpec | type

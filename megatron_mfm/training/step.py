@@ -12,9 +12,10 @@ from megatron_mfm.data.batch import MicroBatch
 from megatron_mfm.data.rng import Stream, sample_generator
 from megatron_mfm.data.shards.precomputed import Precomputed
 from megatron_mfm.diffusion.flow_matching import FlowMatchingConfig, add_noise, per_sample_mse, sample_sigma
+from megatron_mfm.encoders.interface import FrozenEncoders
 from megatron_mfm.model.geometry import token_grid
 from megatron_mfm.tasks.builders import TASKS
-from megatron_mfm.encoders.interface import FrozenEncoders
+
 
 def noise_and_sigma(latents: torch.Tensor, sample_ids: torch.Tensor, seed: int, flow: FlowMatchingConfig,
                     tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

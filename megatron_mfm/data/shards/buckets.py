@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from megatron_mfm.data.shards.catalog import SampleEntry
 from megatron_mfm.model.geometry import clip_tokens
 
+
 @dataclass(frozen=True, order=True)
 class Bucket:
     height: int
