@@ -11,7 +11,7 @@ import torch
 from megatron_mfm.data.shards.stages import StageConfig
 from megatron_mfm.data.shards.streaming import ShardDataConfig
 from megatron_mfm.data.synthetic import SyntheticConfig
-from megatron_mfm.model.presets import ATTENTION_BACKENDS, CONTEXT_PARALLEL_COMM, PRESETS, SELECTIVE_RECOMPUTE_MODULES
+from megatron_mfm.model.presets import ACTIVATION_RECOMPUTE, ATTENTION_BACKENDS, CONTEXT_PARALLEL_COMM, PRESETS, SELECTIVE_RECOMPUTE_MODULES
 
 
 class ConfigError(ValueError):
@@ -39,7 +39,9 @@ class ModelConfig:
     "block" method) and keep the others' activations, to spend spare memory on speed; 0: all."""
     recompute_modules: list[str] = field(default_factory=list)
     """Selective recompute instead: any of layernorm (norm/modulation intermediates) and mlp
-    (the 4x-wide MLP activations); [] keeps everything unless ``recompute`` is set."""
+    (the 4x-wide MLP activations); [] keeps everything unless ``recompute`` is set. mlp_act
+    recomputes only the MLP's GELU output (one elementwise pass; fc1's output stays kept) and
+    combines with any ``recompute``; a no-op under FP8, whose fc2 keeps an FP8 copy instead."""
     attention_backend: str = "auto"
     """Core attention (``model/attention_backends``): auto (FlashAttention-4 where it runs, else
     cuDNN; the CPU keeps torch's SDPA), fa4, cudnn or sdpa (SDPA timed fastest per shape)."""
@@ -50,7 +52,16 @@ class ModelConfig:
 
     def recompute_options(self) -> dict:
         """megatron TransformerConfig fields for full, selective, no or measured (auto) activation
-        recompute; auto starts from every block recomputed."""
+        recompute, and whether the MLP's activation is recomputed on its own."""
+        return dict(**self._block_recompute_options(),
+                    recompute_mlp_activation=ACTIVATION_RECOMPUTE in self.recompute_modules)
+
+    @property
+    def _selective_modules(self) -> list[str]:
+        return [name for name in self.recompute_modules if name != ACTIVATION_RECOMPUTE]
+
+    def _block_recompute_options(self) -> dict:
+        """Full, selective, none or auto (which starts from every block recomputed)."""
         if self.recompute == "auto":
             return dict(recompute_granularity="full", recompute_method="block", recompute_auto=True,
                         recompute_num_layers=self.num_layers or PRESETS[self.preset]["num_layers"])
@@ -59,8 +70,8 @@ class ModelConfig:
                         recompute_num_layers=self.recompute_num_layers)
         if self.recompute:
             return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-        if self.recompute_modules:
-            return dict(recompute_granularity="selective", recompute_modules=list(self.recompute_modules))
+        if self._selective_modules:
+            return dict(recompute_granularity="selective", recompute_modules=self._selective_modules)
         return dict(recompute_granularity=None)
 
     def __post_init__(self) -> None:
@@ -77,8 +88,9 @@ class ModelConfig:
         unknown = sorted(set(self.recompute_modules) - set(SELECTIVE_RECOMPUTE_MODULES))
         if unknown:
             raise ConfigError(f"model.recompute_modules: unknown {unknown}; choose from {SELECTIVE_RECOMPUTE_MODULES}")
-        if self.recompute and self.recompute_modules:
-            raise ConfigError("model.recompute_modules: selective recompute needs model.recompute=false (full)")
+        if self.recompute and self._selective_modules:
+            raise ConfigError(f"model.recompute_modules: {self._selective_modules} need model.recompute=false (they are "
+                              f"selective recompute; only {ACTIVATION_RECOMPUTE} combines with full or auto)")
         if self.recompute_num_layers < 0 or (self.recompute_num_layers and self.recompute is not True):
             raise ConfigError(
                 f"model.recompute_num_layers={self.recompute_num_layers}: needs model.recompute=true and >= 0 (0: all)"

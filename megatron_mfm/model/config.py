@@ -66,6 +66,10 @@ class MfMConfig(TransformerConfig):
     """Pick the number of recomputed blocks from measured memory (``model/recompute_budget.py``);
     needs recompute_granularity="full" with the "block" method, which it then overrides."""
 
+    recompute_mlp_activation: bool = False
+    """Free the MLP's GELU output after fc2's forward and recompute it from fc1's output in
+    backward (``model.recompute_modules: [mlp_act]``); combines with any other recompute."""
+
     cp_comm_type: str = "a2a"
     """Megatron's field, narrowed to the context-parallel attentions we implement: "a2a"
     (all-to-all head exchange) or "p2p" (ring attention, ``parallel/ring_attention.py``)."""

@@ -8,6 +8,8 @@
 Selective recompute (``recompute_granularity="selective"``) keeps the inputs of the chosen parts
 and recomputes them in backward: ``layernorm`` drops the fp32 intermediates of the norms and the
 modulation, ``mlp`` the norm, modulation and the 4x-wide GELU activations of the MLP.
+``recompute_mlp_activation`` (``mlp_act``) drops only the GELU output that fc2 keeps for its
+weight gradient and recomputes it from fc1's output (which GELU's backward keeps anyway).
 """
 
 from __future__ import annotations
@@ -51,8 +53,22 @@ class MLP(MegatronModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.linear_fc1(x)
-        out, _ = self.linear_fc2(self.config.activation_func(h))
+        if not self._recomputes_activation():
+            out, _ = self.linear_fc2(self.config.activation_func(h))
+            return out
+        # GELU runs outside autograd with only h saved; fc2 saves its output, whose storage is freed
+        # once fc2 has run and refilled by recomputing GELU when backward reaches fc2's output.
+        # fp8=None: the recomputed function is a plain elementwise op, no FP8 GEMM to re-enter.
+        activation = tensor_parallel.CheckpointWithoutOutput(fp8=None)
+        out, _ = self.linear_fc2(activation.checkpoint(self.config.activation_func, h))
+        activation.discard_output_and_register_recompute(out)
         return out
+
+    def _recomputes_activation(self) -> bool:
+        """``mlp_act`` in a training forward that builds a graph, in bf16/fp32: under FP8, fc2 keeps
+        its FP8 copy of the activation, not the activation, so there is nothing to drop."""
+        selected = self.config.recompute_mlp_activation and self.config.fp8 is None
+        return selected and self.training and torch.is_grad_enabled()
 
 
 @dataclass

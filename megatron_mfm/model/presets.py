@@ -17,8 +17,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 CONTEXT_PARALLEL_COMM = ("a2a", "p2p")
 """Context-parallel attention exchanges we implement (megatron's ``cp_comm_type`` values)."""
 
-SELECTIVE_RECOMPUTE_MODULES = ("layernorm", "mlp")
+SELECTIVE_RECOMPUTE_MODULES = ("layernorm", "mlp", "mlp_act")
 """Parts of a block that selective recompute can drop and recompute in backward."""
+
+ACTIVATION_RECOMPUTE = "mlp_act"
+"""The module of ``SELECTIVE_RECOMPUTE_MODULES`` that is no block recompute (only the MLP's GELU
+output is recomputed), so it combines with full or auto recompute of the blocks."""
 
 ATTENTION_BACKENDS = ("auto", "fa4", "cudnn", "sdpa")
 """Core attentions of ``model.attention_backend`` (``model/attention_backends``)."""
