@@ -43,6 +43,9 @@ class RunConfig:
     encoders: EncoderConfig = field(default_factory=EncoderConfig)
     """Frozen VAE / T5 / depth model: built-in stand-ins or pretrained weights from local folders."""
 
+    def __post_init__(self) -> None:
+        self.optimizer.check_precision(self.train.precision, self.parallel.distributed_optimizer)
+
     def to_model_config(self) -> MfMConfig:
         """The megatron ``TransformerConfig`` of this run: preset, depth, parallel layout,
         precision and recompute, in megatron's field names."""

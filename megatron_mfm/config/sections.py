@@ -21,6 +21,12 @@ class ConfigError(ValueError):
 FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise"}
 """``train.fp8_recipe`` -> megatron's ``Fp8Recipe`` (current scaling is its "tensorwise")."""
 
+GRADIENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""``optimizer.grad_dtype`` -> the dtype of megatron's gradient buffers."""
+
+MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``optimizer.moments_dtype`` -> the dtype of Adam's moments (fp16 is scaled per tensor)."""
+
 
 @dataclass
 class ModelConfig:
@@ -153,6 +159,15 @@ class OptimizerConfig:
     warmup_iterations: int = 0
     decay_style: str = "constant"
     """constant or cosine (from lr to min_lr over the iterations after warm-up)."""
+    grad_dtype: str = "fp32"
+    """Gradient buffers (accumulated over micro-batches, reduced over data-parallel ranks): fp32,
+    or bf16 (half their memory, as the official bf16 mode; needs train.precision=bf16 or fp8)."""
+    moments_dtype: str = "fp32"
+    """Adam's moments: fp32, or bf16 / fp16 (scaled per tensor): half their memory, through
+    megatron's precision-aware optimizer (Transformer Engine's FusedAdam on a GPU; needs
+    parallel.distributed_optimizer=true, one GPU is fine, and train.precision=bf16 or fp8). It also
+    keeps the fp32 master weights as the 16 bits the bf16 weights lack: the same values, half the
+    memory."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -161,6 +176,22 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.decay_style={self.decay_style!r}: choose constant or cosine")
         if self.warmup_iterations < 0:
             raise ConfigError("optimizer.warmup_iterations must be >= 0")
+        if self.grad_dtype not in GRADIENT_DTYPES:
+            raise ConfigError(f"optimizer.grad_dtype={self.grad_dtype!r}: choose one of {sorted(GRADIENT_DTYPES)}")
+        if self.moments_dtype not in MOMENT_DTYPES:
+            raise ConfigError(f"optimizer.moments_dtype={self.moments_dtype!r}: choose one of {sorted(MOMENT_DTYPES)}")
+
+    def check_precision(self, precision: str, distributed_optimizer: bool) -> None:
+        """16-bit gradients or moments only beside 16-bit weights; 16-bit moments only in the
+        distributed optimizer (the one megatron's precision-aware optimizer extends)."""
+        sixteen_bit = [f"optimizer.{name}={getattr(self, name)}" for name in ("grad_dtype", "moments_dtype")
+                       if getattr(self, name) != "fp32"]
+        if sixteen_bit and precision == "fp32":
+            raise ConfigError(f"{sixteen_bit[0]} needs train.precision=bf16 or fp8 (fp32 weights keep an fp32 "
+                              "optimizer state)")
+        if self.moments_dtype != "fp32" and not distributed_optimizer:
+            raise ConfigError(f"optimizer.moments_dtype={self.moments_dtype} needs parallel.distributed_optimizer=true "
+                              "(megatron's precision-aware optimizer; one GPU is fine)")
 
 
 @dataclass

@@ -42,6 +42,7 @@ from megatron_mfm.tasks.mixture import TaskMixture
 from megatron_mfm.checkpoint.training_state import Checkpointer, TrainingState
 from megatron_mfm.training.ema import EMA
 from megatron_mfm.training.flops import gpu_peak_tflops, training_flops
+from megatron_mfm.training.precision_aware import check_fused_adam, precision_aware_options
 from megatron_mfm.training.logger import MetricsLogger
 from megatron_mfm.training.observability import (IntervalMeter, ProfileWindow, StepResult, memory_gb, phase,
                                                  rank_spread)
@@ -111,15 +112,16 @@ def check_machine(config: RunConfig) -> None:
                           "the version your torch names), or model.compile_glue=false")
     if config.model.recompute == "auto" and not torch.cuda.is_available():
         raise ConfigError("model.recompute=auto measures GPU memory: it needs a GPU (use true or false on the CPU)")
+    check_fused_adam(config.optimizer)
 
 
 def wrap_ddp(config: RunConfig, model_config: MfMConfig, model: ModelChunks) -> list[DistributedDataParallel]:
     """One megatron DDP per model chunk, with the gradient reduction overlapped with backward
-    when ``parallel.overlap_grad_reduce``."""
+    when ``parallel.overlap_grad_reduce``; its buffers hold ``optimizer.grad_dtype`` gradients."""
     overlap = config.parallel.overlap_grad_reduce
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=config.parallel.distributed_optimizer,
-        overlap_grad_reduce=overlap,
+        grad_reduce_in_fp32=config.optimizer.grad_dtype == "fp32",
+        use_distributed_optimizer=config.parallel.distributed_optimizer, overlap_grad_reduce=overlap,
     )
     # only the first chunk's gradients are bucketed for overlap (megatron's rule)
     ddp = [DistributedDataParallel(model_config, ddp_config, chunk, disable_bucketing=i > 0)
@@ -141,7 +143,7 @@ def build_optimizer(config: RunConfig, model_config: MfMConfig,
             optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
             adam_beta1=opt.beta1, adam_beta2=opt.beta2, adam_eps=opt.eps, clip_grad=opt.clip_grad,
             bf16=model_config.bf16, params_dtype=model_config.params_dtype,
-            use_distributed_optimizer=config.parallel.distributed_optimizer,
+            use_distributed_optimizer=config.parallel.distributed_optimizer, **precision_aware_options(opt),
         ),
         ddp,
     )
