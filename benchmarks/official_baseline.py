@@ -134,9 +134,12 @@ def compare_rows(args, rows: list[dict], cases: dict) -> None:
     dynamo's global settings)."""
     measured = {key: time_official(args, case) for key, case in cases.items()}
     for row in rows:
-        if "error" in row or official_key(row) not in measured:
-            continue
-        official = measured[official_key(row)]
-        row.update(official)
-        if "official_step_s" in official:
-            row["speedup_vs_official"] = official["official_step_s"] / row["step_s"]
+        if "error" not in row and official_key(row) in measured:
+            add_official_columns(row, measured[official_key(row)])
+
+
+def add_official_columns(row: dict, official: dict) -> None:
+    """The official step's columns, and ``speedup_vs_official`` where both steps were timed."""
+    row.update(official)
+    if "official_step_s" in official and "step_s" in row:
+        row["speedup_vs_official"] = official["official_step_s"] / row["step_s"]

@@ -30,7 +30,11 @@ step time, MFU, memory, losses and ``speedup_vs_plain`` = plain step / our step.
 github leeruibin/MfM at each row's shape with its best settings (``benchmarks/official_baseline.py``)
 and gives every row ``speedup_vs_official`` and both peak memories: the headline comparison.
 --attention-backend sweeps the core attention (auto, fa4, cudnn, sdpa); --recompute auto picks the
-recomputed blocks from measured memory (the row's ``recompute_decision``).
+recomputed blocks from measured memory (the row's ``recompute_decision``), mlp_act recomputes only
+the MLP's GELU output; --optimizer-state bf16 keeps bf16 gradient buffers and bf16 Adam moments
+(the distributed optimizer, Transformer Engine's FusedAdam). --isolate-rows runs every row, and
+the official step, in a process of its own (``benchmarks/isolated_rows.py``): each row's peak
+memory is then its own, not raised by what earlier rows left cached.
 
   python benchmarks/profile_throughput.py --presets tiny --frames 9 --height 64 --width 64      # CPU
   torchrun --nproc-per-node 8 benchmarks/profile_throughput.py --presets mfm-2b --frames 97 \
@@ -40,6 +44,8 @@ recomputed blocks from measured memory (the row's ``recompute_decision``).
       --recompute full --compare-plain --output runs/plain                                 # 1 GPU
   python benchmarks/profile_throughput.py --presets mfm-2b --frames 97 --height 352 --width 640 \
       --glue compiled --attention-backend cudnn fa4 --recompute none auto --compare-official ~/src/MfM  # 1 GPU
+  python benchmarks/profile_throughput.py --presets mfm-2b --frames 97 --height 352 --width 640 --glue compiled \
+      --recompute none mlp_act --optimizer-state fp32 bf16 --isolate-rows --output runs/memory   # 1 GPU
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ import itertools
 import json
 import os
 import re
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +83,7 @@ from megatron_mfm.model.geometry import clip_tokens, latent_shape, token_grid
 from megatron_mfm.model.recompute_budget import after_optimizer_step
 from megatron_mfm.parallel.initialize import destroy_parallel
 from benchmarks import official_baseline
+from benchmarks.isolated_rows import ROW_PROCESSES, isolated_rows
 from benchmarks.kernel_profile import KERNEL_CATEGORIES, kernel_breakdown, kernel_roofline_seconds
 from benchmarks.plain_baseline import SDPA_BACKENDS, PlainCase, compare_with_plain
 from benchmarks.timing import TEXT_TOKENS, release_memory, timed
@@ -150,8 +159,15 @@ RECOMPUTE = {
     "none": ["model.recompute=false"],
     "full": ["model.recompute=true"],
     "selective": ["model.recompute=false", "model.recompute_modules=[layernorm, mlp]"],
+    "mlp_act": ["model.recompute=false", "model.recompute_modules=[mlp_act]"],
     "auto": ["model.recompute=auto"],
 }
+OPTIMIZER_STATES = {
+    "fp32": [],
+    "bf16": ["optimizer.grad_dtype=bf16", "optimizer.moments_dtype=bf16", "parallel.distributed_optimizer=true"],
+}
+"""``--optimizer-state``: fp32 gradient buffers and Adam moments, or bf16 ones (16-bit moments
+need the distributed optimizer; on one GPU it shards nothing)."""
 PARTIAL_RECOMPUTE = re.compile(r"first(\d+)")
 """``first<N>``: full recompute of the first N blocks of each stage only (model.recompute_num_layers)."""
 
@@ -169,21 +185,23 @@ def recompute_overrides(recompute: str) -> list[str]:
     return RECOMPUTE[recompute]
 
 
-def profile_one(args, layout: Layout, preset: str, frames: int, height: int, width: int, recompute: str,
-                glue: str, attention: str, precision: str, fp8_recipe: str | None) -> tuple[dict, PlainCase | None]:
-    """Our row, and with --compare-plain what the plain step of the row needs."""
+def profile_one(args, layout: Layout, what: dict) -> tuple[dict, PlainCase | None]:
+    """Our row (``what`` names it), and with --compare-plain or --compare-official what the plain
+    or official step of the row needs (only that under ``--row-process official``)."""
+    preset, frames, height, width = what["preset"], what["frames"], what["height"], what["width"]
+    recompute, glue, precision, fp8_recipe = what["recompute"], what["glue"], what["precision"], what["fp8_recipe"]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     data_parallel = world // (layout.tp * layout.pp * layout.cp)
     overrides = [
         f"model.preset={preset}", f"model.backend={args.backend}", *recompute_overrides(recompute),
-        f"model.compile_glue={glue == 'compiled'}", f"model.attention_backend={attention}",
+        f"model.compile_glue={glue == 'compiled'}", f"model.attention_backend={what['attention_backend']}",
         f"parallel.tensor_parallel={layout.tp}", f"parallel.pipeline_parallel={layout.pp}",
         f"parallel.context_parallel={layout.cp}", f"parallel.sequence_parallel={layout.tp > 1}",
         f"train.precision={precision}", *([f"train.fp8_recipe={fp8_recipe}"] if fp8_recipe else []),
         f"train.micro_batch_size={args.micro_batch_size}",
         f"train.global_batch_size={args.micro_batch_size * data_parallel}", "train.ema_decay=0",
         "checkpoint.save=", "logging.tensorboard_dir=", f"parallel.distributed_optimizer={args.distributed_optimizer}",
-        *args.set,
+        *OPTIMIZER_STATES[what["optimizer_state"]], *args.set,
     ]
     trainer = setup(load_config(overrides=overrides))
     config, ddp = trainer.model_config, trainer.ddp
@@ -195,6 +213,8 @@ def profile_one(args, layout: Layout, preset: str, frames: int, height: int, wid
     full_blocks = recompute == "full" or PARTIAL_RECOMPUTE.fullmatch(recompute) is not None
     wants_case = args.compare_plain or args.compare_official
     plain = PlainCase.before_training(trainer, batch, target, full_blocks) if wants_case else None
+    if args.row_process == "official":
+        return {}, plain
 
     def forward_step(data_iterator, model):
         return model(**next(data_iterator)), lambda output: velocity_loss(output, target)
@@ -228,10 +248,8 @@ def profile_one(args, layout: Layout, preset: str, frames: int, height: int, wid
     roofline = kernel_roofline_seconds(config, tokens, args.micro_batch_size, trainer.dtype, trainer.device,
                                        max(3, args.iterations))
     row = {
-        "layout": layout.name, "tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": data_parallel,
-        "preset": preset, "frames": frames, "height": height, "width": width, "tokens": tokens,
-        "recompute": recompute, "glue": glue, "precision": precision, "fp8_recipe": fp8_recipe,
-        "attention_backend": attention, "core_attention": core_attention_name(trainer.model[0]),
+        **what, "tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": data_parallel, "tokens": tokens,
+        "core_attention": core_attention_name(trainer.model[0]),
         **recompute_decision(trainer.model[0]),
         "backend": args.backend, "micro_batch_size": args.micro_batch_size,
         "step_s": seconds, "tokens_per_s": tokens * samples / seconds,
@@ -257,7 +275,8 @@ def recompute_decision(model: torch.nn.Module) -> dict:
     return {"recompute_decision": auto.decision} if auto is not None else {}
 
 
-TABLE = ("layout", "dp", "preset", "tokens", "recompute", "glue", "attention_backend", "precision", "step_s",
+TABLE = ("layout", "dp", "preset", "tokens", "recompute", "glue", "attention_backend", "precision", "optimizer_state",
+         "step_s",
          "tokens_per_s", "samples_per_s", "tflops_per_gpu", "mfu", "peak_memory_gib", "roofline_ratio")
 PLAIN_TABLE = ("plain_step_s", "plain_mfu", "speedup_vs_plain")
 OFFICIAL_TABLE = ("official_step_s", "official_peak_memory_gib", "speedup_vs_official")
@@ -320,7 +339,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--width", nargs="+", type=int, default=[64], help="pixel widths (paired with heights)")
     parser.add_argument("--recompute", nargs="+", default=["none"], type=parse_recompute,
                         help="none, full (every block), first<N> (the first N blocks of each stage), "
-                             "selective (norms/modulation and MLP recomputed)")
+                             "selective (norms/modulation and MLP recomputed), mlp_act (the MLP's GELU output "
+                             "only), auto")
+    parser.add_argument("--optimizer-state", nargs="+", default=["fp32"], choices=sorted(OPTIMIZER_STATES),
+                        help="gradient buffers and Adam moments to sweep: fp32, or bf16 (with the distributed "
+                             "optimizer and Transformer Engine's FusedAdam)")
+    parser.add_argument("--isolate-rows", action="store_true",
+                        help="run every row (and the official step) in a process of its own: clean peak memory")
+    parser.add_argument("--row-process", choices=ROW_PROCESSES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--glue", nargs="+", default=["eager"], choices=["eager", "compiled"],
                         help="the blocks' norm/modulation/RoPE/gate glue: eager, or fused by torch.compile "
                              "(model.compile_glue)")
@@ -387,27 +413,32 @@ def write_results(rows: list[dict], folder: Path) -> None:
     print(f"wrote {folder / 'results.json'} and {folder / 'results.csv'}")
 
 
-def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
+def sweep_rows(args) -> list[tuple[Layout, dict]]:
+    """Every configuration of the launch in order: its layout and the columns that name its row."""
     precisions = [(p, recipe) for p in args.precision for recipe in (args.fp8_recipe if p == "fp8" else [None])]
-    sweep = list(itertools.product(args.layouts, args.presets, args.frames, list(zip(args.height, args.width)),
-                                   args.recompute, args.glue, args.attention_backend, precisions))
+    product = itertools.product(args.layouts, args.presets, args.frames, list(zip(args.height, args.width)),
+                                args.recompute, args.glue, args.attention_backend, precisions, args.optimizer_state)
+    return [(layout, {"layout": layout.name, "preset": preset, "frames": frames, "height": height, "width": width,
+                      "recompute": recompute, "glue": glue, "attention_backend": attention, "precision": precision,
+                      "fp8_recipe": recipe, "optimizer_state": state})
+            for layout, preset, frames, (height, width), recompute, glue, attention, (precision, recipe), state
+            in product]
+
+
+def run_sweep(args, sweep: list[tuple[Layout, dict]]) -> list[dict]:
+    """Every row in this launch's processes, one after another."""
     rows, plain_measured, official_cases = [], {}, {}
     rank = int(os.environ.get("RANK", "0"))
     try:
-        for layout, preset, frames, (height, width), recompute, glue, attention, (precision, recipe) in tqdm(
-                sweep, desc="configurations", disable=rank != 0):
-            what = {"layout": layout.name, "preset": preset, "frames": frames, "height": height, "width": width,
-                    "recompute": recompute, "glue": glue, "attention_backend": attention, "precision": precision,
-                    "fp8_recipe": recipe}
+        for layout, what in tqdm(sweep, desc="configurations", disable=rank != 0):
             plain = None
             try:
-                row, plain = profile_one(args, layout, preset, frames, height, width, recompute, glue, attention,
-                                         precision, recipe)
+                row, plain = profile_one(args, layout, what)
             except torch.OutOfMemoryError:
-                row = {**what, "error": "out of memory"}
+                row = {"error": "out of memory"}
             except ConfigError as error:  # e.g. a layout that does not divide this preset's heads
-                row = {**what, "error": str(error)}
+                row = {"error": str(error)}
+            row = {**what, **row}
             parallel_state.destroy_model_parallel()  # the next configuration builds its own groups
             release_memory()
             if plain is not None and args.compare_plain:
@@ -421,7 +452,19 @@ def main(argv=None) -> list[dict]:
             official_baseline.compare_rows(args, rows, official_cases)
     finally:
         destroy_parallel()
-    if rank != 0:
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    sweep = sweep_rows(args)
+    if args.isolate_rows and args.row_process is None:
+        folder = Path(args.output or tempfile.mkdtemp(prefix="profile_rows_")) / "rows"
+        rows = isolated_rows(argv, [what for _, what in sweep], folder, args.compare_official is not None)
+    else:
+        rows = run_sweep(args, sweep)
+    if int(os.environ.get("RANK", "0")) != 0:
         return rows
     print_table(rows)
     if args.output:

@@ -107,7 +107,7 @@ def test_compiled_glue_rows_and_kernel_breakdown(tmp_path):
     (["--layouts", "tp3x"], "--layouts"),
     (["--layouts", "tp2"], "--layouts tp2pp1cp1: tp*pp*cp does not divide the world size 1"),
     (["--fp8-recipe", "just-in-time"], "--fp8-recipe"),
-    (["--recompute", "half"], "'half': choose none, full, selective, auto or first<N>"),
+    (["--recompute", "half"], "'half': choose none, full, selective, mlp_act, auto or first<N>"),
     (["--compare-plain", "--plain-sdpa-backends", "fastest"], "--plain-sdpa-backends"),
 ], ids=["fp8-on-cpu", "bad-layout", "layout-too-big", "bad-fp8-recipe", "bad-recompute", "bad-sdpa-backend"])
 def test_bad_arguments_name_the_flag(argv, message, capsys, monkeypatch):
@@ -122,3 +122,17 @@ def test_compare_plain_needs_one_process(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         profile_throughput.parse_args(["--compare-plain"])
     assert "--compare-plain runs the plain model in one process" in capsys.readouterr().err
+
+
+def test_isolated_row_arguments_select_exactly_that_row():
+    """--isolate-rows re-invokes the launch per row with the row's values appended: each child
+    sweeps exactly its row (argparse keeps the last value), fp8 recipes and optimizer states too."""
+    from benchmarks.isolated_rows import row_arguments
+
+    argv = ["--presets", "tiny", "--recompute", "none", "mlp_act", "--optimizer-state", "fp32", "bf16",
+            "--height", "32", "64", "--width", "48", "96", "--isolate-rows"]
+    sweep = [what for _, what in profile_throughput.sweep_rows(profile_throughput.parse_args(argv))]
+    assert len(sweep) == 8 and len({json.dumps(w, sort_keys=True) for w in sweep}) == 8
+    for what in sweep:
+        child = profile_throughput.parse_args([*argv, *row_arguments(what), "--row-process", "ours"])
+        assert [w for _, w in profile_throughput.sweep_rows(child)] == [what]

@@ -14,26 +14,11 @@
 set -uo pipefail
 OFFICIAL=${1:?usage: bash benchmarks/gpu/issue16.sh PATH_TO_OFFICIAL_MFM_CHECKOUT}
 OUT=${OUT:-/tmp/out}; WORK=/tmp/issue16; mkdir -p "$OUT" "$WORK"
-LOG=$OUT/issue16.log; START=$SECONDS; DEADLINE=${DEADLINE:-530}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} CUDA_DEVICE_MAX_CONNECTIONS=1 MFM_OFFICIAL_REPO=$OFFICIAL
+LOG=$OUT/issue16.log; DEADLINE=${DEADLINE:-530}
+source "$(dirname "$0")/parts.sh"
+export MFM_OFFICIAL_REPO=$OFFICIAL
 SIZE=(--presets mfm-2b --frames 97 --height 352 --width 640 --glue compiled --iterations 4 --warmup 2)
-
-left() { echo $(( DEADLINE - (SECONDS - START) )); }
-part() {  # $1: name, $2: seconds at most; the rest: command. Never fails the script.
-  local name=$1 limit=$2; shift 2
-  local budget; budget=$(left); [ "$budget" -lt "$limit" ] && limit=$budget
-  if [ "$limit" -lt 20 ]; then echo "== $name: skipped (no time left)" | tee -a "$LOG"; return; fi
-  echo "== $name (limit ${limit}s, at $((SECONDS - START))s)" | tee -a "$LOG"
-  timeout "$limit" "$@" >> "$LOG" 2>&1; echo "== $name: exit $?" | tee -a "$LOG"
-}
-
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  ls .gpu/extra/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps --no-index .gpu/extra/*.whl
-  python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
-  python3 -c "import torch; print('torch', torch.__version__)
-from megatron_mfm.model.attention_backends.fa4 import fa4_unavailable_reason; print('fa4:', fa4_unavailable_reason() or 'ok')"
-} >> "$LOG" 2>&1
+install_checkout
 
 part tests 150 python3 -m pytest -q -x tests/gpu/test_fa4.py -rs -s
 grep -E "relative|passed|failed|skipped|Error" "$LOG" | tail -20 > "$OUT/tests_fa4.log"
@@ -57,26 +42,5 @@ part best 150 python3 benchmarks/profile_throughput.py "${SIZE[@]}" --precision 
   --attention-backend "$attention" --recompute none auto --kernel-breakdown --output "$WORK/best"
 cp "$WORK/best/results.json" "$OUT/profile_best.json" 2>/dev/null
 
-python3 - "$OUT" > "$OUT/summary.txt" 2>&1 <<'EOF'
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-for name in ("profile.json", "profile_best.json"):
-    if not (out / name).exists():
-        print(name, "missing"); continue
-    for r in json.loads((out / name).read_text()):
-        what = f"{r['precision']:>5} {r['attention_backend']:>6} {r['recompute']:>5}"
-        if "error" in r:
-            print(what, r["error"]); continue
-        decision = r.get("recompute_decision", {})
-        print(f"{what}: step {r['step_s']:.3f} s, MFU {r['mfu'] or 0:.1%}, peak {r['peak_memory_gib']:.1f} GiB, "
-              f"official {r.get('official_step_s', 0):.3f} s / {r.get('official_peak_memory_gib') or 0:.1f} GiB, "
-              f"speedup {r.get('speedup_vs_official', 0):.2f}x {r.get('official_error', '')}"
-              + (f", auto recomputes {decision['recomputed_blocks']}, predicted peak "
-                 f"{decision['predicted_peak_bytes'] / 2**30:.1f} GiB" if decision else ""))
-if (out / "memory.json").exists():
-    memory = json.loads((out / "memory.json").read_text())
-    print("memory: static", {k: round(v, 1) for k, v in memory["static_gib"].items()}, "peak", round(memory["peak_gib"], 1),
-          "blocks kept", round(memory["blocks_total_kept_gib"], 1))
-EOF
+python3 benchmarks/summarise_profile.py "$OUT" profile.json profile_best.json memory.json > "$OUT/summary.txt" 2>&1
 cat "$OUT/tests_fa4.log" "$OUT/summary.txt"

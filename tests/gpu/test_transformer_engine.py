@@ -114,3 +114,50 @@ def test_fp8_follows_bf16_and_recomputes_exactly(world, recipe):
           f"{(out_recomputed - out_fp8).abs().max().item():.2e}, worst gradient rel err {worst:.2e}")
     assert err < 0.1
     assert torch.equal(out_recomputed, out_fp8) and worst < 1e-2
+
+
+def test_mlp_act_recompute_keeps_less_and_changes_nothing(world):
+    """``mlp_act`` on TE linears in bf16: the same output (bits) and gradients (attention backward
+    may accumulate in another order), and one (tokens x batch x 4D) bf16 activation less kept per
+    block at the end of the forward."""
+    inputs = _inputs(_random_te_model(None).config, torch.bfloat16)
+    results = {}
+    for recompute in (False, True):
+        model = _random_te_model(None, recompute_mlp_activation=recompute)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        out = model(**inputs)
+        kept = torch.cuda.memory_allocated() - before
+        (out.float() * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum().backward()
+        results[recompute] = out.detach(), {n: p.grad.float() for n, p in model.named_parameters()}, kept
+    (out, grads, kept), (out_act, grads_act, kept_act) = results[False], results[True]
+    config = _random_te_model(None).config
+    tokens = 5 * (16 // 2) * (24 // 2) * 2  # frames x patches x batch
+    activation_bytes = config.num_layers * tokens * config.ffn_hidden_size * 2
+    worst = max(((grads_act[n] - g).norm() / g.norm().clamp_min(1e-12)).item() for n, g in grads.items())
+    print(f"mlp_act: kept {kept / 2**20:.1f} -> {kept_act / 2**20:.1f} MiB, worst gradient rel err {worst:.2e}")
+    assert torch.equal(out_act, out) and worst < 1e-2
+    assert kept - kept_act >= 0.95 * activation_bytes
+
+
+def test_fp8_fc2_keeps_no_bf16_copy_of_its_input(world):
+    """Why ``mlp_act`` does nothing under FP8: a TE linear in FP8 keeps its FP8 copy of the input
+    for the weight gradient (half the bytes), not the bf16 input, which bf16 keeps whole."""
+    import transformer_engine.pytorch as te
+    from transformer_engine.common.recipe import DelayedScaling
+
+    linear = te.Linear(1024, 256, params_dtype=torch.bfloat16, device="cuda")
+    kept = {}
+    for fp8 in (False, True):
+        for _ in range(2):  # the first call allocates workspaces and FP8 state
+            x = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated() - x.numel() * x.element_size()
+            with te.fp8_autocast(enabled=fp8, fp8_recipe=DelayedScaling()):
+                out = linear(x)
+            del x
+            kept[fp8] = torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
+            del out
+    input_bytes = 4096 * 1024 * 2
+    print(f"kept for backward: bf16 {kept[False] / 2**20:.1f} MiB, fp8 {kept[True] / 2**20:.1f} MiB")
+    assert kept[False] >= input_bytes and kept[True] <= 0.6 * input_bytes
