@@ -146,20 +146,33 @@ def test_recompute_gives_the_same_gradients_and_saves_less(single_process_world)
     assert saved_bytes["full"] < saved_bytes["first block"] < saved_bytes["none"], saved_bytes
 
 
-def test_text_rows_are_padded_for_fp8_gemms():
-    """77 text tokens become 80 rows (FP8 GEMMs need multiples of 8/16), the added keys masked;
-    the parity tests above run through this padding, so it is exact."""
-    from megatron_mfm.model.dit import pad_text
+def test_text_keys_fit_the_prompts_and_fp8_rows():
+    """Trailing text tokens masked in every sample are dropped (no mask left for one prompt), and
+    FP8 pads the rows to a multiple of 16 with masked keys."""
+    from megatron_mfm.model.dit import fit_text
 
     text = torch.randn(2, 77, 8)
-    padded, mask = pad_text(text, None)
+    padded, mask = fit_text(text, None, row_multiple=16)
     assert padded.shape == (80, 2, 8) and torch.equal(padded[:77], text.transpose(0, 1))
     assert mask[:, :77].all() and not mask[:, 77:].any()
-    given = torch.rand(2, 77) > 0.5
-    assert torch.equal(pad_text(text, given)[1][:, :77], given)
-    aligned = torch.randn(1, 32, 8)
-    assert pad_text(aligned, None)[1] is None  # already a multiple: untouched
+    keys, mask = fit_text(text, None)
+    assert torch.equal(keys, text.transpose(0, 1)) and mask is None
+    prompts = torch.arange(77)[None] < torch.tensor([[12], [30]])  # two prompts, end-padded
+    keys, mask = fit_text(text, prompts)
+    assert keys.shape == (30, 2, 8) and torch.equal(mask, prompts[:, :30])
+    keys, mask = fit_text(text[:1], prompts[:1])
+    assert keys.shape == (12, 1, 8) and mask is None
 
+
+def test_dropping_masked_text_keys_keeps_the_output(single_process_world):
+    """The model's output with an end-padded prompt equals the output with the prompt alone."""
+    model = tiny_model(False, torch.float32)
+    inputs = make_inputs(1, batch=1)
+    used = 4
+    inputs["text_mask"] = torch.arange(inputs["text"].shape[1])[None] < used
+    whole = model(**inputs)
+    trimmed = model(**{**inputs, "text": inputs["text"][:, :used], "text_mask": None})
+    torch.testing.assert_close(whole, trimmed, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

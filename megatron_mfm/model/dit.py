@@ -143,7 +143,7 @@ class MfMDiT(MegatronModule):
             x, c = self.input_tensor[:-1], self.input_tensor[-1]
         cos, sin = pad_rope(*rope_cos_sin(grid, self.config.kv_channels, self.config.rope_theta, latents.device), layout)
         token_mask = layout.key_padding_mask(batch, latents.device)
-        text_sbh, mask = pad_text(text, text_mask)
+        text_sbh, mask = fit_text(text, text_mask, FP8_ROW_MULTIPLE if self.config.fp8 else 1)
         with fp8_context(self.config):
             x = self.run_blocks(x, c, text_sbh, mask, cos, sin, token_mask)
         if not self.post_process:
@@ -229,12 +229,20 @@ FP8_ROW_MULTIPLE = 16
 """FP8 GEMMs (Transformer Engine) need row counts divisible by 8/16; the 77 text tokens are not."""
 
 
-def pad_text(text: torch.Tensor, text_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, L, C) text -> (L', B, C) with L' a multiple of ``FP8_ROW_MULTIPLE`` and the mask
-    (B, L') False on the added rows: masked keys change nothing, so this is exact."""
-    batch, length, _ = text.shape
-    extra = -length % FP8_ROW_MULTIPLE
+def fit_text(text: torch.Tensor, text_mask: torch.Tensor | None,
+             row_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, L, C) text -> (L', B, C) keys for the cross-attention, with the same result.
+
+    Trailing tokens masked in every sample are dropped (a masked key adds nothing): with one
+    prompt per micro-batch no mask is left, so the cross-attention runs on an unmasked kernel.
+    Then rows are added up to a multiple of ``row_multiple`` (FP8 GEMMs need 16), masked."""
     mask = None if text_mask is None else text_mask.bool()
+    if mask is not None:
+        used = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else mask.shape[1]
+        text, mask = text[:, :used], mask[:, :used]
+        mask = None if mask.all() else mask
+    batch, length, _ = text.shape
+    extra = -length % row_multiple
     if extra:
         text = F.pad(text, (0, 0, 0, extra))
         real = torch.ones(batch, length, dtype=torch.bool, device=text.device) if mask is None else mask
