@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.random_pipeline import save_scheduler
 from megatron_mfm.utils.media import write_mp4
 
 OFFICIAL_REPO = os.environ.get("MFM_OFFICIAL_REPO", "")
-SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 
 
 def write_pipeline_folder(root: Path, seed: int = 3) -> dict[str, str]:
@@ -35,8 +35,7 @@ def write_pipeline_folder(root: Path, seed: int = 3) -> dict[str, str]:
     vae_config.write_text(json.dumps({**json.loads(vae_config.read_text()), "sample_height": 96, "sample_width": 80}))
     config = make_config(**megatron_config_kwargs(text_dim=TEXT_WIDTH))
     write_official(root / "transformer", to_official_config(config), make_reference(seed=seed, text_dim=TEXT_WIDTH).state_dict())
-    (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
+    save_scheduler(root / "scheduler")
     return {"pipeline": str(root), "depth": paths["depth_path"]}
 
 
