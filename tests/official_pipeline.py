@@ -1,114 +1,24 @@
 """The official MfM pipeline (github leeruibin/MfM, ``MfMPipeline``) on tiny random components,
 called as the official ``infer_mfm_pipeline.py`` calls it, for parity tests.
 
-The checkout comes from MFM_OFFICIAL_REPO (tests skip without it). Its pipeline module imports
-decord and torchvision at import time; where they are not installed, stand-ins serve the few calls
-it makes (decord: frames of a video read with PyAV; torchvision: ToTensor, Normalize and
-rgb_to_grayscale as torchvision documents them) only while the module is imported.
+The checkout comes from MFM_OFFICIAL_REPO (tests skip without it); ``tools/official_pipeline.py``
+imports and builds it.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.machinery
 import json
 import os
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+
+from benchmarks.random_pipeline import save_scheduler
+from megatron_mfm.utils.media import write_mp4
 
 OFFICIAL_REPO = os.environ.get("MFM_OFFICIAL_REPO", "")
-SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
-
-
-def _module(name: str, **attributes) -> types.ModuleType:
-    module = types.ModuleType(name)
-    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-    module.__dict__.update(attributes)
-    return module
-
-
-def _decord_stand_in() -> types.ModuleType:
-    from megatron_mfm.utils.media import read_video
-
-    class Frame:
-        def __init__(self, array):
-            self.array = array
-
-        def asnumpy(self):
-            return self.array
-
-    class VideoReader:
-        def __init__(self, path, ctx=None):
-            self.frames = read_video(path)
-
-        def __len__(self):
-            return len(self.frames)
-
-        def __getitem__(self, index):
-            return Frame(self.frames[index])
-
-    return _module("decord", VideoReader=VideoReader, cpu=lambda index=0: None, gpu=lambda index=0: None)
-
-
-def _torchvision_stand_ins() -> dict[str, types.ModuleType]:
-    class Compose:
-        def __init__(self, steps):
-            self.steps = steps
-
-        def __call__(self, value):
-            for step in self.steps:
-                value = step(value)
-            return value
-
-    class ToTensor:
-        def __call__(self, image):
-            array = np.array(image)
-            array = array[:, :, None] if array.ndim == 2 else array
-            return torch.from_numpy(array).permute(2, 0, 1).contiguous().float().div(255)
-
-    class Normalize:
-        def __init__(self, mean, std):
-            self.mean, self.std = mean, std
-
-        def __call__(self, tensor):
-            mean = torch.as_tensor(self.mean, dtype=tensor.dtype).view(-1, 1, 1)
-            return tensor.sub(mean).div(torch.as_tensor(self.std, dtype=tensor.dtype).view(-1, 1, 1))
-
-    def rgb_to_grayscale(image, num_output_channels=1):
-        r, g, b = image.unbind(dim=-3)
-        grey = (0.2989 * r + 0.587 * g + 0.114 * b).to(image.dtype).unsqueeze(dim=-3)
-        return grey.expand(image.shape) if num_output_channels == 3 else grey
-
-    functional = _module("torchvision.transforms.functional", rgb_to_grayscale=rgb_to_grayscale)
-    transforms = _module("torchvision.transforms", Compose=Compose, ToTensor=ToTensor, Normalize=Normalize,
-                         functional=functional)
-    return {"torchvision": _module("torchvision", transforms=transforms), "torchvision.transforms": transforms,
-            "torchvision.transforms.functional": functional}
-
-
-def official_pipeline_class(repo: Path):
-    """``MfMPipeline`` from the checkout, importing its missing third-party modules as stand-ins."""
-    import diffusers  # noqa: F401  (their availability checks run before any stand-in exists)
-    import transformers.pipelines  # noqa: F401
-
-    from tools.official_repo import official_module
-
-    official_module(repo, "mfm.modeling.transformer_3d")
-    stand_ins = {}
-    if importlib.util.find_spec("decord") is None:
-        stand_ins["decord"] = _decord_stand_in()
-    if importlib.util.find_spec("torchvision") is None:
-        stand_ins.update(_torchvision_stand_ins())
-    sys.modules.update(stand_ins)
-    try:
-        return importlib.import_module("mfm.pipelines.pipeline_mfm").MfMPipeline
-    finally:
-        for name in stand_ins:
-            sys.modules.pop(name, None)
 
 
 def write_pipeline_folder(root: Path, seed: int = 3) -> dict[str, str]:
@@ -125,31 +35,64 @@ def write_pipeline_folder(root: Path, seed: int = 3) -> dict[str, str]:
     vae_config.write_text(json.dumps({**json.loads(vae_config.read_text()), "sample_height": 96, "sample_width": 80}))
     config = make_config(**megatron_config_kwargs(text_dim=TEXT_WIDTH))
     write_official(root / "transformer", to_official_config(config), make_reference(seed=seed, text_dim=TEXT_WIDTH).state_dict())
-    (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
+    save_scheduler(root / "scheduler")
     return {"pipeline": str(root), "depth": paths["depth_path"]}
 
 
-def load_official_pipeline(repo: Path, folders: dict[str, str]):
-    """The official pipeline as infer_mfm_pipeline.py builds it (float32, CPU)."""
-    from diffusers import AutoencoderKLCogVideoX, FlowMatchEulerDiscreteScheduler
-    from transformers import T5EncoderModel, T5Tokenizer, pipeline
+def _video(path: Path, frames: int, seed: int, width: int = 48, height: int = 32) -> str:
+    write_mp4(path, torch.rand(3, frames, height, width, generator=torch.Generator().manual_seed(seed)) * 2 - 1)
+    return str(path)
 
-    pipeline_class = official_pipeline_class(repo)
-    from mfm.modeling.transformer_3d import Transformer3DModel
 
-    root = Path(folders["pipeline"])
-    official = pipeline_class(
-        tokenizer=T5Tokenizer.from_pretrained(str(root / "tokenizer")),
-        text_encoder=T5EncoderModel.from_pretrained(str(root / "text_encoder")),
-        vae=AutoencoderKLCogVideoX.from_pretrained(str(root / "vae")),
-        depth_pipe=pipeline(task="depth-estimation", model=folders["depth"], device="cpu"),
-        transformer=Transformer3DModel.from_pretrained(str(root / "transformer"), torch_dtype=torch.float32),
-        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(root / "scheduler")),
-    )
-    official.transformer.post_setup_sequence_parallel(None)
-    official.set_progress_bar_config(disable=True)
-    return official
+def _image(path: Path, width: int, height: int, seed: int) -> str:
+    g = torch.Generator().manual_seed(seed)
+    Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy(), "RGB").save(path)
+    return str(path)
+
+
+def write_media(folder: Path) -> dict[str, str]:
+    """Input files of every task: a landscape and a portrait image, two short videos of other
+    sizes, a mask image (white: known) and a mask video."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mask = np.zeros((24, 40), np.uint8)
+    mask[4:20, 6:30] = 255  # white: known
+    Image.fromarray(mask).save(folder / "known.png")
+    return {
+        "landscape": _image(folder / "landscape.png", 40, 24, 1), "portrait": _image(folder / "portrait.png", 24, 40, 2),
+        "a": _video(folder / "a.mp4", 11, 3), "b": _video(folder / "b.mp4", 10, 4), "mask": str(folder / "known.png"),
+        "mask_video": _video(folder / "mask.mp4", 11, 5),
+    }
+
+
+def task_inputs(task: str, files: dict[str, str]) -> tuple[list[str], str | None, str | None]:
+    """(our sample.py flags, the official input_path, mask_path) of a task on ``write_media``'s files."""
+    inputs = {
+        "i2v": (["--image", files["portrait"]], files["portrait"], None),
+        "itrans": (["--image", files["landscape"], "--image", files["portrait"]],
+                   f"{files['landscape']};{files['portrait']}", None),
+        "isr": (["--image", files["landscape"]], files["landscape"], None),
+        "icolor": (["--image", files["landscape"]], files["landscape"], None),
+        "iinp": (["--image", files["landscape"], "--mask", files["mask"]], files["landscape"], files["mask"]),
+        "ioutp": (["--image", files["portrait"]], files["portrait"], None),
+        "vexd": (["--video", files["a"]], files["a"], None),
+        "vtrans": (["--video", files["a"], "--video", files["b"]], f"{files['a']};{files['b']}", None),
+        "vinp": (["--video", files["a"], "--mask", files["mask_video"]], files["a"], files["mask_video"]),
+    }
+    if task in ("vsr", "vcolor", "voutp", "vedit"):
+        return ["--video", files["b"]], files["b"], None
+    return inputs.get(task, ([], None, None))
+
+
+def sample_ours(argv: list[str], seed: int) -> torch.Tensor:
+    """The clip (3, F, H, W) tools/sample.py renders for ``argv``'s one task, its noise drawn
+    from a generator seeded ``seed`` on the model's device (as sample.py's main draws it)."""
+    from tools import sample as sample_tool
+
+    args = sample_tool.parse_args(argv)
+    sampler = sample_tool.load_sampler(args)
+    request = sample_tool.requests_of(args)[0]
+    return sample_tool.render(sampler, sample_tool.prepared_sample(request, args), args,
+                              torch.Generator(sampler.device).manual_seed(seed))
 
 
 TASK_MAP = {"t2i": "text-to-image", "icolor": "image colorization", "isr": "image super-resolution",
@@ -179,7 +122,7 @@ def run_official_script_step(official, task: str, prompt: str, input_path, mask_
     video = official(text, negative, height=height, width=width, num_frames=frames, input_path=input_path,
                      mask_path=mask_path, noise_aug_strength=0.0, motion_score=motion, num_inference_steps=steps,
                      guidance_scale=guidance, upscale=4, crop_type="keep_ratio", task=task, trans_nums=trans_nums,
-                     use_t_schedule=False, generator=torch.Generator("cpu").manual_seed(seed),
+                     use_t_schedule=False, generator=torch.Generator(official.transformer.device).manual_seed(seed),
                      default_num_frames=frames).frames
     if video.shape[2] % 4 == 0:
         video = video[:, :, 3:]

@@ -42,6 +42,9 @@ from megatron_mfm.data.synthetic import SyntheticConfig, SyntheticVideoDataset
 from megatron_mfm.diffusion.generation import OFFICIAL_TASK_DEFAULTS, SamplingConfig, generate, official_prompt, task_sample_for
 from megatron_mfm.diffusion.sampler import FlowMatchScheduler
 from megatron_mfm.encoders.interface import DTYPES, EncoderConfig, FrozenEncoders, build_encoders
+from megatron_mfm.model.attention_backends import AttentionBackendUnavailable, resolve_attention_backend
+from megatron_mfm.model.presets import ATTENTION_BACKENDS
+from megatron_mfm.model.specs import uses_transformer_engine
 from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel
 from megatron_mfm.tasks.builders import IMAGE_TASKS, TASKS
 from megatron_mfm.tasks.placement import CROP_TYPES
@@ -130,6 +133,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="noise seed; a prompt-file line may set its own")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="auto: bfloat16 on a GPU (the official default), float32 on the CPU")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: the GPU if there is one")
+    parser.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                        help="core attention (auto: FlashAttention-4 where it runs, else cuDNN on a GPU, SDPA on the CPU)")
+    parser.add_argument("--compile-glue", action="store_true",
+                        help="fuse each block's elementwise glue with torch.compile (GPU; compiles for a minute first)")
     parser.add_argument("--encoders", default="", help="pipeline folder whose vae/, text_encoder/, tokenizer/ are "
                         "loaded (default: the --official folder when it has them, else built-in stand-ins)")
     parser.add_argument("--depth-path", default="", help="Depth-Anything-V2 folder: depth for i2v/itrans/vexd/vtrans")
@@ -209,17 +217,32 @@ class Sampler:
         return next(self.model.parameters()).device
 
 
+def sampling_device(choice: str) -> torch.device:
+    """--device: auto is the GPU when there is one."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("sample.py: --device cuda: no CUDA GPU here")
+    return torch.device(choice)
+
+
 def load_sampler(args: argparse.Namespace) -> Sampler:
-    """The model (this rank's part) and encoders, on the GPU when there is one."""
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """The model (this rank's part) and encoders, on the GPU when there is one (or --device)."""
+    device = sampling_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
     shift = scheduler_shift(args)
     encoders_wanted = encoder_config(args, dtype)
-    layout = dict(tensor_model_parallel_size=args.tp, context_parallel_size=args.cp)
+    try:
+        attention = resolve_attention_backend(args.attention_backend, dtype != torch.float32,
+                                              uses_transformer_engine("auto") and device.type == "cuda")
+    except AttentionBackendUnavailable as error:
+        raise SystemExit(f"sample.py: --attention-backend: {error}") from None
+    layout = dict(tensor_model_parallel_size=args.tp, context_parallel_size=args.cp, compile_glue=args.compile_glue)
+    layers = dict(backend="auto" if device.type == "cuda" else "local", attention_backend=attention)
     if args.official:
-        model = build_from_official(args.official, backend="auto", **layout)
+        model = build_from_official(args.official, **layers, **layout)
     else:
-        model = build_from_checkpoint(args.load, args.weights, backend="auto", **layout)
+        model = build_from_checkpoint(args.load, args.weights, **layers, **layout)
     model.to(device, dtype).eval()
     return Sampler(model, build_encoders(encoders_wanted, model.config.text_hidden_size, device), dtype, shift)
 

@@ -127,23 +127,26 @@ def load_ema_weights(model: MfMDiT, path: str | Path) -> None:
             sh.data.copy_(loaded[key])
 
 
-def build_from_checkpoint(path: str | Path, weights: str = "raw", backend: str = "local", **overrides) -> MfMDiT:
+def build_from_checkpoint(path: str | Path, weights: str = "raw", backend: str = "local",
+                          attention_backend: str | None = None, **overrides) -> MfMDiT:
     """The model of a checkpoint (or save directory) for this rank's layout, with its raw or
-    EMA weights (collective; ``overrides`` set the layout: TP, PP, SP...)."""
+    EMA weights (collective; ``overrides`` set the layout: TP, PP, SP...; ``attention_backend``
+    a concrete core attention, None: the layer spec's default)."""
     from megatron_mfm.model.dit import build_model
     from megatron_mfm.model.specs import default_layer_spec
 
     if weights not in ("raw", "ema"):
         raise ValueError(f"weights={weights!r}: choose raw or ema")
     path = resolve_checkpoint(path)
-    model = build_model(read_config(path, **overrides), default_layer_spec(backend))
+    model = build_model(read_config(path, **overrides), default_layer_spec(backend, attention_backend))
     load_model(model, path)
     if weights == "ema":
         load_ema_weights(model, path)
     return model
 
 
-def build_from_official(folder: str | Path, backend: str = "local", **overrides) -> MfMDiT:
+def build_from_official(folder: str | Path, backend: str = "local", attention_backend: str | None = None,
+                        **overrides) -> MfMDiT:
     """The model of an official ``transformer/`` folder (or a pipeline folder holding one), for
     this rank's layout; weights are read tensor by tensor straight into the parameters."""
     from megatron_mfm.export.official_io import OfficialWeights
@@ -156,7 +159,7 @@ def build_from_official(folder: str | Path, backend: str = "local", **overrides)
         folder = folder / "transformer"
     with OfficialWeights(folder) as weights:
         config = from_official_config(weights.config, **overrides)
-        model = build_model(config, default_layer_spec(backend))
+        model = build_model(config, default_layer_spec(backend, attention_backend))
         groups = {g.ours: g for g in groups_from_official(weights.keys(), config)}
         _fill(model, lambda key: groups[key].fuse([weights.get(n) for n in groups[key].official])
               if key in groups else None, progress=f"reading {folder}")
