@@ -50,15 +50,14 @@ def output_and_grads(attention, q, k, v, mask, real_queries: int):
     return out.detach()[:real_queries], [t.grad.clone() for t in (q, k, v)]
 
 
-@pytest.mark.parametrize("case", ["self", "self-end-padded", "short-keys"])
+@pytest.mark.parametrize("case", ["self", "self-end-padded", "short-keys", "text-keys"])
 def test_fa4_core_attention_matches_cudnn(case):
-    """FA4 self-attention against cuDNN; ``short-keys``: 80 unmasked keys, the shape of the
-    text cross-attention that the FA4 backend leaves to cuDNN (this records whether the kernel
-    itself is right there)."""
+    """FA4 against cuDNN; ``short-keys``: 80 unmasked keys; ``text-keys``: the cross-attention
+    module with 21 unmasked text keys (one prompt with its padding dropped), which runs on FA4."""
     from megatron_mfm.model.attention_backends.fa4 import FA4CoreAttention
     from megatron_mfm.model.attention_backends.sdpa import SDPACoreAttention
 
-    queries, keys = 1000, 80 if case == "short-keys" else 1000
+    queries, keys = 1000, {"short-keys": 80, "text-keys": 21}.get(case, 1000)
     q, k, v = qkv(queries, keys)
     mask, real_queries = None, queries
     if case == "self-end-padded":  # TokenLayout padding: the last rows of the sequence
@@ -66,7 +65,7 @@ def test_fa4_core_attention_matches_cudnn(case):
         mask = (torch.arange(keys, device="cuda") < real_queries).expand(2, keys).contiguous()
     expected, expected_grads = output_and_grads(SDPACoreAttention(None, False, kernel="cudnn"), q, k, v, mask,
                                                 real_queries)
-    actual, grads = output_and_grads(FA4CoreAttention(None, False), q, k, v, mask, real_queries)
+    actual, grads = output_and_grads(FA4CoreAttention(None, case == "text-keys"), q, k, v, mask, real_queries)
     errors = [relative_error(actual, expected)] + [relative_error(g, e) for g, e in zip(grads, expected_grads)]
     print(f"{case}: out, dq, dk, dv relative errors {[f'{e:.1e}' for e in errors]}")
     assert max(errors) < BF16_TOLERANCE

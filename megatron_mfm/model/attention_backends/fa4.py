@@ -3,8 +3,9 @@ CuTe DSL kernels JIT-compiled on first use): 1.25x cuDNN at head dim 64 on an H2
 backward. bshd layout, 16-bit inputs, sm90 / sm100 only.
 
 Padded keys: the kernels take a per-sample count of used keys (``seqused_k``), which covers keys
-padded at the end, as self-attention's padding always is (``TokenLayout``). Cross-attention over
-the text keys runs on cuDNN (see ``FA4CoreAttention``).
+padded at the end, as self-attention's padding always is (``TokenLayout``). Cross-attention runs
+on FA4 when its text keys need no mask (one prompt per micro-batch: ``model/dit.fit_text`` drops
+the padding) and on cuDNN when they do (see ``FA4CoreAttention``).
 
 Ring CP: the forward kernel returns the log-sum-exp the ring merge needs (``return_lse``); the
 ring's backward runs each block's backward from the FINAL output and LSE, which the public
@@ -55,10 +56,10 @@ class FA4CoreAttention(torch.nn.Module):
 
     def __init__(self, config, cross_attention: bool):
         super().__init__()
-        # Cross-attention (77 text keys: under 1% of the attention FLOPs at MfM-2B's 22k tokens)
-        # runs on cuDNN: FA4 4.0.0b36's backward gave wrong dk/dv (0.8 relative error) for a
-        # masked 80-key cross-attention on an H200, and NaN training losses (2026-11-29).
-        self.text_attention = SDPACoreAttention(config, True, kernel="cudnn") if cross_attention else None
+        # Masked cross-attention runs on cuDNN: FA4 4.0.0b36's backward gave wrong dk/dv (0.8
+        # relative error) for a masked 80-key cross-attention on an H200, and NaN training losses
+        # (2026-11-29); unmasked short keys are right (tests/gpu/test_fa4.py).
+        self.masked_text_attention = SDPACoreAttention(config, True, kernel="cudnn") if cross_attention else None
         self.ring_kernels = FA4_RING_KERNELS
 
     def runs_ring(self, query: torch.Tensor, key_padding_mask: torch.Tensor | None) -> bool:
@@ -66,8 +67,8 @@ class FA4CoreAttention(torch.nn.Module):
         return False
 
     def forward(self, query, key, value, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.text_attention is not None:
-            return self.text_attention(query, key, value, key_padding_mask)
+        if self.masked_text_attention is not None and key_padding_mask is not None:
+            return self.masked_text_attention(query, key, value, key_padding_mask)
         fa4 = _interface()
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # (B, S, heads, D)
         if key_padding_mask is None:
