@@ -20,8 +20,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.glue import BlockGlue, block_glue
 from megatron_mfm.model.norms import ShardedRMSNorm
+from megatron_mfm.model.packing import Segments
 from megatron_mfm.parallel.context import heads_to_sequence, sequence_to_heads
-from megatron_mfm.parallel.ring_attention import ring_attention
+from megatron_mfm.parallel.ring_attention import BlockMasks, ring_attention
 
 
 def xavier_uniform(fan_in: int, fan_out: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -112,17 +113,20 @@ class SelfAttention(MegatronModule):
         self.glue = block_glue(config.compile_glue)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | None = None
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | Segments | None = None
     ) -> torch.Tensor:
-        """x (S/cp/sp, B, D); key_mask (B, S) marks real tokens when the sequence is padded."""
+        """x (S/cp/sp, B, D); key_mask (B, S) marks real tokens when the sequence is padded, or
+        is a packed sequence's ``Segments`` over the whole padded sequence."""
         qkv, _ = self.linear_qkv(x)  # (S/cp, B, 3*hidden/tp): this CP rank's tokens, SP gathered
         q, k, v = qkv.unflatten(-1, (self.heads, 3, -1)).unbind(dim=3)  # (S/cp, B, heads, D) each
         q, k = norm_rope(self.q_norm, q, rope, self.glue), norm_rope(self.k_norm, k, rope, self.glue)
         if self.ring and self.core_attention.runs_ring(q, key_mask):  # TE's fused ring
             out = self.core_attention(q, k, v)
         elif self.ring:  # (S/cp, B, heads*D): keys and values travel around the CP ring
-            out = ring_attention(q, k, v, key_mask, parallel_state.get_context_parallel_group(),
-                                 self.core_attention.ring_kernels)
+            packed = isinstance(key_mask, Segments)
+            masks = BlockMasks(key_mask.query[self.local_rows(q)], key_mask.key) if packed else None
+            out = ring_attention(q, k, v, None if packed else key_mask, parallel_state.get_context_parallel_group(),
+                                 self.core_attention.ring_kernels, masks)
         elif self.all_to_all:
             q, k, v = (sequence_to_heads(t) for t in (q, k, v))  # all tokens, heads/cp
             out = heads_to_sequence(self.core_attention(q, k, v, key_mask), batch=x.shape[1])
@@ -130,6 +134,12 @@ class SelfAttention(MegatronModule):
             out = self.core_attention(q, k, v, key_mask)
         out, _ = self.linear_proj(out)
         return out
+
+    @staticmethod
+    def local_rows(q: torch.Tensor) -> slice:
+        """This CP rank's rows of the whole sequence (q holds them)."""
+        rank = parallel_state.get_context_parallel_rank()
+        return slice(rank * q.shape[0], (rank + 1) * q.shape[0])
 
 
 class CrossAttention(MegatronModule):
@@ -153,9 +163,11 @@ class CrossAttention(MegatronModule):
         self,
         x: torch.Tensor,
         text: torch.Tensor,
-        text_mask: torch.Tensor | None,
+        text_mask: torch.Tensor | Segments | None,
         rope: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
+        """x (S/cp/sp, B, D), text (L, B, C_text); text_mask (B, L) True for real text tokens, or
+        a packed sequence's ``Segments`` (this rank's rows against the packed text)."""
         q, _ = self.linear_q(x)  # (S, B, hidden/tp)
         kv, _ = self.linear_kv(text)  # (L, B, 2*hidden/tp)
         k, v = kv.unflatten(-1, (self.heads, 2, -1)).unbind(dim=3)  # (L, B, heads, D) each

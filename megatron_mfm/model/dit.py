@@ -14,6 +14,8 @@ layers flows back through the pipeline to the one embedder that made it.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,7 @@ from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.geometry import pixel_shape
 from megatron_mfm.model.embeddings import ConditionAdapter, PatchEmbed, TimestepMLP
 from megatron_mfm.model.glue import block_glue
+from megatron_mfm.model.packing import PackedAttention, PackedSequence, Segments, modulation_rows, pack_text
 from megatron_mfm.model.recompute_budget import AutoRecompute
 from megatron_mfm.model.rope import rope_cos_sin
 from megatron_mfm.parallel.context import TokenLayout, gather_tokens, pad_rope, scatter_tokens, token_layout
@@ -109,17 +112,18 @@ class MfMDiT(MegatronModule):
 
     def forward(
         self,
-        latents: torch.Tensor,
+        latents: torch.Tensor | list[torch.Tensor],
         timestep: torch.Tensor,
         text: torch.Tensor,
         text_mask: torch.Tensor | None = None,
-        condition: torch.Tensor | None = None,
+        condition: torch.Tensor | list[torch.Tensor] | None = None,
         motion_score: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | list[torch.Tensor]:
         """Predict the flow-matching velocity.
 
         Args:
-            latents: noisy VAE latents (B, C, T, H, W); images have T = 1.
+            latents: noisy VAE latents (B, C, T, H, W); images have T = 1. A list of such
+                groups (shapes may differ) is one packed sequence (``forward_packed``).
             timestep: sigma * 1000, (B,).
             text: text-encoder states (B, L, C_text).
             text_mask: (B, L), True/1 for real tokens.
@@ -130,14 +134,14 @@ class MfMDiT(MegatronModule):
             velocity (B, C, T, H, W) on the last pipeline stage, else hidden tokens with ``c``
             appended, (S/sp + 1, B, D).
         """
+        if isinstance(latents, (list, tuple)):
+            return self.forward_packed(list(latents), timestep, text, text_mask, condition, motion_score)
         batch, _, frames, height, width = latents.shape
         p = self.config.patch_size
         grid = (frames, height // p, width // p)
         layout = self.token_layout(grid)
         if self.pre_process:
-            x = scatter_tokens(self.embed_tokens(latents, condition), layout)  # (S_pad/cp, B, D)
-            if self.config.sequence_parallel:
-                x = tensor_parallel.scatter_to_sequence_parallel_region(x)
+            x = self.scatter(self.embed_tokens(latents, condition), layout)  # (S_pad/cp[/sp], B, D)
             c = self.embed_conditioning(timestep, motion_score, latents.dtype)
         else:  # activations and c from the previous stage
             x, c = self.input_tensor[:-1], self.input_tensor[-1]
@@ -150,11 +154,21 @@ class MfMDiT(MegatronModule):
             return make_viewless_tensor(torch.cat([x, c[None]]), requires_grad=True, keep_graph=True)
         return self.head(x, c, grid, layout)
 
-    def run_blocks(self, x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
-        """The blocks on x; ``args`` = (c, text, text_mask, cos, sin, token_mask)."""
+    def scatter(self, tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """(S, B, D) embedded tokens -> this rank's padded rows (its CP chunk, its SP part)."""
+        x = scatter_tokens(tokens, layout)
+        if self.config.sequence_parallel:
+            x = tensor_parallel.scatter_to_sequence_parallel_region(x)
+        return x
+
+    def run_blocks(self, x: torch.Tensor, *args: torch.Tensor | None, packed: PackedAttention | None = None
+                   ) -> torch.Tensor:
+        """The blocks on x; ``args`` = (c, text, text_mask, cos, sin, token_mask); ``packed``: a
+        packed sequence's segments (bound to each layer, as recompute takes only tensors)."""
         c, text, mask, cos, sin, token_mask = args
         auto = self.auto_recompute if self.training and torch.is_grad_enabled() else None
-        for index, layer in enumerate(self.layers):
+        for index, block in enumerate(self.layers):
+            layer = block if packed is None else functools.partial(block, packed=packed)
             if self.recomputes(index):
                 # Keep only the block inputs; recompute the block in backward. c goes in as an
                 # argument so its gradient is returned, not recomputed through the embedder.
@@ -178,18 +192,32 @@ class MfMDiT(MegatronModule):
     def token_layout(self, grid: tuple[int, int, int]) -> TokenLayout:
         """How a clip of this latent grid is padded and split over CP (and SP) ranks; under FP8
         each rank's rows are also a multiple of 16, as FP8 GEMMs need."""
-        sp = parallel_state.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
-        return token_layout(grid[0] * grid[1] * grid[2], sp, FP8_ROW_MULTIPLE if self.config.fp8 else 1)
+        return token_layout(math.prod(grid), self.sequence_parallel_size, FP8_ROW_MULTIPLE if self.config.fp8 else 1)
+
+    @property
+    def sequence_parallel_size(self) -> int:
+        """TP ranks the tokens are split over (1 without sequence parallelism)."""
+        return parallel_state.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
 
     def head(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int, int], layout: TokenLayout) -> torch.Tensor:
         """adaLN output head: the velocity (B, C, T, H, W), whole on every CP rank (the head's
         small output is gathered, so losses and samplers never see the token split)."""
+        return self.unpatchify(self.head_tokens(x, c, layout), grid)
+
+    def head_tokens(self, x: torch.Tensor, c: torch.Tensor, layout: TokenLayout,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The head's (S, B, p*p*C) real tokens on every CP rank; ``rows``: each of this CP
+        rank's rows' sample in a packed sequence (its modulation is per token)."""
         if self.config.sequence_parallel:
             x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
         shift, scale = self.head_modulation(F.silu(c)).float().chunk(2, dim=-1)
-        x = block_glue(self.config.compile_glue).layer_norm_modulate(x, shift[None], scale[None])
+        if rows is None:
+            shift, scale = shift[None], scale[None]
+        else:
+            shift, scale = modulation_rows(rows, shift), modulation_rows(rows, scale)
+        x = block_glue(self.config.compile_glue).layer_norm_modulate(x, shift, scale)
         x = self.head_proj(x)  # (S_pad/cp, B, p*p*C)
-        return self.unpatchify(gather_tokens(x, layout), grid)
+        return gather_tokens(x, layout)
 
     def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """(T*h*w, B, p*p*C) head tokens -> (B, C, T, h*p, w*p); the inverse of ``patchify``."""
@@ -202,12 +230,57 @@ class MfMDiT(MegatronModule):
         p = self.config.patch_size
         return rearrange(latents, "b c t (h p) (w q) -> (t h w) b (p q c)", p=p, q=p)
 
-    def pipeline_seq_length(self, grid: tuple[int, int, int]) -> int:
-        """megatron's ``seq_length`` for a clip of this token grid: its schedules divide it by CP
-        (and by TP under SP) into the rows a pipeline stage sends, this rank's tokens plus c's."""
-        layout = self.token_layout(grid)
-        sp = parallel_state.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
-        return layout.padded + layout.cp_size * sp
+    def pipeline_seq_length(self, grid: tuple[int, int, int] | PackedSequence) -> int:
+        """megatron's ``seq_length`` for a clip of this token grid (or a packed sequence): its
+        schedules divide it by CP (and by TP under SP) into the rows a pipeline stage sends, this
+        rank's tokens plus c's (one row per sample of a packed sequence)."""
+        layout, rows = (grid.layout, grid.samples) if isinstance(grid, PackedSequence) else (self.token_layout(grid), 1)
+        return layout.padded + layout.cp_size * self.sequence_parallel_size * rows
+
+    def packed_sequence(self, shapes: list[torch.Size]) -> PackedSequence:
+        """The packed sequence of latent groups of these (b, C, T, H, W) shapes."""
+        p = self.config.patch_size
+        groups = tuple((b, (t, h // p, w // p)) for b, _, t, h, w in shapes)
+        tokens = sum(b * math.prod(grid) for b, grid in groups)
+        return PackedSequence(groups, token_layout(tokens, self.sequence_parallel_size,
+                                                   FP8_ROW_MULTIPLE if self.config.fp8 else 1))
+
+    def block_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """This TP rank's part of a CP chunk's rows under SP (the rows the blocks modulate)."""
+        if not self.config.sequence_parallel:
+            return rows
+        return rows.chunk(parallel_state.get_tensor_model_parallel_world_size())[
+            parallel_state.get_tensor_model_parallel_rank()]
+
+    def forward_packed(self, latents: list[torch.Tensor], timestep: torch.Tensor, text: torch.Tensor,
+                       text_mask: torch.Tensor | None, condition: list[torch.Tensor] | None,
+                       motion_score: torch.Tensor | None) -> torch.Tensor | list[torch.Tensor]:
+        """Groups of latents (b, C, T, H, W) of different shapes as ONE packed sequence (batch 1;
+        ``model/packing.py``), each sample computed as if alone. ``timestep``, ``text``,
+        ``text_mask`` and ``motion_score`` cover all samples in order; ``condition``: one per
+        group. Returns the velocity of each group on the last stage, else the tokens with one
+        ``c`` row per sample appended, (S/sp + samples, 1, D)."""
+        packed, device = self.packed_sequence([group.shape for group in latents]), latents[0].device
+        samples = packed.samples
+        if self.pre_process:
+            conditions = condition if condition is not None else [None] * len(latents)
+            tokens = torch.cat([rearrange(self.embed_tokens(group, cond), "s b d -> (b s) 1 d")
+                                for group, cond in zip(latents, conditions)])
+            x = self.scatter(tokens, packed.layout)
+            c = self.embed_conditioning(timestep, motion_score, latents[0].dtype)  # (samples, D)
+        else:
+            x, c = self.input_tensor[:-samples], self.input_tensor[-samples:, 0]
+        text_keys = pack_text(text, text_mask, samples if packed.padded_rows else None, FP8_ROW_MULTIPLE)
+        rows = packed.local_ids(device)
+        attention = PackedAttention(packed.self_attention(device), Segments(rows, text_keys.segment_ids),
+                                    self.block_rows(rows))
+        cos, sin = packed.rope(self.config.kv_channels, self.config.rope_theta, device)
+        with fp8_context(self.config):
+            x = self.run_blocks(x, c, text_keys.states, None, cos, sin, None, packed=attention)
+        if not self.post_process:
+            return make_viewless_tensor(torch.cat([x, c[:, None]]), requires_grad=True, keep_graph=True)
+        tokens = self.head_tokens(x, c, packed.layout, rows)
+        return [self.unpatchify(group, grid) for group, (_, grid) in zip(packed.split_groups(tokens), packed.groups)]
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Layers are keyed by their global index so checkpoints reshard across PP layouts."""

@@ -64,8 +64,9 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
 
 # ----------------------------------------------------------------------------- fused kernels
 # Pure tensor functions (no autograd inside): forward and backward of each region, all math in
-# fp32. Modulation tensors are (1, B, D), broadcast over the tokens (dim 0); their gradients are
-# summed over dim 0. Norm statistics are recomputed in backward from the saved 16-bit input.
+# fp32. Modulation tensors are (1, B, D), broadcast over the tokens (dim 0), their gradients
+# summed over dim 0; or per token, (S, 1, D), for packed sequences. Norm statistics are
+# recomputed in backward from the saved 16-bit input.
 
 LAYER_NORM_EPS = 1e-6
 
@@ -104,6 +105,12 @@ def _rope32(x32: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return x32 * cos + _rotate_pairs(x32) * sin
 
 
+def _modulation_grad(grad: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+    """The gradient of a modulation tensor: summed over the tokens a (1, B, D) one was broadcast
+    over; as it is for per-token (S, 1, D) ones (packed sequences)."""
+    return grad if grad.shape[0] == modulation.shape[0] else grad.sum(0, keepdim=True)
+
+
 def layer_norm_modulate_forward(x, shift, scale):
     normed, _ = _layer_norm32(x.float(), LAYER_NORM_EPS)
     return (normed * (1 + scale) + shift).to(x.dtype)
@@ -113,7 +120,7 @@ def layer_norm_modulate_backward(grad, x, shift, scale):
     normed, rstd = _layer_norm32(x.float(), LAYER_NORM_EPS)
     grad = grad.float()
     grad_x = _layer_norm_input_grad(grad * (1 + scale), normed, rstd)
-    return grad_x.to(x.dtype), grad.sum(0, keepdim=True), (grad * normed).sum(0, keepdim=True)
+    return grad_x.to(x.dtype), _modulation_grad(grad, shift), _modulation_grad(grad * normed, scale)
 
 
 def rms_norm_forward(x, weight, eps):
@@ -136,11 +143,11 @@ def rms_norm_modulate_forward(x, weight, eps, shift, scale):
 def rms_norm_modulate_backward(grad, x, weight, shift, scale, eps):
     normed, rstd = _rms_norm32(x.float(), eps)
     grad = grad.float()
-    grad_scale = (grad * normed * weight).sum(0, keepdim=True)
+    grad_scale = _modulation_grad(grad * normed * weight, scale)
     grad_weighted = grad * (1 + scale)  # d/d(normed * weight)
     grad_weight = (grad_weighted * normed).flatten(0, -2).sum(0)
     grad_x = _rms_norm_input_grad(grad_weighted * weight, normed, rstd)
-    return grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad.sum(0, keepdim=True), grad_scale
+    return grad_x.to(x.dtype), grad_weight.to(weight.dtype), _modulation_grad(grad, shift), grad_scale
 
 
 def norm_rope_forward(x, weight, eps, cos, sin):
@@ -169,7 +176,7 @@ def gated_residual_forward(x, gate, y):
 
 
 def gated_residual_backward(grad, gate, y):
-    return grad, (grad.float() * y.float()).sum(0, keepdim=True), (gate * grad.float()).to(y.dtype)
+    return grad, _modulation_grad(grad.float() * y.float(), gate), (gate * grad.float()).to(y.dtype)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from megatron_mfm.model.attention import without_sequence_parallel, xavier_unifo
 from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.glue import block_glue
 from megatron_mfm.model.norms import RMSNorm
+from megatron_mfm.model.packing import PackedAttention, modulation_rows
 
 
 @dataclass
@@ -98,12 +99,15 @@ class TransformerLayer(MegatronModule):
         self.mlp = build_module(submodules.mlp, config=config)
         self.glue = block_glue(config.compile_glue)
 
-    def modulation(self, c: torch.Tensor) -> list[torch.Tensor]:
-        """Six (1, B, D) fp32 tensors: shift/scale/gate for attention, then for the MLP."""
+    def modulation(self, c: torch.Tensor, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Six (1, B, D) fp32 tensors: shift/scale/gate for attention, then for the MLP; for a
+        packed sequence (``rows``: each token's sample) six per-token (S, 1, D) tensors."""
         emb, _ = self.adaln(F.silu(c))
         if self.config.sequence_parallel:
             # Each rank modulates only its tokens, so gradients must be summed over TP ranks.
             emb = copy_to_tensor_model_parallel_region(emb)
+        if rows is not None:
+            return modulation_rows(rows, emb.float()).chunk(6, dim=-1)
         return [m[None] for m in emb.float().chunk(6, dim=-1)]
 
     def _recomputed(self, part: str, function: Callable, *args: torch.Tensor) -> torch.Tensor:
@@ -133,10 +137,15 @@ class TransformerLayer(MegatronModule):
         text_mask: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor],
         token_mask: torch.Tensor | None = None,
+        packed: PackedAttention | None = None,
     ) -> torch.Tensor:
         """x (S/cp/sp, B, D), c (B, D), text (L, B, C_text), text_mask (B, L) True = keep,
-        token_mask (B, S) True for real video tokens when the sequence is padded."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
+        token_mask (B, S) True for real video tokens when the sequence is padded; ``packed``:
+        a packed sequence's segments (B = 1, c (samples, D), both masks None)."""
+        if packed is not None:
+            token_mask, text_mask = packed.self_attention, packed.cross_attention
+        rows = None if packed is None else packed.modulation_index
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c, rows)
         attn_in = self._recomputed("layernorm", self._attention_input, x, shift_msa, scale_msa)
         x = self.glue.gated_residual(x, gate_msa, self.self_attention(attn_in, rope, token_mask))
         cross_in = self._recomputed("layernorm", self._cross_attention_input, x)

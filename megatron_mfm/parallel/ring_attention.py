@@ -16,6 +16,9 @@ traffic is neighbour-to-neighbour, which suits CP groups that span nodes.
 The block kernels are pluggable (``BlockKernels``): torch's aten kernels by default, FA4's with
 ``model.attention_backend=fa4`` (``model/attention_backends/fa4.py``).
 
+Packed sequences (``BlockMasks``): each block is masked to the pairs of one segment on the CPU
+kernel; a block no query may read is skipped.
+
 Padding: the sequence is padded at its end (``TokenLayout``), so instead of masking, each key
 chunk is cut to its real tokens (a chunk of padding only is skipped). The fused kernels then run
 without masks.
@@ -125,6 +128,42 @@ class BlockKernels:
 ATEN_KERNELS = BlockKernels(attend=_attend, attend_backward=_attend_backward)
 
 
+@dataclass(frozen=True)
+class BlockMasks:
+    """A packed sequence's segments under the ring: this rank's query ids and every key's id;
+    block (query chunk, key chunk of rank r) allows the pairs of equal ids."""
+
+    query: torch.Tensor
+    """(S/cp,) segment ids of this rank's queries."""
+    key: torch.Tensor
+    """(S,) segment ids of the whole sequence's keys."""
+
+    def allowed(self, source: int, size: int) -> torch.Tensor | None:
+        """(S/cp, S/cp) True where this rank's queries may read ``source``'s keys; None when
+        none may (the block is skipped)."""
+        chunk = self.key.shape[0] // size
+        allowed = self.query[:, None] == self.key[source * chunk:(source + 1) * chunk][None, :]
+        return allowed if allowed.any() else None
+
+
+def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The CPU kernel's additive mask (0 / -inf, in the inputs' dtype), (1, 1, S_q, S_k)."""
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, float("-inf"))[None, None]
+
+
+def _attend_masked(q, k, v, scale: float, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One masked block on the CPU; rows that may read no key of it get LSE -inf (the kernel
+    gives them 0), so the merge gives them no weight."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=_bias(allowed, q.dtype), scale=scale)
+    return out, lse.masked_fill(~allowed.any(-1), float("-inf"))
+
+
+def _attend_masked_backward(dout, q, k, v, out, lse, scale: float, allowed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, False, attn_mask=_bias(allowed, q.dtype), scale=scale)
+
+
 def _merge(out, lse, block_out, block_lse) -> tuple[torch.Tensor, torch.Tensor]:
     """Online-softmax merge (fp32) of two partial results over disjoint key sets. Rows that have
     seen no real key yet carry LSE -inf; they are kept finite (weight 0), not NaN."""
@@ -167,7 +206,8 @@ class _RingAttention(torch.autograd.Function):
     """Inputs (S/cp, B, heads, D) per rank; output (S/cp, B, heads*D)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, real_keys: list[int], group, kernels: BlockKernels):
+    def forward(ctx, query, key, value, real_keys: list[int], group, kernels: BlockKernels,
+                masks: BlockMasks | None):
         ring = Ring.of(group)
         scale = 1.0 / math.sqrt(query.shape[-1])
         q, k, v = _heads_first(query, key, value)
@@ -177,8 +217,11 @@ class _RingAttention(torch.autograd.Function):
         for step in range(ring.size):
             if step + 1 < ring.size:  # overlap: the next chunk is in flight during this compute
                 next_kv, requests = ring.pass_on(kv, _KV_TAG)
-            real = real_keys[ring.source_of_step(step)]
-            if real:  # a chunk of padding only adds nothing
+            source = ring.source_of_step(step)
+            real = real_keys[source]
+            if masks is not None and (allowed := masks.allowed(source, ring.size)) is not None:
+                out, lse = _merge(out, lse, *_attend_masked(q, kv[0], kv[1], scale, allowed))
+            elif masks is None and real:  # a chunk of padding only adds nothing
                 block_out, block_lse = kernels.attend(q, kv[0, :, :, :real], kv[1, :, :, :real], scale)
                 out, lse = _merge(out, lse, block_out, block_lse)
             if step + 1 < ring.size:
@@ -186,7 +229,7 @@ class _RingAttention(torch.autograd.Function):
                 kv = next_kv
         out = out.to(query.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.real_keys, ctx.group, ctx.scale, ctx.kernels = real_keys, group, scale, kernels
+        ctx.real_keys, ctx.group, ctx.scale, ctx.kernels, ctx.masks = real_keys, group, scale, kernels, masks
         return out.permute(2, 0, 1, 3).flatten(2)
 
     @staticmethod
@@ -201,9 +244,14 @@ class _RingAttention(torch.autograd.Function):
         for step in range(ring.size):
             if step + 1 < ring.size:
                 next_kv, kv_requests = ring.pass_on(kv, _KV_TAG)
-            real = ctx.real_keys[ring.source_of_step(step)]
+            source = ring.source_of_step(step)
+            real = ctx.real_keys[source]
             dkv = torch.zeros_like(kv, dtype=torch.float32)  # this rank's share of the held chunk's dK/dV
-            if real:
+            if ctx.masks is not None and (allowed := ctx.masks.allowed(source, ring.size)) is not None:
+                dq_block, dk, dv = _attend_masked_backward(dout, q, kv[0], kv[1], out, lse, scale, allowed)
+                dq += dq_block
+                dkv[0], dkv[1] = dk, dv
+            elif ctx.masks is None and real:
                 dq_block, dk, dv = ctx.kernels.attend_backward(dout, q, kv[0, :, :, :real], kv[1, :, :, :real],
                                                                out, lse, scale)
                 dq += dq_block
@@ -222,7 +270,7 @@ class _RingAttention(torch.autograd.Function):
             _wait(dkv_requests)
             dkv = received
         dq, dkey, dvalue = (g.permute(2, 0, 1, 3).to(q.dtype) for g in (dq, dkv[0], dkv[1]))
-        return dq, dkey, dvalue, None, None, None
+        return dq, dkey, dvalue, None, None, None, None
 
 
 def ring_attention(
@@ -232,6 +280,7 @@ def ring_attention(
     key_padding_mask: torch.Tensor | None,
     group: dist.ProcessGroup,
     kernels: BlockKernels | None = None,
+    masks: BlockMasks | None = None,
 ) -> torch.Tensor:
     """Bidirectional attention of this rank's queries over the keys of every rank in ``group``.
 
@@ -242,9 +291,15 @@ def ring_attention(
             (see ``real_keys_per_chunk``); None: no padding.
         group: the CP group forming the ring.
         kernels: the per-block fused kernels (None: torch's aten kernels).
+        masks: a packed sequence's segments (``key_padding_mask`` is then None): each block runs
+            torch's CPU kernel with its block mask; refused on a GPU, whose fused ring kernels
+            here take no mask (use all-to-all CP there).
 
     Returns:
         (S/cp, B, heads*D) in the query dtype.
     """
+    if masks is not None and query.is_cuda:
+        raise ValueError("ring attention over a packed sequence (data.packing) runs only on the CPU: its GPU "
+                         "kernels take no block mask; use parallel.cp_comm_type=a2a")
     real_keys = real_keys_per_chunk(key_padding_mask, dist.get_world_size(group), query.shape[0])
-    return _RingAttention.apply(query, key, value, real_keys, group, kernels or ATEN_KERNELS)
+    return _RingAttention.apply(query, key, value, real_keys, group, kernels or ATEN_KERNELS, masks)

@@ -7,6 +7,10 @@ padded at the end, as self-attention's padding always is (``TokenLayout``). Cros
 on FA4 when its text keys need no mask (one prompt per micro-batch: ``model/dit.fit_text`` drops
 the padding) and on cuDNN when they do (see ``FA4CoreAttention``).
 
+Packed sequences: self-attention is one ``flash_attn_varlen_func`` call over the segments'
+``cu_seqlens``; ring CP over a packed sequence runs torch's masked kernels instead
+(``ring_attention``).
+
 Ring CP: the forward kernel returns the log-sum-exp the ring merge needs (``return_lse``); the
 ring's backward runs each block's backward from the FINAL output and LSE, which the public
 autograd function does not expose, so ``FA4_RING_KERNELS`` call FA4's backward entry
@@ -20,6 +24,7 @@ import functools
 import torch
 
 from megatron_mfm.model.attention_backends.sdpa import SDPACoreAttention
+from megatron_mfm.model.packing import Segments
 from megatron_mfm.parallel.ring_attention import BlockKernels
 
 SUPPORTED_MAJOR_CAPABILITIES = (9, 10)
@@ -66,10 +71,15 @@ class FA4CoreAttention(torch.nn.Module):
         """FA4 sees only local tokens: ring CP goes through ``ring_attention`` (with FA4 kernels)."""
         return False
 
-    def forward(self, query, key, value, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, query, key, value, key_padding_mask: torch.Tensor | Segments | None = None) -> torch.Tensor:
         if self.masked_text_attention is not None and key_padding_mask is not None:
             return self.masked_text_attention(query, key, value, key_padding_mask)
         fa4 = _interface()
+        if isinstance(key_padding_mask, Segments):  # a packed sequence: one varlen call, batch 1
+            segments = key_padding_mask
+            out, _ = fa4.flash_attn_varlen_func(query[:, 0], key[:, 0], value[:, 0], segments.cu_seqlens,
+                                                segments.cu_seqlens, segments.max_seqlen, segments.max_seqlen)
+            return out.flatten(1)[:, None]
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # (B, S, heads, D)
         if key_padding_mask is None:
             out, _ = fa4.flash_attn_func(q, k, v)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from megatron_mfm.model.packing import Segments
+
 GPU_SDPA_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
 CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
@@ -33,15 +35,21 @@ class SDPACoreAttention(torch.nn.Module):
     ring_kernels = None
     """Block kernels for ``ring_attention`` (None: its aten defaults)."""
 
-    def forward(self, query, key, value, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, query, key, value, key_padding_mask: torch.Tensor | Segments | None = None) -> torch.Tensor:
+        """``key_padding_mask``: (B, S_k) True for real keys, or a packed sequence's ``Segments``
+        (a block-diagonal mask: no query sees another sample's keys)."""
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # (B, heads, S, D)
-        mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        if isinstance(key_padding_mask, Segments):
+            mask = key_padding_mask.mask()[None, None]
+        else:
+            mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         # on the CPU torch's choice keeps runs bit-reproducible; a traced graph (torch.export) has
         # symbolic shapes to time nothing on, so its runtime picks
         if not q.is_cuda or torch.compiler.is_compiling():
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
-            backends = (CUDNN_FIRST if self.kernel == "cudnn" else
+            # a packed sequence's block mask: the kernels that take a full mask (flash takes none)
+            backends = (CUDNN_FIRST if self.kernel == "cudnn" or isinstance(key_padding_mask, Segments) else
                         [fastest_sdpa_backend(tuple(q.shape), tuple(k.shape), q.dtype, q.device, mask is not None)])
             with sdpa_kernel(backends, set_priority=True):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 
+from megatron_mfm.model.attention_backends.sdpa import SDPACoreAttention
+from megatron_mfm.model.packing import Segments
+
 
 class TECoreAttention(torch.nn.Module):
     """Transformer Engine's fused attention in sbhd layout; (S, B, heads, D) in, (S, B, heads*D) out.
@@ -44,13 +47,27 @@ class TECoreAttention(torch.nn.Module):
             tp_group=parallel_state.get_tensor_model_parallel_group(check_initialized=False),
             **ring,
         )
+        # packed cross-attention: each sample's queries read only its own text (a block mask)
+        self.segment_attention = SDPACoreAttention(config, True, kernel="cudnn") if cross_attention else None
+
+    def packed(self, query, key, value, segments: Segments) -> torch.Tensor:
+        """A packed sequence (batch 1): self-attention in TE's THD format over the segments'
+        ``cu_seqlens``; cross-attention through SDPA with the block mask."""
+        if self.segment_attention is not None:
+            return self.segment_attention(query, key, value, segments)
+        out = self.attention(query[:, 0], key[:, 0], value[:, 0], qkv_format="thd", attn_mask_type="padding",
+                             cu_seqlens_q=segments.cu_seqlens, cu_seqlens_kv=segments.cu_seqlens,
+                             max_seqlen_q=segments.max_seqlen, max_seqlen_kv=segments.max_seqlen)
+        return out.reshape(query.shape[0], 1, -1)
 
     def runs_ring(self, query: torch.Tensor, key_padding_mask: torch.Tensor | None) -> bool:
         """TE's ring needs an unpadded clip, an even local length and 16-bit inputs."""
         return (self.ring and key_padding_mask is None and query.shape[0] % 2 == 0
                 and query.dtype in (torch.bfloat16, torch.float16))
 
-    def forward(self, query, key, value, key_padding_mask=None):
+    def forward(self, query, key, value, key_padding_mask: torch.Tensor | Segments | None = None):
+        if isinstance(key_padding_mask, Segments):
+            return self.packed(query, key, value, key_padding_mask)
         if key_padding_mask is None:
             out = self.attention(query, key, value, attn_mask_type="no_mask")
         else:
