@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_mfm.data.packing import PackingConfig
 from megatron_mfm.data.shards.stages import StageConfig
 from megatron_mfm.data.shards.streaming import ShardDataConfig
 from megatron_mfm.data.synthetic import SyntheticConfig
@@ -336,6 +337,8 @@ class DataConfig:
     shards: ShardDataConfig = field(default_factory=ShardDataConfig)
     stages: list[StageConfig] = field(default_factory=_single_stage)
     """Shards only: the resolution-progressive schedule (buckets, frames, token budget, tasks)."""
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    """Packed variable-length micro-batches (off by default: bucketed by shape)."""
 
     def __post_init__(self) -> None:
         if self.source not in ("synthetic", "shards"):

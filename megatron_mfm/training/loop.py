@@ -27,6 +27,7 @@ from torch.utils._triton import has_triton
 from megatron_mfm.config import ConfigError, RunConfig, config_to_dict
 from megatron_mfm.encoders.interface import FrozenEncoders, build_encoders
 from megatron_mfm.data.loader import SyntheticLoader
+from megatron_mfm.data.packing import pack_micro_batches, parts_of
 from megatron_mfm.data.shards.streaming import ShardLoader
 from megatron_mfm.data.synthetic import SyntheticVideoDataset
 from megatron_mfm.diffusion.generation import SamplingConfig, generate, task_sample_for
@@ -110,6 +111,10 @@ def check_machine(config: RunConfig) -> None:
     if config.model.compile_glue and torch.cuda.is_available() and not has_triton():
         raise ConfigError("model.compile_glue=true needs triton for torch.compile on the GPU (pip install triton, "
                           "the version your torch names), or model.compile_glue=false")
+    ring = config.parallel.context_parallel > 1 and config.parallel.context_parallel_comm == "p2p"
+    if config.data.packing.token_budget and ring and torch.cuda.is_available():
+        raise ConfigError("data.packing.token_budget with parallel.context_parallel_comm=p2p: the ring over a packed "
+                          "sequence has masked block kernels only on the CPU; use context_parallel_comm=a2a on a GPU")
     if config.model.recompute == "auto" and not torch.cuda.is_available():
         raise ConfigError("model.recompute=auto measures GPU memory: it needs a GPU (use true or false on the CPU)")
     check_fused_adam(config.optimizer)
@@ -203,8 +208,9 @@ def _step_totals(trainer: Trainer, micro_batches: list) -> tuple[int, int]:
     """FLOPs and video tokens of the whole step, summed over data-parallel ranks (token-budget
     micro-batches differ in size between ranks); also sums the ranks' skipped-sample and
     sidecar-miss counts."""
-    flops = sum(training_flops(trainer.model_config, latent_shape(*mb.pixels.shape[2:])[1:],
-                               trainer.encoders.text.max_length) * len(mb.prompts) for mb in micro_batches)
+    flops = sum(training_flops(trainer.model_config, latent_shape(*part.pixels.shape[2:])[1:],
+                               trainer.encoders.text.max_length) * len(part.prompts)
+                for mb in micro_batches for part in parts_of(mb))
     tokens = sum(batch_tokens(mb) for mb in micro_batches)
     loader = trainer.loader
     totals = torch.tensor([flops, tokens, loader.skipped_samples, sum(loader.sidecar_misses.values())],
@@ -222,6 +228,8 @@ def train_step(trainer: Trainer) -> StepResult:
     data_start = time.perf_counter()
     with phase("data"):
         micro_batches = trainer.loader.next_global_batch()
+        if config.data.packing.token_budget:  # this rank's samples regrouped by tokens
+            micro_batches = pack_micro_batches(micro_batches, config.data.packing.token_budget)
     data_seconds = time.perf_counter() - data_start
     for chunk in ddp:
         chunk.zero_grad_buffer()

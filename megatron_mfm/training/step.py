@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from megatron_mfm.data.batch import MicroBatch
+from megatron_mfm.data.packing import PackedMicroBatch
 from megatron_mfm.data.rng import Stream, sample_generator
 from megatron_mfm.data.shards.precomputed import Precomputed
 from megatron_mfm.diffusion.flow_matching import FlowMatchingConfig, add_noise, per_sample_mse, sample_sigma
@@ -86,18 +89,47 @@ def _condition(encoders: FrozenEncoders, batch: MicroBatch, pixels: torch.Tensor
                         for c, p, frames in zip(condition, pixels, batch.depth_to_estimate)])
 
 
+@dataclass
+class Encoded:
+    """One (one-shape) micro-batch made ready for the DiT, on the device."""
+
+    noisy: torch.Tensor
+    sigmas: torch.Tensor
+    text: torch.Tensor
+    text_mask: torch.Tensor
+    condition: torch.Tensor | None
+    """None on later pipeline stages (only the first embeds it)."""
+    motion_score: torch.Tensor
+    target: torch.Tensor
+
+
+def _packed_text(parts: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The parts' text states and masks as one batch (padded to the longest, masked)."""
+    length = max(part.text.shape[1] for part in parts)
+    text = torch.cat([F.pad(part.text, (0, 0, 0, length - part.text.shape[1])) for part in parts])
+    mask = torch.cat([F.pad(part.text_mask.bool(), (0, length - part.text.shape[1])) for part in parts])
+    return text, mask
+
+
+def _packed_loss(targets: list[torch.Tensor], tasks: list[str], weight: float, outputs: list[torch.Tensor]):
+X
+    per_sample = torch.cat([per_sample_mse(out, target) for out, target in zip(outputs, targets)])
+    tokens = torch.cat([per_sample.new_full((t.shape[0],), float(t[0].numel())) for t in targets])
+    loss = (per_sample * tokens).sum() / tokens.sum()
+    return loss * weight, {"task_loss": task_loss_report(per_sample, tasks)}
+
+
 def make_forward_step(encoders: FrozenEncoders, flow: FlowMatchingConfig, seed: int, patch_size: int,
                       dtype: torch.dtype, device: torch.device, sigma: float | None = None,
-                      weight: Callable[[MicroBatch], float] | None = None) -> Callable:
+                      weight: Callable[[MicroBatch | PackedMicroBatch], float] | None = None) -> Callable:
     """The ``forward_step_func`` for megatron's ``get_forward_backward_func``. ``sigma``: one
     noise level for every sample instead of each sample's drawn one (validation); ``weight``:
-    a micro-batch's factor on its mean loss (1 without)."""
+    a micro-batch's factor on its mean loss (1 without). A ``PackedMicroBatch`` runs as one
+    packed sequence, its loss the token-weighted mean of its samples'."""
 
-    def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
-        batch = next(data_iterator)
+    def encode(batch: MicroBatch, first_stage: bool) -> Encoded:
         # only the first pipeline stage embeds the condition (model/dit.py: pre_process); later
         # stages need the latents (shape, target) and the text
-        first_stage = getattr(model, "module", model).pre_process
         estimate_depth = first_stage and encoders.depth is not None and any(batch.depth_to_estimate)
         encode_video = any(p.latents is None for p in _precomputed(batch))
         pixels = batch.pixels.to(device) if encode_video or estimate_depth else None
@@ -108,10 +140,22 @@ def make_forward_step(encoders: FrozenEncoders, flow: FlowMatchingConfig, seed: 
         noise, drawn = noise_and_sigma(latents, batch.sample_ids, seed, flow, tokens)
         sigmas = drawn if sigma is None else torch.full_like(drawn, sigma)
         noisy, target = add_noise(latents, noise, sigmas)
-        output = model(
-            noisy.to(dtype), sigmas * 1000.0, text.to(dtype), text_mask,
-            None if condition is None else condition.to(dtype), batch.motion_score.to(device),
-        )
-        return output, partial(_loss, target, batch.tasks, 1.0 if weight is None else weight(batch))
+        return Encoded(noisy.to(dtype), sigmas, text.to(dtype), text_mask,
+                       None if condition is None else condition.to(dtype), batch.motion_score.to(device), target)
+
+    def forward_step(data_iterator: Iterator[MicroBatch | PackedMicroBatch], model: torch.nn.Module):
+        batch = next(data_iterator)
+        first_stage = getattr(model, "module", model).pre_process
+        factor = 1.0 if weight is None else weight(batch)
+        if isinstance(batch, PackedMicroBatch):
+            parts = [encode(part, first_stage) for part in batch.parts]
+            text, text_mask = _packed_text(parts)
+            output = model([p.noisy for p in parts], torch.cat([p.sigmas for p in parts]) * 1000.0, text, text_mask,
+                           [p.condition for p in parts] if first_stage else None,
+                           torch.cat([p.motion_score for p in parts]))
+            return output, partial(_packed_loss, [p.target for p in parts], batch.tasks, factor)
+        part = encode(batch, first_stage)
+        output = model(part.noisy, part.sigmas * 1000.0, part.text, part.text_mask, part.condition, part.motion_score)
+        return output, partial(_loss, part.target, batch.tasks, factor)
 
     return forward_step
