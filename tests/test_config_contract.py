@@ -51,3 +51,9 @@ def test_wrongly_typed_values_name_the_field(override, message):
     with pytest.raises(ConfigError) as error:
         load_config(overrides=[override])
     assert str(error.value) == message
+
+
+def test_packing_is_off_by_default_and_a_negative_budget_names_the_field():
+    assert load_config().data.packing.token_budget == 0
+    with pytest.raises(ConfigError, match=r"data.packing.token_budget=-1 must be >= 0"):
+        load_config(overrides=["data.packing.token_budget=-1"])

@@ -227,6 +227,15 @@ def test_four_rank_layouts_match(tmp_path, reference_dir, reference_run, layout)
     assert_samples_match(tmp_path, reference_dir)
 
 
+def test_packed_micro_batches_train_as_the_bucketed_ones(tmp_path, reference_run):
+    """data.packing regroups a step's images (4 tokens) and clips (8 tokens) into packs of at
+    most 12 tokens (a clip and an image each; clips alone in steps without images, so a step
+    runs 2 to 4 micro-batches): the same samples, token-weighted, so the same losses as the
+    bucketed micro-batches of 2."""
+    train(tmp_path, "train.iterations=12", "train.stop_iteration=3", "data.packing.token_budget=12")
+    assert_losses_match(losses(tmp_path), reference_run, range(1, 4), 1e-5)
+
+
 def test_interleaved_pipeline_matches_one_process_and_resumes_at_plain_pp(tmp_path):
     """PP3 with two virtual stages per rank (6 layers: rank r runs layers r and r + 3), images and
     videos mixed, against one process (clips sampled at iteration 3 too); its checkpoint then

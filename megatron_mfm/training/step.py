@@ -112,7 +112,8 @@ def _packed_text(parts: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _packed_loss(targets: list[torch.Tensor], tasks: list[str], weight: float, outputs: list[torch.Tensor]):
-X
+    """The token-weighted mean of the samples' losses (what they add to a bucketed step; a
+    sample's latent elements are its tokens times a constant)."""
     per_sample = torch.cat([per_sample_mse(out, target) for out, target in zip(outputs, targets)])
     tokens = torch.cat([per_sample.new_full((t.shape[0],), float(t[0].numel())) for t in targets])
     loss = (per_sample * tokens).sum() / tokens.sum()
