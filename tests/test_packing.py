@@ -63,3 +63,33 @@ def test_samples_do_not_see_each_other(single_process_world):
         after = model(**inputs)
     assert torch.equal(before[0], after[0]) and torch.equal(before[2], after[2])
     assert not torch.allclose(before[1], after[1])
+
+
+def test_packs_keep_every_sample_within_the_budget():
+    """Two image micro-batches and a clip micro-batch regrouped: every sample once, packs within
+    the budget, one part per shape."""
+    from megatron_mfm.data.batch import MicroBatch
+    from megatron_mfm.training.schedule import batch_tokens
+    from megatron_mfm.data.packing import pack_micro_batches
+
+    def batch(ids: list[int], frames: int) -> MicroBatch:
+        n = len(ids)
+        return MicroBatch(pixels=torch.zeros(n, 3, frames, 32, 32), condition=torch.zeros(n, 5, frames, 32, 32),
+                          prompts=["p"] * n, motion_score=torch.zeros(n), tasks=["t2v"] * n,
+                          sample_ids=torch.tensor(ids), depth_to_estimate=[[]] * n)
+
+    packs = pack_micro_batches([batch([0, 1], 1), batch([2, 3], 5), batch([4, 5], 1)], token_budget=12)
+    assert sorted(torch.cat([p.sample_ids for p in packs]).tolist()) == list(range(6))
+    assert [batch_tokens(p) for p in packs] == [12, 12, 8]  # clip + image, clip + image, 2 images
+    assert all(len({part.pixels.shape[1:] for part in p.parts}) == len(p.parts) for p in packs)
+
+
+def test_benchmark_smoke_reports_less_padding_for_packs(single_process_world, tmp_path):
+    from benchmarks import packing
+
+    result = packing.main(["--preset", "tiny", "--layers", "1", "--buckets", "1x32x32", "5x32x32", "9x64x64",
+                           "--token-budget", "96", "--samples", "8", "--repeats", "1",
+                           "--output", str(tmp_path / "packing.json")])
+    assert (tmp_path / "packing.json").is_file()
+    assert result["packed"]["micro_batches"] <= result["bucketed"]["micro_batches"]
+    assert result["packed"]["padding_fraction"] <= result["bucketed"]["padding_fraction"]
