@@ -147,7 +147,7 @@ class MfMDiT(MegatronModule):
             x, c = self.input_tensor[:-1], self.input_tensor[-1]
         cos, sin = pad_rope(*rope_cos_sin(grid, self.config.kv_channels, self.config.rope_theta, latents.device), layout)
         token_mask = layout.key_padding_mask(batch, latents.device)
-        text_sbh, mask = fit_text(text, text_mask, FP8_ROW_MULTIPLE if self.config.fp8 else 1)
+        text_sbh, mask = fit_text(text, text_mask, self.row_multiple)
         with fp8_context(self.config):
             x = self.run_blocks(x, c, text_sbh, mask, cos, sin, token_mask)
         if not self.post_process:
@@ -192,7 +192,12 @@ class MfMDiT(MegatronModule):
     def token_layout(self, grid: tuple[int, int, int]) -> TokenLayout:
         """How a clip of this latent grid is padded and split over CP (and SP) ranks; under FP8
         each rank's rows are also a multiple of 16, as FP8 GEMMs need."""
-        return token_layout(math.prod(grid), self.sequence_parallel_size, FP8_ROW_MULTIPLE if self.config.fp8 else 1)
+        return token_layout(math.prod(grid), self.sequence_parallel_size, self.row_multiple)
+
+    @property
+    def row_multiple(self) -> int:
+        """Rows per CP rank (and text rows) must be a multiple of this: 16 under FP8 (its GEMMs)."""
+        return FP8_ROW_MULTIPLE if self.config.fp8 else 1
 
     @property
     def sequence_parallel_size(self) -> int:
@@ -243,7 +248,7 @@ class MfMDiT(MegatronModule):
         groups = tuple((b, (t, h // p, w // p)) for b, _, t, h, w in shapes)
         tokens = sum(b * math.prod(grid) for b, grid in groups)
         return PackedSequence(groups, token_layout(tokens, self.sequence_parallel_size,
-                                                   FP8_ROW_MULTIPLE if self.config.fp8 else 1))
+                                                   self.row_multiple))
 
     def block_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """This TP rank's part of a CP chunk's rows under SP (the rows the blocks modulate)."""
@@ -270,7 +275,7 @@ class MfMDiT(MegatronModule):
             c = self.embed_conditioning(timestep, motion_score, latents[0].dtype)  # (samples, D)
         else:
             x, c = self.input_tensor[:-samples], self.input_tensor[-samples:, 0]
-        text_keys = pack_text(text, text_mask, samples if packed.padded_rows else None, FP8_ROW_MULTIPLE)
+        text_keys = pack_text(text, text_mask, samples if packed.padded_rows else None, self.row_multiple)
         rows = packed.local_ids(device)
         attention = PackedAttention(packed.self_attention(device), Segments(rows, text_keys.segment_ids),
                                     self.block_rows(rows))
