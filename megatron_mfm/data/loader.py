@@ -5,7 +5,9 @@ parallel layout: a global batch is cut into micro-batch slots, slot ``s`` holdin
 ``s*mbs .. s*mbs+mbs-1``; DP rank ``r`` takes slots ``base + m*dp + r``. The only state is the
 number of consumed samples, saved in checkpoints, so a resumed run sees exactly the samples it
 would have seen. With ``data.synthetic.workers`` the micro-batches of the next steps are
-rendered ahead by worker processes (the same function of the slot, so the same data).
+rendered ahead by worker processes (the same function of the slot, so the same data), each
+micro-batch cut into parts so that one step's samples keep every worker busy, and the parts joined
+by a background thread.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from __future__ import annotations
 import multiprocessing
 from collections import deque
 from collections.abc import Mapping
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
 
-from megatron_mfm.data.batch import MicroBatch, collate
+from megatron_mfm.data.batch import MicroBatch, collate, concatenate
 from megatron_mfm.data.rng import Stream, sample_generator
 from megatron_mfm.data.synthetic import SyntheticVideoDataset
 from megatron_mfm.tasks.mixture import TaskMixture
@@ -34,11 +36,13 @@ class SlotRenderer:
     micro_batch_size: int
     seed: int
 
-    def __call__(self, slot: int) -> MicroBatch:
+    def __call__(self, slot: int, start: int = 0, stop: int | None = None) -> MicroBatch:
+        """Samples ``start:stop`` of the slot (default all): workers can share one micro-batch."""
         kind = sample_generator(self.seed, slot, Stream.MICRO_BATCH_KIND)
         is_image = torch.rand(1, generator=kind).item() < self.dataset.config.image_fraction
+        first = slot * self.micro_batch_size
+        ids = list(range(first + start, first + (self.micro_batch_size if stop is None else stop)))
         samples = []
-        ids = list(range(slot * self.micro_batch_size, (slot + 1) * self.micro_batch_size))
         for sample_id in ids:
             clip = self.dataset.clip(sample_id, is_image)
             samples.append(self.mixture.sample(clip, sample_generator(self.seed, sample_id, Stream.TASK)))
@@ -63,7 +67,11 @@ class SyntheticLoader:
         self._pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                           initializer=torch.set_num_threads, initargs=(1,))
                       if workers else None)
-        self._queue: deque[list[Future]] = deque()  # rendering steps, from consumed_samples on
+        # joins a step's parts (torch.cat releases the GIL: the copy overlaps the training step)
+        self._joiner = ThreadPoolExecutor(1) if workers else None
+        # steps being rendered, from consumed_samples on: (their joined micro-batches, their parts)
+        self._queue: deque[tuple[Future, list[Future]]] = deque()
+        self.parts = min(micro_batch_size, -(-workers // self.num_microbatches)) if workers else 1
 
     @property
     def num_microbatches(self) -> int:
@@ -79,21 +87,30 @@ class SyntheticLoader:
             batches = [self.micro_batch(slot) for slot in self._slots(0)]
         else:
             while len(self._queue) <= self.prefetch_steps:
-                self._queue.append([self._pool.submit(self.micro_batch, s) for s in self._slots(len(self._queue))])
-            batches = [future.result() for future in self._queue.popleft()]
+                self._queue.append(self._render_step(len(self._queue)))
+            batches = self._queue.popleft()[0].result()
         self.consumed_samples += self.gbs
         return batches
+
+    def _render_step(self, step_ahead: int) -> tuple[Future, list[Future]]:
+        """Submit a step's micro-batches, each in ``self.parts`` parts: (its joined list, the parts)."""
+        bounds = [self.mbs * part // self.parts for part in range(self.parts + 1)]
+        parts = [[self._pool.submit(self.micro_batch, slot, start, stop) for start, stop in zip(bounds, bounds[1:])]
+                 for slot in self._slots(step_ahead)]
+        joined = self._joiner.submit(lambda: [concatenate([part.result() for part in slot]) for slot in parts])
+        return joined, [part for slot in parts for part in slot]
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples}
 
     def load_state_dict(self, state: dict) -> None:
-        for step in self._queue:
-            for future in step:
+        for joined, parts in self._queue:
+            for future in (*parts, joined):
                 future.cancel()
         self._queue.clear()
         self.consumed_samples = int(state["consumed_samples"])
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
+            self._pool.shutdown(cancel_futures=True)  # first: a join waiting on a cancelled part ends
+            self._joiner.shutdown(cancel_futures=True)

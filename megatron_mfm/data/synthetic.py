@@ -78,7 +78,9 @@ def _background(kind: str, color: torch.Tensor, other: torch.Tensor, ys: torch.T
     return color[:, None, None] * (1 - weight) + other[:, None, None] * weight
 
 
-def _shape_mask(shape: str, ys: torch.Tensor, xs: torch.Tensor, cy: float, cx: float, r: float) -> torch.Tensor:
+def _shape_mask(shape: str, ys: torch.Tensor, xs: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor,
+                r: float) -> torch.Tensor:
+    """Pixels inside the shape; ``cy``, ``cx`` (F, 1, 1) per-frame centres against (H, W) grids."""
     if shape == "circle":
         return ((ys - cy) ** 2 + (xs - cx) ** 2) <= r**2
     if shape == "square":
@@ -86,6 +88,15 @@ def _shape_mask(shape: str, ys: torch.Tensor, xs: torch.Tensor, cy: float, cx: f
     # triangle pointing up: inside the box, below the two slanted edges
     dy = ys - (cy - r)
     return (dy >= 0) & (dy <= 2 * r) & ((xs - cx).abs() <= dy / 2)
+
+
+def _frame_centres(obj: dict, frames: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F, 1, 1) float32 pixel centres of a moving shape, computed in double as a scalar would be."""
+    dy, dx = DIRECTIONS[obj["direction"]]
+    progress = [f / max(frames - 1, 1) for f in range(frames)]
+    cy = [(obj["cy"] + dy * obj["speed"] * p) * h for p in progress]
+    cx = [(obj["cx"] + dx * obj["speed"] * p) * w for p in progress]
+    return torch.tensor(cy).view(-1, 1, 1), torch.tensor(cx).view(-1, 1, 1)
 
 
 class SyntheticVideoDataset:
@@ -118,8 +129,7 @@ class SyntheticVideoDataset:
                 depth=0.3 + 0.7 * rand(),
             ))
         objects.sort(key=lambda o: o["depth"])  # far to near: nearer shapes drawn last
-        pixels, depth = self._render(objects, bg_kind, bg_name, bg_other, frames, "color")
-        source, _ = self._render(objects, bg_kind, bg_name, bg_other, frames, "edit_color")
+        pixels, source, depth = self._render(objects, bg_kind, bg_name, bg_other, frames)
         return Clip(
             pixels=pixels,
             caption=self._caption(objects, bg_kind, bg_name, is_image),
@@ -129,23 +139,27 @@ class SyntheticVideoDataset:
             key=f"synthetic/{cfg.seed}/{index}",
         )
 
-    def _render(self, objects, bg_kind, bg_name, bg_other, frames, color_key):
+    def _render(self, objects: list[dict], bg_kind: str, bg_name: str, bg_other: str,
+                frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pixels, edit source, depth): the shapes' masks are computed once for all frames and
+        both colourings; each pixel shows the nearest shape covering it (objects sorted far to near)."""
         cfg = self.config
         h, w = cfg.height, cfg.width
         ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
         background = _background(bg_kind, torch.tensor(COLORS[bg_name]), torch.tensor(COLORS[bg_other]), ys, xs, max(4.0, w / 8))
-        pixels = background[:, None].repeat(1, frames, 1, 1)
-        depth = torch.full((1, frames, h, w), 0.1)
-        for f in range(frames):
-            progress = f / max(frames - 1, 1)
-            for obj in objects:
-                dy, dx = DIRECTIONS[obj["direction"]]
-                cy = (obj["cy"] + dy * obj["speed"] * progress) * h
-                cx = (obj["cx"] + dx * obj["speed"] * progress) * w
-                inside = _shape_mask(obj["shape"], ys, xs, cy, cx, obj["r"] * min(h, w))
-                pixels[:, f][:, inside] = torch.tensor(COLORS[obj[color_key]])[:, None]
-                depth[0, f][inside] = obj["depth"]
-        return pixels * 2 - 1, depth
+        owner = torch.full((frames, h, w), -1)  # index of the nearest shape on each pixel, -1: background
+        for number, obj in enumerate(objects):
+            cy, cx = _frame_centres(obj, frames, h, w)
+            owner[_shape_mask(obj["shape"], ys, xs, cy, cx, obj["r"] * min(h, w))] = number
+        # One lookup paints everything: 7 channels (RGB, edited RGB, depth) from a table whose
+        # first columns are the shapes' values and the rest the background's, pixel by pixel.
+        shapes = torch.tensor([[*COLORS[o["color"]], *COLORS[o["edit_color"]], o["depth"]] for o in objects]).T
+        ground = torch.cat([background, background, torch.full((1, h, w), 0.1)]).flatten(1)
+        table = torch.cat([shapes, ground], dim=1)
+        table[:6] = table[:6] * 2 - 1  # RGB to [-1, 1]
+        pixel = torch.arange(len(objects), len(objects) + h * w).view(h, w)
+        painted = table.index_select(1, torch.where(owner >= 0, owner, pixel).flatten()).view(7, frames, h, w)
+        return painted[:3], painted[3:6], painted[6:]
 
     @staticmethod
     def _caption(objects, bg_kind, bg_name, is_image) -> str:

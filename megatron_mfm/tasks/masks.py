@@ -6,6 +6,9 @@ import math
 
 import torch
 
+TEST_ELEMENTS = 1 << 22
+"""Pixel-dab distances ``brush_mask`` holds at once (16 MiB of float32)."""
+
 
 def box_mask(height: int, width: int, generator: torch.Generator, max_boxes: int = 3) -> torch.Tensor:
     """1-``max_boxes`` rectangular holes, each 10-50% of each side."""
@@ -20,22 +23,26 @@ def box_mask(height: int, width: int, generator: torch.Generator, max_boxes: int
 
 
 def brush_mask(height: int, width: int, generator: torch.Generator, strokes: int = 4) -> torch.Tensor:
-    """Free-form holes: random walks of thick round brush strokes."""
-    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    mask = torch.ones(height, width)
+    """Free-form holes: random walks of thick round brush strokes (the dabs' centres are drawn
+    first, then every pixel is tested against all of them at once)."""
     radius = max(1.0, 0.06 * min(height, width))
+    dabs = torch.linspace(0, 1, 8).tolist()
+    centres_y, centres_x = [], []
     for _ in range(strokes):
         y = torch.rand(1, generator=generator).item() * height
         x = torch.rand(1, generator=generator).item() * width
         for _ in range(int(torch.randint(3, 8, (1,), generator=generator))):
             angle = torch.rand(1, generator=generator).item() * 2 * math.pi
             length = (0.1 + 0.2 * torch.rand(1, generator=generator).item()) * max(height, width)
-            for step in torch.linspace(0, 1, 8):
-                cy, cx = y + step.item() * length * math.sin(angle), x + step.item() * length * math.cos(angle)
-                mask[(ys - cy) ** 2 + (xs - cx) ** 2 <= radius**2] = 0
+            centres_y += [y + step * length * math.sin(angle) for step in dabs]
+            centres_x += [x + step * length * math.cos(angle) for step in dabs]
             y = min(max(y + length * math.sin(angle), 0), height - 1)
             x = min(max(x + length * math.cos(angle), 0), width - 1)
-    return mask
+    dx2 = (torch.arange(width, dtype=torch.float32)[:, None] - torch.tensor(centres_x)) ** 2  # (W, dabs)
+    rows = torch.arange(height, dtype=torch.float32)[:, None] - torch.tensor(centres_y)  # (H, dabs)
+    chunk = max(1, TEST_ELEMENTS // dx2.numel())  # rows tested at once: bounded memory at any size
+    brushed = torch.cat([(dy[:, None] ** 2 + dx2 <= radius**2).any(dim=-1) for dy in rows.split(chunk)])
+    return (~brushed).float()
 
 
 def border_mask(height: int, width: int, generator: torch.Generator) -> torch.Tensor:
