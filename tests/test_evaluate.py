@@ -48,6 +48,33 @@ def test_colour_statistics_and_frame_difference():
     assert frame_difference(clip[:, :1]) == 0.0
 
 
+def test_batched_generation_is_each_samples_own(single_process_world):
+    """generate_batch (tools/evaluate.py samples a task's clips together) gives each sample the
+    clip generate gives it alone with its seed: same noise, same guidance, per-sample prompts and
+    conditions."""
+    from megatron_mfm.checkpoint.model_state import fill_from_global
+    from megatron_mfm.data.synthetic import SyntheticConfig, SyntheticVideoDataset
+    from megatron_mfm.diffusion.generation import SamplingConfig, generate, generate_batch, task_sample_for
+    from megatron_mfm.encoders.interface import builtin_encoders
+    from megatron_mfm.export.key_map import from_official
+    from megatron_mfm.model import MfMDiT, local_layer_spec
+    from megatron_mfm.model.config import make_config
+    from mfm_cases import make_reference, megatron_config_kwargs
+
+    config = make_config(**megatron_config_kwargs())
+    model = MfMDiT(config, local_layer_spec()).eval()
+    fill_from_global(model, from_official(make_reference(seed=5).state_dict(), config))
+    encoders = builtin_encoders(config.text_hidden_size)
+    dataset = SyntheticVideoDataset(SyntheticConfig(frames=5, height=16, width=32))
+    samples = [task_sample_for(dataset.clip(i, is_image=False), task, seed=i) for i, task in ((3, "i2v"), (4, "vinp"))]
+    sampling = SamplingConfig(steps=2, guidance_scale=3.0, negative_prompt="blurry")
+    batch = generate_batch(model, encoders, samples, sampling, seeds=[11, 12])
+    for row, sample, seed in zip(batch, samples, (11, 12)):
+        alone = generate(model, encoders, sample, SamplingConfig(**{**vars(sampling), "seed": seed}))
+        torch.testing.assert_close(row, alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(batch[0], batch[1], atol=1e-2)
+
+
 def test_evaluate_tiny_checkpoint(tmp_path):
     trained = _run("pretrain_mfm.py", *SMALL, "train.iterations=2", f"checkpoint.save={tmp_path / 'ckpt'}")
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ from megatron_mfm.checkpoint.model_state import build_from_checkpoint
 from megatron_mfm.config import ConfigError, load_config
 from megatron_mfm.data.synthetic import SyntheticConfig, SyntheticVideoDataset
 from megatron_mfm.diffusion.flow_matching import add_noise, per_sample_mse
-from megatron_mfm.diffusion.generation import SCHEDULES, SamplingConfig, generate, task_sample_for
+from megatron_mfm.diffusion.generation import SCHEDULES, SamplingConfig, generate_batch, task_sample_for
 from megatron_mfm.encoders.interface import FrozenEncoders, builtin_encoders
 from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel
 from megatron_mfm.tasks.builders import GENERATION_TASKS, IMAGE_TASKS, TASKS, TaskSample
@@ -103,23 +104,25 @@ def sample_metrics(task: str, sample: TaskSample, generated: torch.Tensor, recon
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, encoders: FrozenEncoders, sample: TaskSample, seed: int,
-                    zero_condition: bool = False) -> float:
-    """Mean velocity MSE at ``VALIDATION_SIGMAS`` with fixed noise (the training objective)."""
+def validation_losses(model: torch.nn.Module, encoders: FrozenEncoders, samples: list[TaskSample], seeds: list[int],
+                      zero_condition: bool = False) -> list[float]:
+    """Per sample, the mean velocity MSE at ``VALIDATION_SIGMAS`` with fixed noise (the training
+    objective), every sample and sigma in one forward."""
     device = next(model.parameters()).device
-    latents = encoders.encode_video(sample.pixels[None].to(device))
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    text, text_mask = encoders.encode_text([sample.prompt], device)
-    condition = sample.condition[None].to(device)
+    latents = encoders.encode_video(torch.stack([s.pixels for s in samples]).to(device))
+    noise = torch.cat([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed))[None]
+                       for seed in seeds]).to(device)
+    text, text_mask = encoders.encode_text([s.prompt for s in samples], device)
+    condition = torch.stack([s.condition for s in samples]).to(device)
     if zero_condition:
         condition = torch.zeros_like(condition)
-    motion = torch.tensor([sample.motion_score], device=device)
-    losses = []
-    for sigma in VALIDATION_SIGMAS:
-        sigmas = torch.tensor([sigma], device=device)
-        noisy, target = add_noise(latents, noise, sigmas)
-        losses.append(per_sample_mse(model(noisy, sigmas * 1000.0, text, text_mask, condition, motion), target))
-    return float(torch.cat(losses).mean())
+    motion = torch.tensor([s.motion_score for s in samples], device=device)
+    sigmas = torch.tensor(VALIDATION_SIGMAS, device=device).repeat_interleave(len(samples))  # sigma-major
+    noisy, target = add_noise(latents.repeat(len(VALIDATION_SIGMAS), 1, 1, 1, 1),
+                              noise.repeat(len(VALIDATION_SIGMAS), 1, 1, 1, 1), sigmas)
+    repeat = lambda t: t.repeat(len(VALIDATION_SIGMAS), *[1] * (t.dim() - 1))  # noqa: E731
+    output = model(noisy, sigmas * 1000.0, repeat(text), repeat(text_mask), repeat(condition), repeat(motion))
+    return per_sample_mse(output, target).view(len(VALIDATION_SIGMAS), -1).mean(dim=0).tolist()
 
 
 def mean_metrics(rows: list[dict]) -> dict:
@@ -128,21 +131,20 @@ def mean_metrics(rows: list[dict]) -> dict:
 
 def evaluate_task(model: torch.nn.Module, encoders: FrozenEncoders, dataset: SyntheticVideoDataset, task: str,
                   count: int, sampling: SamplingConfig) -> tuple[dict, list[torch.Tensor]]:
-    """(mean metrics over ``count`` held-out clips, [condition, sample, truth] of the first)."""
-    rows, sheet = [], []
-    for number in range(count):
-        index = HELD_OUT_START + number
-        sample = task_sample_for(dataset.clip(index, is_image=task in IMAGE_TASKS), task, seed=index)
-        generated = generate(model, encoders, sample, SamplingConfig(**{**vars(sampling), "seed": index})).cpu()
-        reconstructed = encoders.decode_video(encoders.encode_video(sample.pixels[None])).cpu()[0]
-        row = sample_metrics(task, sample, generated, reconstructed)
-        row["loss"] = validation_loss(model, encoders, sample, seed=index)
-        if task not in TEXT_ONLY_TASKS:
-            row["loss_zero_condition"] = validation_loss(model, encoders, sample, seed=index, zero_condition=True)
-        rows.append(row)
-        if not sheet:
-            sheet = [sample.condition[:3], generated, sample.pixels]
-    return mean_metrics(rows), sheet
+    """(mean metrics over ``count`` held-out clips, [condition, sample, truth] of the first); the
+    clips are sampled together, in one batch."""
+    seeds = [HELD_OUT_START + number for number in range(count)]
+    samples = [task_sample_for(dataset.clip(index, is_image=task in IMAGE_TASKS), task, seed=index) for index in seeds]
+    generated = generate_batch(model, encoders, samples, sampling, seeds).float().cpu()
+    truth = torch.stack([sample.pixels for sample in samples])
+    reconstructed = encoders.decode_video(encoders.encode_video(truth)).cpu()
+    rows = [sample_metrics(task, *row) for row in zip(samples, generated, reconstructed)]
+    losses = {"loss": validation_losses(model, encoders, samples, seeds)}
+    if task not in TEXT_ONLY_TASKS:
+        losses["loss_zero_condition"] = validation_losses(model, encoders, samples, seeds, zero_condition=True)
+    for number, row in enumerate(rows):
+        row.update({key: values[number] for key, values in losses.items()})
+    return mean_metrics(rows), [samples[0].condition[:3], generated[0], samples[0].pixels]
 
 
 def labelled_sheet(rows: dict[str, list[torch.Tensor]]) -> np.ndarray:
@@ -157,6 +159,20 @@ def labelled_sheet(rows: dict[str, list[torch.Tensor]]) -> np.ndarray:
         blocks.append(np.concatenate([np.asarray(label), block], axis=1))
     width = max(b.shape[1] for b in blocks)
     return np.concatenate([np.pad(b, ((0, 2), (0, width - b.shape[1]), (0, 0))) for b in blocks], axis=0)
+
+
+class Bf16Autocast(torch.nn.Module):
+    """The model's forward under bf16 autocast, its output in fp32: on a GPU the fused attention
+    kernels take the masked text attention (fp32 can leave it to the slow math kernel); the
+    codec and the Euler steps stay fp32."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: torch.Tensor | None) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return self.model(*args).float()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -206,17 +222,22 @@ def main(argv: list[str] | None = None) -> dict:
         encoders = builtin_encoders(model.config.text_hidden_size)
         dataset = SyntheticVideoDataset(data)
         results, sheets = {}, {}
+        start = time.perf_counter()
+        if device.type == "cuda":  # fp32 on the CPU
+            model = Bf16Autocast(model)
         for task in args.tasks:
             results[task], sheets[task] = evaluate_task(model, encoders, dataset, task, args.samples, sampling)
             print(f"{task}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[task].items()), flush=True)
+        seconds = time.perf_counter() - start
     finally:
         destroy_parallel()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(args.load), "weights": args.weights, "samples_per_task": args.samples,
-              "sampling": vars(sampling), "validation_sigmas": list(VALIDATION_SIGMAS), "tasks": results}
+              "device": str(device), "seconds": round(seconds, 1), "sampling": vars(sampling), "validation_sigmas": list(VALIDATION_SIGMAS), "tasks": results}
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     write_png(out / "contact_sheet.png", labelled_sheet(sheets))
+    print(f"evaluated {len(args.tasks)} tasks x {args.samples} samples in {seconds:.1f} s on {device}")
     print(f"wrote {out / 'metrics.json'} and {out / 'contact_sheet.png'} (per task: condition, sample, truth)")
     return report
 

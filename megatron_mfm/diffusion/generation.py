@@ -96,16 +96,37 @@ def generate(model: torch.nn.Module, encoders: FrozenEncoders, sample: TaskSampl
     ``progress`` is called after every step.
     """
     device = next(model.parameters()).device
-    frames, height, width = sample.pixels.shape[1:]
     generator = generator or torch.Generator(device).manual_seed(config.seed)
-    noise = torch.randn((1, *latent_shape(frames, height, width)), generator=generator, device=device, dtype=dtype)
-    text_c, mask_c = encoders.encode_text([sample.prompt], device)
-    text_u, mask_u = encoders.encode_text([config.negative_prompt], device)
-    condition = encoders.with_estimated_depth(sample.condition.to(device), sample.pixels.to(device),
-                                              sample.depth_to_estimate)[None].to(dtype)
+    noise = torch.randn((1, *latent_shape(*sample.pixels.shape[1:])), generator=generator, device=device, dtype=dtype)
+    return _guided_sample(model, encoders, [sample], noise, config, progress)[0]
+
+
+@torch.no_grad()
+def generate_batch(model: torch.nn.Module, encoders: FrozenEncoders, samples: list[TaskSample],
+                   config: SamplingConfig, seeds: list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``generate`` for task samples of one shape at once, (B, 3, F, H, W): sample ``i``'s noise is
+    the one ``generate`` draws with ``config.seed = seeds[i]``, so each row is that sample's clip
+    (up to the rounding of a batched forward)."""
+    device = next(model.parameters()).device
+    shape = (1, *latent_shape(*samples[0].pixels.shape[1:]))
+    noise = torch.cat([torch.randn(shape, generator=torch.Generator(device).manual_seed(seed), device=device,
+                                   dtype=dtype) for seed in seeds])
+    return _guided_sample(model, encoders, samples, noise, config)
+
+
+def _guided_sample(model: torch.nn.Module, encoders: FrozenEncoders, samples: list[TaskSample],
+                   noise: torch.Tensor, config: SamplingConfig,
+                   progress: Callable[[], None] | None = None) -> torch.Tensor:
+    """Guided Euler from ``noise`` (B, ...) in its dtype for ``samples``, decoded: (B, 3, F, H, W)."""
+    device, dtype = noise.device, noise.dtype
+    text_c, mask_c = encoders.encode_text([sample.prompt for sample in samples], device)
+    text_u, mask_u = encoders.encode_text([config.negative_prompt] * len(samples), device)
+    condition = torch.stack([
+        encoders.with_estimated_depth(s.condition.to(device), s.pixels.to(device), s.depth_to_estimate)
+        for s in samples]).to(dtype)
     uncond_condition = condition.clone()
     uncond_condition[:, 3] = 0
-    motion = torch.tensor([sample.motion_score], device=device)
+    motion = torch.tensor([sample.motion_score for sample in samples], device=device)
 
     def velocity(x: torch.Tensor, t: torch.Tensor, conditional: bool) -> torch.Tensor:
         text, mask, cond = (text_c, mask_c, condition) if conditional else (text_u, mask_u, uncond_condition)
@@ -113,7 +134,7 @@ def generate(model: torch.nn.Module, encoders: FrozenEncoders, sample: TaskSampl
 
     sigmas, timesteps = config.sigmas_and_timesteps()
     latents = euler_sample(velocity, noise, sigmas, config.guidance_scale, timesteps, progress)
-    return encoders.decode_video(latents)[0]
+    return encoders.decode_video(latents)
 
 
 def task_sample_for(clip: Clip, task: str, seed: int = 0) -> TaskSample:
