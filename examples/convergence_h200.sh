@@ -2,8 +2,12 @@
 # Train examples/convergence.yaml from scratch on one GPU for TRAIN_SECONDS (SIGTERM then saves
 # and stops), evaluate every task on held-out clips, and leave in $OUT (default outputs/convergence):
 #   metrics.jsonl (loss curve), train.log, eval/metrics.json, eval/contact_sheet.png
+# The whole script ends within TRAIN_SECONDS + 60 s (the evaluation gets what is left of that).
 # Checkpoints go to $WORK (default /tmp/mfm_convergence), not $OUT.
 #   OUT=/path bash examples/convergence_h200.sh [section.field=value ...]
+# Two variants on two GPUs at once: VARIANT_B="optimizer.lr=1e-3 ..." trains the recipe with the
+# arguments on GPU 0 into $OUT and with the arguments plus VARIANT_B on GPU 1 into $OUT/variant_b
+# (each takes half of data.synthetic.workers' default unless an argument sets it).
 # CPU smoke test (a minute or two):
 #   EVAL_ARGS="--samples 1 --steps 2" bash examples/convergence_h200.sh model.preset=tiny train.iterations=5 \
 #     train.micro_batch_size=2 train.global_batch_size=2 train.precision=fp32 data.synthetic.workers=1
@@ -17,24 +21,37 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -z "${MODEL_BACKEND:-}" ]; then  # Transformer Engine if importable, else the local layers
   "$PY" -c "import transformer_engine.pytorch" 2>/dev/null && MODEL_BACKEND=te || MODEL_BACKEND=local
 fi
-rm -rf "$WORK" && mkdir -p "$OUT" "$WORK"
 start=$(date +%s)
-status=0
-timeout --signal=TERM --kill-after=120 "$TRAIN_SECONDS" "$PY" pretrain_mfm.py --config examples/convergence.yaml \
-  model.backend="$MODEL_BACKEND" checkpoint.save="$WORK/checkpoints" logging.metrics_file="$OUT/metrics.jsonl" \
-  "$@" > "$OUT/train.log" 2>&1 || status=$?
-if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then  # 124: the time budget stopped it (and it saved)
-  tail -n 30 "$OUT/train.log"; exit "$status"
+deadline=$(( start + TRAIN_SECONDS + 60 ))
+
+# run OUT WORK [overrides...]: train for TRAIN_SECONDS, evaluate in what is left before the deadline
+run() {
+  local out=$1 work=$2 status=0
+  shift 2
+  rm -rf "$work" && mkdir -p "$out" "$work"
+  timeout --signal=TERM --kill-after=20 "$TRAIN_SECONDS" "$PY" pretrain_mfm.py --config examples/convergence.yaml \
+    model.backend="$MODEL_BACKEND" checkpoint.save="$work/checkpoints" logging.metrics_file="$out/metrics.jsonl" \
+    "$@" > "$out/train.log" 2>&1 || status=$?
+  if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then  # 124: the time budget stopped it (and it saved)
+    tail -n 30 "$out/train.log"; return "$status"
+  fi
+  echo "$out: trained $(( $(date +%s) - start )) s"
+  # shellcheck disable=SC2086  # EVAL_ARGS is a list of flags
+  timeout --kill-after=5 $(( deadline - $(date +%s) - 2 )) "$PY" -m tools.evaluate --load "$work/checkpoints" \
+    --config examples/convergence.yaml --samples 6 --output "$out/eval" ${EVAL_ARGS:-} > "$out/eval.log" 2>&1 \
+    || { echo "$out: evaluation failed or ran past the deadline:"; tail -n 5 "$out/eval.log"; }
+  "$PY" -m tools.summarize_run "$out/metrics.jsonl"
+}
+
+if [ -n "${VARIANT_B:-}" ]; then
+  half=$(( $("$PY" -c "from megatron_mfm.config import load_config as c; print(c('examples/convergence.yaml').data.synthetic.workers)") / 2 ))
+  # shellcheck disable=SC2086  # VARIANT_B is a list of overrides
+  CUDA_VISIBLE_DEVICES=1 run "$OUT/variant_b" "$WORK/variant_b" data.synthetic.workers="$half" "$@" $VARIANT_B &
+  variant_b=$!
+  CUDA_VISIBLE_DEVICES=0 run "$OUT" "$WORK/a" data.synthetic.workers="$half" "$@"
+  wait "$variant_b"
+else
+  run "$OUT" "$WORK" "$@"
 fi
-trained=$(( $(date +%s) - start ))
-# shellcheck disable=SC2086  # EVAL_ARGS is a list of flags
-"$PY" -m tools.evaluate --load "$WORK/checkpoints" --config examples/convergence.yaml --samples 6 \
-  --output "$OUT/eval" ${EVAL_ARGS:-} | tee "$OUT/eval.log"
-"$PY" - "$OUT/metrics.jsonl" <<'PY'
-import json, sys
-rows = [r for r in map(json.loads, open(sys.argv[1])) if "loss" in r]  # training records (not checkpoint ones)
-first, last = rows[0], rows[-1]
-print(f"loss: iteration {first['iteration']} {first['loss']:.4f} -> iteration {last['iteration']} {last['loss']:.4f}, "
-      f"{last['elapsed time per iteration (ms)']:.0f} ms/iteration at the end")
-PY
-echo "trained ${trained}s, total $(( $(date +%s) - start ))s; results in $OUT"
+cat "$OUT/eval.log" ${VARIANT_B:+"$OUT/variant_b/eval.log"} 2>/dev/null | grep -E "^(evaluated|i2v|t2v|iinp|isr|icolor):" || true
+echo "total $(( $(date +%s) - start )) s; results in $OUT"

@@ -17,12 +17,7 @@ ckpt="$OUT/checkpoints/$(cat "$OUT/checkpoints/latest")"
   --schedule scheduler --shift 1.5 --frames 9 --height 64 --width 64 --negative-prompt ""  # the demo's clip size
 # Per-task metrics on held-out clips of the demo's data (given-frame PSNR of i2v, colours of t2v)
 "$PY" -m tools.evaluate --load "$ckpt" --config examples/tiny_cpu.yaml --tasks t2v i2v --samples 2 --output "$OUT/eval"
-"$PY" - "$OUT/metrics.jsonl" <<'PY'
-import json, sys
-rows = [r for r in map(json.loads, open(sys.argv[1])) if "loss" in r]  # training records (not checkpoint ones)
-first, last = rows[0], rows[-1]
-print(f"loss: iteration {first['iteration']} {first['loss']:.4f} -> iteration {last['iteration']} {last['loss']:.4f}")
-PY
+"$PY" -m tools.summarize_run "$OUT/metrics.jsonl"
 cat <<TXT
 
 demo finished in $(( $(date +%s) - start )) s

@@ -128,7 +128,7 @@ def make_config(**fields: Any) -> MfMConfig:
 
 
 def preset_config(name: str, **overrides: Any) -> MfMConfig:
-    """One of ``tiny``, ``mfm-2b``, ``mfm-8b``, with megatron overrides (parallelism, dtype...)."""
+    """One of ``tiny``, ``small``, ``mfm-2b``, ``mfm-8b``, with megatron overrides (parallelism, dtype...)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     return make_config(**{**PRESETS[name], **overrides})
