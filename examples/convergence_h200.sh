@@ -53,5 +53,5 @@ if [ -n "${VARIANT_B:-}" ]; then
 else
   run "$OUT" "$WORK" "$@"
 fi
-cat "$OUT/eval.log" ${VARIANT_B:+"$OUT/variant_b/eval.log"} 2>/dev/null | grep -E "^(evaluated|i2v|t2v|iinp|isr|icolor):" || true
+cat "$OUT/eval.log" ${VARIANT_B:+"$OUT/variant_b/eval.log"} 2>/dev/null | grep -E "^(evaluated |(i2v|t2v|iinp|isr|icolor):)" || true
 echo "total $(( $(date +%s) - start )) s; results in $OUT"
