@@ -76,3 +76,29 @@ def test_16_bit_moments_are_refused_on_the_cpu_before_any_model():
                                     "parallel.distributed_optimizer=true"])
     with pytest.raises(ConfigError, match=r"optimizer.moments_dtype=bf16 needs (Transformer Engine|a GPU)"):
         check_machine(config)
+
+
+def test_resumed_remainders_reach_fused_adam_as_int16():
+    """megatron-core 0.16.1 reads the int16 master-weight remainders back through fp32 buffers and
+    Transformer Engine's FusedAdam asserts int16 (a resume failed so on an H200): they arrive as
+    int16 again, exactly, and the other states as they were."""
+    from types import SimpleNamespace
+
+    from megatron_mfm.training.precision_aware import load_remainders_as_int16
+
+    received = []
+
+    class FusedAdamInterface:  # the two members of TE's FusedAdam that the fix relies on
+        store_param_remainders = True
+
+        def set_scaled_state(self, param, state_name, unscaled_state):
+            received.append(unscaled_state)
+
+    distributed = SimpleNamespace(optimizer=FusedAdamInterface())
+    load_remainders_as_int16(SimpleNamespace(chained_optimizers=[distributed]))
+    param = torch.zeros(3, dtype=torch.bfloat16)
+    remainders = torch.tensor([-17812, 19253, 32767], dtype=torch.int16)
+    distributed.optimizer.set_scaled_state(param, "master_param", remainders.float())
+    distributed.optimizer.set_scaled_state(param, "exp_avg", torch.ones(3))
+    assert received[0].dtype == torch.int16 and torch.equal(received[0], remainders)
+    assert received[1].dtype == torch.float32

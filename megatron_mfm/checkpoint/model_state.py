@@ -18,7 +18,8 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from tqdm import tqdm
 
 from megatron_mfm.checkpoint.layout import (
@@ -33,6 +34,9 @@ from megatron_mfm.checkpoint.verify import verify_checkpoint
 from megatron_mfm.export.key_map import groups_from_official, groups_from_ours
 from megatron_mfm.model.config import MfMConfig, architecture_of, make_config
 from megatron_mfm.model.dit import MfMDiT
+
+
+EXTRA_STATE = "_extra_state"
 
 
 def _sharded_tensors(model: MfMDiT) -> dict[str, ShardedTensor]:
@@ -104,10 +108,19 @@ def load_model(model: MfMDiT, path: str | Path) -> None:
         raise CheckpointError(f"{path} is not a complete dist checkpoint (no metadata.json)")
     verify_checkpoint(path)
     check_shapes(model, path)
-    request = model.sharded_state_dict()
+    request = _saved_extra_states_only(model.sharded_state_dict(), path)
     loaded = dist_checkpointing.load(request, str(path))
     # A training checkpoint also returns its common (non-tensor) state: keep the model's part.
     model.load_state_dict(to_local_keys(model, {k: v for k, v in loaded.items() if k in request}))
+
+
+def _saved_extra_states_only(request: dict, path: Path) -> dict:
+    """``request`` without the modules' extra states (FP8 metadata, not weights) that the
+    checkpoint lacks: one trained with another core attention (FA4 has none, TE's has one) loads
+    into this model (an H200 evaluation failed so). The weights stay strict (``check_shapes``)."""
+    saved = load_sharded_metadata(str(path))
+    return {name: sh for name, sh in request.items()
+            if not (isinstance(sh, ShardedObject) and sh.key.endswith(EXTRA_STATE) and sh.key not in saved)}
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ from megatron_mfm.tasks.mixture import TaskMixture
 from megatron_mfm.checkpoint.training_state import Checkpointer, TrainingState
 from megatron_mfm.training.ema import EMA
 from megatron_mfm.training.flops import gpu_peak_tflops, training_flops
-from megatron_mfm.training.precision_aware import check_fused_adam, precision_aware_options
+from megatron_mfm.training.precision_aware import check_fused_adam, load_remainders_as_int16, precision_aware_options
 from megatron_mfm.training.logger import MetricsLogger
 from megatron_mfm.training.observability import (IntervalMeter, ProfileWindow, StepResult, memory_gb, phase,
                                                  rank_spread)
@@ -152,6 +152,7 @@ def build_optimizer(config: RunConfig, model_config: MfMConfig,
         ),
         ddp,
     )
+    load_remainders_as_int16(optimizer)
     gbs, iterations = config.train.global_batch_size, config.train.iterations
     warmup = opt.warmup_iterations * gbs
     scheduler = OptimizerParamScheduler(

@@ -46,3 +46,21 @@ def check_fused_adam(optimizer: OptimizerConfig) -> None:
     except (TypeError, RuntimeError) as error:
         raise ConfigError(f"{field}: this Transformer Engine's FusedAdam refuses it ({error}); upgrade "
                           "transformer-engine or set optimizer.moments_dtype=fp32") from None
+
+
+def load_remainders_as_int16(optimizer) -> None:
+    """Resume fix: megatron-core 0.16.1 reads a checkpoint's master-weight remainders (int16)
+    into fp32 buffers and hands them to FusedAdam, which asserts int16 (an H200 run, 2026-11-30).
+    The values are exact integers, so each FusedAdam of ``optimizer`` casts them back."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        fused = getattr(inner, "optimizer", None)
+        if not getattr(fused, "store_param_remainders", False):
+            continue
+        set_scaled_state = fused.set_scaled_state
+
+        def set_as_int16(param, state_name, unscaled_state, set_state=set_scaled_state):
+            if state_name == "master_param" and param.dtype == torch.bfloat16:
+                unscaled_state = unscaled_state.to(torch.int16)
+            set_state(param, state_name, unscaled_state)
+
+        fused.set_scaled_state = set_as_int16

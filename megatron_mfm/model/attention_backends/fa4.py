@@ -77,8 +77,9 @@ class FA4CoreAttention(torch.nn.Module):
         fa4 = _interface()
         if isinstance(key_padding_mask, Segments):  # a packed sequence: one varlen call, batch 1
             segments = key_padding_mask
-            out, _ = fa4.flash_attn_varlen_func(query[:, 0], key[:, 0], value[:, 0], segments.cu_seqlens,
-                                                segments.cu_seqlens, segments.max_seqlen, segments.max_seqlen)
+            out, _ = fa4.flash_attn_varlen_func(  # keywords: the fourth positional parameter is qv
+                query[:, 0], key[:, 0], value[:, 0], cu_seqlens_q=segments.cu_seqlens,
+                cu_seqlens_k=segments.cu_seqlens, max_seqlen_q=segments.max_seqlen, max_seqlen_k=segments.max_seqlen)
             return out.flatten(1)[:, None]
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # (B, S, heads, D)
         if key_padding_mask is None:
