@@ -43,7 +43,7 @@ from megatron_mfm.checkpoint.verify import read_common, read_dcp_metadata, verif
 from megatron_mfm.config import ConfigError
 from megatron_mfm.model.config import architecture_of
 from megatron_mfm.model.dit import ModelChunks
-from megatron_mfm.parallel.mcore_version import load_dist_checkpoint
+from megatron_mfm.parallel.mcore_version import load_dist_checkpoint, save_dist_checkpoint
 from megatron_mfm.utils.atomic import fsync_dir, fsync_tree, is_disk_full
 
 
@@ -173,7 +173,7 @@ class Checkpointer:
             self.finished.append(SaveReport(iteration, returned[0] if returned else total, total, size))
 
         try:
-            request = dist_checkpointing.save(state, str(tmp), async_sharded_save=self.async_save)
+            request = save_dist_checkpoint(state, tmp, self.async_save)
         except Exception as error:  # megatron raises the write failures on every rank
             _agree(error, final, tmp)
         if self.async_save:

@@ -15,15 +15,23 @@ from packaging.version import Version
 SUPPORTED_MEGATRON_CORE = ("0.16.1", "0.19.2")
 MEGATRON_CORE = Version(megatron.core.__version__)
 
-COMMON_STATE_IN_SHARDS = MEGATRON_CORE >= Version("0.19")
+AT_LEAST_0_19 = MEGATRON_CORE >= Version("0.19")
 """From 0.19 dist checkpoints keep their non-sharded state in the shards ("common_state"), not in
-``common.pt``; 0.19 reads both, 0.16's own loader only ``common.pt``."""
+``common.pt`` (0.19 reads both, 0.16's own loader only ``common.pt``), and async saves default to
+NVIDIA Resiliency Extension's writer."""
+
+
+def save_dist_checkpoint(sharded_state_dict: dict, path: str | Path, async_save: bool):
+    """``dist_checkpointing.save``; an async save returns the request that megatron's
+    ``AsyncCallsQueue`` runs (0.19 defaults to NVIDIA Resiliency Extension's writer instead)."""
+    options = {"async_strategy": "mcore"} if AT_LEAST_0_19 and async_save else {}
+    return dist_checkpointing.save(sharded_state_dict, str(path), async_sharded_save=async_save, **options)
 
 
 def load_dist_checkpoint(sharded_state_dict: dict, path: str | Path, **kwargs) -> dict:
     """``dist_checkpointing.load`` that reads checkpoints written by either version: under 0.16 the
     common state comes through our reader, which knows both layouts."""
-    if COMMON_STATE_IN_SHARDS:
+    if AT_LEAST_0_19:
         return dist_checkpointing.load(sharded_state_dict, str(path), **kwargs)
     return dist_checkpointing.load(sharded_state_dict, str(path), common_strategy=_common_reader(), **kwargs)
 
