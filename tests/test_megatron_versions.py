@@ -1,6 +1,6 @@
 """Checkpoints cross megatron-core versions: saved under one (DP2, distributed optimizer), resumed
 under the other, the losses continue as one uninterrupted run. Opt-in: MFM_OTHER_MEGATRON_CORE is
-a PYTHONPATH holding another megatron-core (docs/DEVELOPMENT.md: the 0.19.2 wheel on Python 3.11)."""
+a PYTHONPATH holding another megatron-core (README: the 0.19.2 wheel on Python 3.11)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # megatron-core 0.19.2 against 0.16.1 on one H200 in one call (about 5 min; DEADLINE=290 s by
 # default), on a machine with TE, flash-attn-4 and megatron-core 0.16.1 installed (Python 3.12)
-# and the 0.19.2 wheel carried in .gpu/mcore19/ (docs/DEVELOPMENT.md: how to fetch it):
+# and the 0.19.2 wheel carried in .gpu/mcore19/ (its only dependencies, torch, numpy and packaging,
+# are there already; 2.4 MB), fetched on a machine with a registry:
+#   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux_2_28_x86_64 megatron-core==0.19.2 -d .gpu/mcore19
 #   bash benchmarks/gpu/mcore19.sh
 # Parts, each under its own time limit (benchmarks/gpu/parts.sh):
 # 1 the GPU tests of TE, optimizer memory and FA4 under 0.19.2
@@ -14,7 +17,7 @@ OUT=${OUT:-/tmp/out}; WORK=${WORK:-/tmp/mcore19}; mkdir -p "$OUT" "$WORK"
 LOG=$OUT/mcore19.log; DEADLINE=${DEADLINE:-290}
 source "$(dirname "$0")/parts.sh"
 WHEEL=$(ls .gpu/mcore19/megatron_core-0.19.2-*.whl 2>/dev/null | head -1)
-[ -n "$WHEEL" ] || { echo "no megatron_core-0.19.2 wheel in .gpu/mcore19/ (see docs/DEVELOPMENT.md)"; exit 2; }
+[ -n "$WHEEL" ] || { echo "no megatron_core-0.19.2 wheel in .gpu/mcore19/ (the pip download above)"; exit 2; }
 install_checkout
 python3 -m pip install -q --no-deps --no-index --target "$WORK/site" "$WHEEL" >> "$LOG" 2>&1
 NEW=(env PYTHONPATH="$WORK/site:$PYTHONPATH")
