@@ -25,7 +25,8 @@ def row_arguments(row: dict) -> list[str]:
     arguments = ["--layouts", row["layout"], "--presets", row["preset"], "--frames", str(row["frames"]),
                  "--height", str(row["height"]), "--width", str(row["width"]), "--recompute", row["recompute"],
                  "--glue", row["glue"], "--attention-backend", row["attention_backend"],
-                 "--precision", row["precision"], "--optimizer-state", row["optimizer_state"]]
+                 "--precision", row["precision"], "--optimizer-state", row["optimizer_state"],
+                 "--cuda-graph", row["cuda_graph"]]
     return arguments + (["--fp8-recipe", row["fp8_recipe"]] if row["fp8_recipe"] else [])
 
 

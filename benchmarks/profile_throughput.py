@@ -31,7 +31,9 @@ github leeruibin/MfM at each row's shape with its best settings (``benchmarks/of
 and gives every row ``speedup_vs_official`` and both peak memories: the headline comparison.
 --attention-backend sweeps the core attention (auto, fa4, cudnn, sdpa); --recompute auto picks the
 recomputed blocks from measured memory (the row's ``recompute_decision``), mlp_act recomputes only
-the MLP's GELU output; --optimizer-state bf16 keeps bf16 gradient buffers and bf16 Adam moments
+the MLP's GELU output; --cuda-graph full_iteration captures the forward and backward of the step
+(megatron's FullCudaGraphWrapper; the optimizer step stays eager) after one eager step and replays
+it; --optimizer-state bf16 keeps bf16 gradient buffers and bf16 Adam moments
 (the distributed optimizer, Transformer Engine's FusedAdam). --isolate-rows runs every row, and
 the official step, in a process of its own (``benchmarks/isolated_rows.py``): each row's peak
 memory is then its own, not raised by what earlier rows left cached.
@@ -69,6 +71,7 @@ from megatron_mfm.utils.warnings_filter import quiet_known_warnings
 
 quiet_known_warnings()
 
+import megatron.core
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -220,19 +223,24 @@ def profile_one(args, layout: Layout, what: dict) -> tuple[dict, PlainCase | Non
         return model(**next(data_iterator)), lambda output: velocity_loss(output, target)
 
     losses = []
+    forward_backward = get_forward_backward_func()
+    if what["cuda_graph"] == "full_iteration":
+        forward_backward = full_iteration_graph(forward_backward)
+        batch["text_mask"] = None  # all ones, which the model drops anyway, but only after a host sync
 
     def step():
         for chunk in ddp:
             chunk.zero_grad_buffer()
         trainer.optimizer.zero_grad()
-        reported = get_forward_backward_func()(
+        reported = forward_backward(
             forward_step_func=forward_step, data_iterator=iter([batch]), model=ddp, num_microbatches=1,
             seq_length=trainer.model[0].pipeline_seq_length(token_grid(latent, config.patch_size)),
             micro_batch_size=args.micro_batch_size, forward_only=False,
         )
         trainer.optimizer.step()
         after_optimizer_step(trainer.model)
-        losses.append(reported[0]["loss"] if reported else torch.zeros((), device=trainer.device))
+        # a copy: a replayed graph rewrites its output in place
+        losses.append(reported[0]["loss"].clone() if reported else torch.zeros((), device=trainer.device))
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -259,9 +267,22 @@ def profile_one(args, layout: Layout, what: dict) -> tuple[dict, PlainCase | Non
         "peak_memory_gib": peak_memory, "roofline_s": roofline, "roofline_ratio": seconds / roofline,
         "losses": step_losses,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "megatron_core": megatron.core.__version__,
         **breakdown,
     }
     return row, plain
+
+
+def full_iteration_graph(forward_backward):
+    """megatron's full-iteration CUDA graph around ``forward_backward``: eager on the first call,
+    captured on the second, replayed after. Its graphs and input buffers live on the class; they
+    are cleared so that each row captures its own."""
+    from megatron.core.full_cuda_graph import FullCudaGraphWrapper, StaticBufferLoader
+
+    FullCudaGraphWrapper.curr_iteration = {"training": 0, "validation": 0}
+    FullCudaGraphWrapper.cuda_graph = {"training": None, "validation": None}
+    StaticBufferLoader.static_buffers = {"training": [], "validation": []}
+    return FullCudaGraphWrapper(forward_backward, cuda_graph_warmup_steps=1)
 
 
 def core_attention_name(model: torch.nn.Module) -> str | None:
@@ -276,7 +297,7 @@ def recompute_decision(model: torch.nn.Module) -> dict:
 
 
 TABLE = ("layout", "dp", "preset", "tokens", "recompute", "glue", "attention_backend", "precision", "optimizer_state",
-         "step_s",
+         "cuda_graph", "step_s",
          "tokens_per_s", "samples_per_s", "tflops_per_gpu", "mfu", "peak_memory_gib", "roofline_ratio")
 PLAIN_TABLE = ("plain_step_s", "plain_mfu", "speedup_vs_plain")
 OFFICIAL_TABLE = ("official_step_s", "official_peak_memory_gib", "speedup_vs_official")
@@ -352,6 +373,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(model.compile_glue)")
     parser.add_argument("--attention-backend", nargs="+", default=["auto"], choices=ATTENTION_BACKENDS,
                         help="core attentions to sweep (model.attention_backend)")
+    parser.add_argument("--cuda-graph", nargs="+", default=["none"], choices=["none", "full_iteration"],
+                        help="full_iteration: megatron's full-iteration CUDA graph over forward and backward "
+                             "(one GPU process, no pipeline parallelism)")
     parser.add_argument("--kernel-breakdown", action="store_true",
                         help="profile one more step per row: kernel time per category and the top kernels")
     parser.add_argument("--set", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
@@ -387,6 +411,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not torch.cuda.is_available() or not transformer_engine_available() or args.backend == "local":
             parser.error("--precision fp8 needs Transformer Engine layers on a GPU (--backend te or auto on a GPU "
                          "with transformer_engine installed)")
+    if "full_iteration" in args.cuda_graph and not torch.cuda.is_available():
+        parser.error("--cuda-graph full_iteration captures CUDA graphs: it needs a GPU")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.compare_plain and world != 1:
         parser.error(f"--compare-plain runs the plain model in one process; launch without torchrun "
@@ -417,11 +443,12 @@ def sweep_rows(args) -> list[tuple[Layout, dict]]:
     """Every configuration of the launch in order: its layout and the columns that name its row."""
     precisions = [(p, recipe) for p in args.precision for recipe in (args.fp8_recipe if p == "fp8" else [None])]
     product = itertools.product(args.layouts, args.presets, args.frames, list(zip(args.height, args.width)),
-                                args.recompute, args.glue, args.attention_backend, precisions, args.optimizer_state)
+                                args.recompute, args.glue, args.attention_backend, precisions, args.optimizer_state,
+                                args.cuda_graph)
     return [(layout, {"layout": layout.name, "preset": preset, "frames": frames, "height": height, "width": width,
                       "recompute": recompute, "glue": glue, "attention_backend": attention, "precision": precision,
-                      "fp8_recipe": recipe, "optimizer_state": state})
-            for layout, preset, frames, (height, width), recompute, glue, attention, (precision, recipe), state
+                      "fp8_recipe": recipe, "optimizer_state": state, "cuda_graph": graph})
+            for layout, preset, frames, (height, width), recompute, glue, attention, (precision, recipe), state, graph
             in product]
 
 

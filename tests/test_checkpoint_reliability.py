@@ -102,9 +102,11 @@ def test_crafted_common_state_runs_no_code(trained, copy, tmp_path, monkeypatch)
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("damaged", ["__0_1.distcp", COMMON_FILE, DCP_METADATA_FILE])
+@pytest.mark.parametrize("damaged", ["last shard", COMMON_FILE, DCP_METADATA_FILE])
 def test_truncated_file_is_named(copy, damaged):
-    file = copy / damaged
+    file = max(copy.glob("*.distcp")) if damaged == "last shard" else copy / damaged
+    if not file.exists():
+        pytest.skip(f"no {damaged}: megatron-core 0.19 keeps the common state in the shards")
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=rf"{file}: (truncated|corrupt)"):
         build_from_checkpoint(copy)

@@ -25,6 +25,13 @@ def test_cuda_tensors_land_on_cpu(single_process_world):
     assert torch.ones(2).type(torch.float64).dtype == torch.float64  # conversions still work
 
 
+def test_current_stream_orders_nothing(single_process_world):
+    """megatron-core 0.19 waits on the current stream before every gradient reduction."""
+    stream = torch.cuda.current_stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    stream.wait_event(None)
+
+
 def test_rng_tracker_forks_reproducible_cpu_streams(single_process_world):
     tensor_parallel.model_parallel_cuda_manual_seed(99)
     tracker = tensor_parallel.get_cuda_rng_tracker()

@@ -109,7 +109,9 @@ def test_compiled_glue_rows_and_kernel_breakdown(tmp_path):
     (["--fp8-recipe", "just-in-time"], "--fp8-recipe"),
     (["--recompute", "half"], "'half': choose none, full, selective, mlp_act, auto or first<N>"),
     (["--compare-plain", "--plain-sdpa-backends", "fastest"], "--plain-sdpa-backends"),
-], ids=["fp8-on-cpu", "bad-layout", "layout-too-big", "bad-fp8-recipe", "bad-recompute", "bad-sdpa-backend"])
+    (["--cuda-graph", "full_iteration"], "--cuda-graph full_iteration captures CUDA graphs: it needs a GPU"),
+], ids=["fp8-on-cpu", "bad-layout", "layout-too-big", "bad-fp8-recipe", "bad-recompute", "bad-sdpa-backend",
+        "graph-on-cpu"])
 def test_bad_arguments_name_the_flag(argv, message, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(SystemExit):

@@ -35,6 +35,7 @@ from megatron_mfm.checkpoint.layout import (
 )
 from megatron_mfm.checkpoint.verify import read_common, verify_checkpoint
 from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel
+from megatron_mfm.parallel.mcore_version import load_dist_checkpoint
 
 
 def resolve(path: str) -> Path:
@@ -66,7 +67,7 @@ def tensors(path: Path, everything: bool) -> dict[str, torch.Tensor]:
     """The model's whole tensors, with ``everything`` also the optimizer's and the EMA's."""
     saved = dist_checkpointing.load_tensors_metadata(str(path))
     wanted = {k: sh for k, sh in saved.items() if everything or not k.startswith(TRAINING_STATE_PREFIXES)}
-    loaded = dist_checkpointing.load(wanted, str(path), validate_access_integrity=False)
+    loaded = load_dist_checkpoint(wanted, path, validate_access_integrity=False)
     return {k: v for k, v in loaded.items() if k in wanted}  # load() adds the common state
 
 

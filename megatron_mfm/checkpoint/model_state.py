@@ -34,6 +34,7 @@ from megatron_mfm.checkpoint.verify import verify_checkpoint
 from megatron_mfm.export.key_map import groups_from_official, groups_from_ours
 from megatron_mfm.model.config import MfMConfig, architecture_of, make_config
 from megatron_mfm.model.dit import MfMDiT
+from megatron_mfm.parallel.mcore_version import load_dist_checkpoint
 
 
 EXTRA_STATE = "_extra_state"
@@ -109,7 +110,7 @@ def load_model(model: MfMDiT, path: str | Path) -> None:
     verify_checkpoint(path)
     check_shapes(model, path)
     request = _saved_extra_states_only(model.sharded_state_dict(), path)
-    loaded = dist_checkpointing.load(request, str(path))
+    loaded = load_dist_checkpoint(request, path)
     # A training checkpoint also returns its common (non-tensor) state: keep the model's part.
     model.load_state_dict(to_local_keys(model, {k: v for k, v in loaded.items() if k in request}))
 
@@ -134,7 +135,7 @@ def load_ema_weights(model: MfMDiT, path: str | Path) -> None:
     missing = [key for key in request if key not in saved]
     if missing:
         raise KeyError(f"{path} has no EMA weights (e.g. {missing[0]}); export the raw weights instead")
-    loaded = dist_checkpointing.load(request, str(path))
+    loaded = load_dist_checkpoint(request, path)
     for key, sh in request.items():
         if loaded[key] is not sh.data:
             sh.data.copy_(loaded[key])

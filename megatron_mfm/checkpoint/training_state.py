@@ -25,7 +25,6 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, is_main_replica
-from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
 from megatron_mfm.checkpoint.layout import (
@@ -40,10 +39,11 @@ from megatron_mfm.checkpoint.layout import (
     latest_checkpoint,
 )
 from megatron_mfm.checkpoint.model_state import to_local_keys
-from megatron_mfm.checkpoint.verify import read_common, verify_checkpoint
+from megatron_mfm.checkpoint.verify import read_common, read_dcp_metadata, verify_checkpoint
 from megatron_mfm.config import ConfigError
 from megatron_mfm.model.config import architecture_of
 from megatron_mfm.model.dit import ModelChunks
+from megatron_mfm.parallel.mcore_version import load_dist_checkpoint, save_dist_checkpoint
 from megatron_mfm.utils.atomic import fsync_dir, fsync_tree, is_disk_full
 
 
@@ -173,7 +173,7 @@ class Checkpointer:
             self.finished.append(SaveReport(iteration, returned[0] if returned else total, total, size))
 
         try:
-            request = dist_checkpointing.save(state, str(tmp), async_sharded_save=self.async_save)
+            request = save_dist_checkpoint(state, tmp, self.async_save)
         except Exception as error:  # megatron raises the write failures on every rank
             _agree(error, final, tmp)
         if self.async_save:
@@ -254,7 +254,7 @@ class Checkpointer:
         if saved_format == "dp_reshardable":
             _check_model_parallel_layout(path, common["run_config"]["parallel"])
         state = _state(model, optimizer, ema, saved_format or self.save_format, loading=True)
-        loaded = dist_checkpointing.load(state, str(path))
+        loaded = load_dist_checkpoint(state, path)
         for chunk in model:
             chunk.load_state_dict(to_local_keys(chunk, {k: loaded[k] for k in chunk.sharded_state_dict()}))
         with torch.no_grad():
@@ -266,7 +266,7 @@ class Checkpointer:
         training.__dict__.update(common["training"])
         rng = _rng_object()
         if any(key.startswith(rng.key) for key in _saved_object_keys(path)):
-            _restore_rng(dist_checkpointing.load({"rng": rng}, str(path))["rng"])
+            _restore_rng(load_dist_checkpoint({"rng": rng}, path)["rng"])
         return int(common["iteration"])
 
 
@@ -339,4 +339,4 @@ def _check_model_parallel_layout(path: Path, saved: dict) -> None:
 
 def _saved_object_keys(path: Path) -> set[str]:
     """Keys of everything sharded in a checkpoint (objects appear as ``key/shard_...``)."""
-    return set(load_sharded_metadata(str(path)))
+    return set(read_dcp_metadata(path).state_dict_metadata)

@@ -20,7 +20,8 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from megatron_mfm.checkpoint.layout import CheckpointError
 
 DCP_METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's index of the .distcp files
-COMMON_FILE = "common.pt"  # megatron's non-sharded state
+COMMON_FILE = "common.pt"  # megatron's non-sharded state, up to megatron-core 0.18
+COMMON_OBJECT = "common_state/shard_0_1"  # the same, stored in the .distcp files from megatron-core 0.19
 
 _METADATA_CLASSES = {
     "torch.distributed.checkpoint.metadata": {
@@ -81,10 +82,24 @@ def _safe_torch_load(file: Path, data: bytes | None = None):
         raise _unsafe_or_corrupt(file, error) from None
 
 
+def _stored_bytes(path: Path, info) -> bytes:
+    with open(path / info.relative_path, "rb") as stream:
+        stream.seek(info.offset)
+        return stream.read(info.length)
+
+
 def read_common(path: str | Path) -> dict:
-    """A checkpoint's ``common.pt`` (non-sharded state) read with ``weights_only=True``; {} if none."""
-    file = Path(path) / COMMON_FILE
-    return _safe_torch_load(file) if file.is_file() else {}
+    """A checkpoint's non-sharded state read with ``weights_only=True``: ``common.pt`` (written by
+    megatron-core 0.16) or the ``common_state`` object in the shards (0.19); {} if neither."""
+    path = Path(path)
+    file = path / COMMON_FILE
+    if file.is_file():
+        return _safe_torch_load(file)
+    stored = {index.fqn: info for index, info in (read_dcp_metadata(path).storage_data or {}).items()}
+    if COMMON_OBJECT not in stored:
+        return {}
+    info = stored[COMMON_OBJECT]
+    return _safe_torch_load(path / info.relative_path, _stored_bytes(path, info))[0]
 
 
 def verify_checkpoint(path: str | Path) -> None:
@@ -104,7 +119,5 @@ def verify_checkpoint(path: str | Path) -> None:
         if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
             if info.transform_descriptors:
                 raise CheckpointError(f"{file}: {index.fqn} is stored transformed, which cannot be checked")
-            with open(file, "rb") as stream:
-                stream.seek(info.offset)
-                _safe_torch_load(file, stream.read(info.length))
+            _safe_torch_load(file, _stored_bytes(path, info))
     read_common(path)

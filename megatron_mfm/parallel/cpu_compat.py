@@ -1,4 +1,4 @@
-"""Make megatron-core 0.16.1 run on a CPU-only machine over gloo.
+"""Make megatron-core run on a CPU-only machine over gloo.
 
 megatron-core assumes CUDA in a handful of places (RNG state, ``torch.cuda.current_device()``,
 tensors created with ``device='cuda'``, optimizer type assertions). This module patches exactly
@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-SUPPORTED_MEGATRON_CORE = "0.16.1"
+from megatron_mfm.parallel.mcore_version import SUPPORTED_MEGATRON_CORE
 
 _applied = False
 
@@ -28,7 +28,7 @@ def _replace(owner: Any, name: str, new: Callable) -> None:
     if not hasattr(owner, name):
         raise CpuCompatError(
             f"cpu_compat: {getattr(owner, '__name__', owner)}.{name} no longer exists; "
-            f"megatron_mfm's CPU layer supports megatron-core {SUPPORTED_MEGATRON_CORE}"
+            f"megatron_mfm's CPU layer supports megatron-core {', '.join(SUPPORTED_MEGATRON_CORE)}"
         )
     setattr(owner, name, new)
 
@@ -74,8 +74,24 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _NullStream:
+    """The one "stream" of the CPU: everything already runs in order (megatron-core 0.19 reads
+    ``torch.cuda.current_stream()`` before every gradient reduction)."""
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
 def _patch_torch_cuda() -> None:
     cpu = torch.device("cpu")
+    stream = _NullStream()
+    _replace(torch.cuda, "current_stream", lambda *a, **k: stream)
     _replace(torch.cuda, "current_device", lambda: cpu)
     _replace(torch.cuda, "synchronize", lambda *a, **k: None)
     _replace(torch.cuda, "empty_cache", lambda: None)
@@ -150,9 +166,9 @@ def _check_version() -> None:
     import megatron.core
 
     version = megatron.core.__version__
-    if version != SUPPORTED_MEGATRON_CORE:
+    if version not in SUPPORTED_MEGATRON_CORE:
         raise CpuCompatError(
-            f"cpu_compat supports megatron-core {SUPPORTED_MEGATRON_CORE}, found {version}"
+            f"cpu_compat supports megatron-core {', '.join(SUPPORTED_MEGATRON_CORE)}, found {version}"
         )
 
 
