@@ -2,6 +2,8 @@
 # Issue 18 on one H200 in one call (about 5 min; DEADLINE=345 s by default), on a machine set up
 # with the gpu and pretrained extras and `pip install -e .`:
 #   bash benchmarks/gpu/issue18.sh PATH_TO_OFFICIAL_MFM_CHECKOUT      (github leeruibin/MfM)
+# The bf16 test writes mp4s: PyAV must be there too (the GPU image has none; its cp312 wheel is
+# ~36 MB, so it travels in a call of its own and is installed with --no-deps).
 # 1 at once, while the random MfM-2B pipeline folder for 3 is written:
 #   tests/gpu/test_official_sampling_bf16.py  bf16 sampling = the official bf16 pipeline  -> $OUT/bf16_test.log
 #   tests/gpu/test_serving_export_gpu.py      CUDA bf16 .pt2 = eager (compiling takes ~1-2 min) -> $OUT/export_test.log
