@@ -1,6 +1,6 @@
 """``optimizer.grad_dtype`` and ``optimizer.moments_dtype``: bf16 gradient buffers train like
 fp32 ones (CPU, in process) and resume exactly; impossible combinations fail naming the field
-before any model is built. 16-bit moments need Transformer Engine: tests/gpu/test_optimizer_memory.py."""
+before any model is built. 16-bit moments need Transformer Engine: tests/gpu/test_optimizer_memory_gpu.py."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ ROW=(benchmarks/profile_throughput.py --presets mfm-2b --frames 97 --height 352 
      --attention-backend fa4 --recompute none --precision bf16 --iterations 3 --warmup 2)
 
 part "GPU tests under 0.19.2" 110 "${NEW[@]}" python3 -m pytest -q -rs --durations=5 \
-  tests/gpu/test_transformer_engine.py tests/gpu/test_optimizer_memory.py tests/gpu/test_fa4.py
+  tests/gpu/test_transformer_engine.py tests/gpu/test_optimizer_memory_gpu.py tests/gpu/test_fa4.py
 part "profile under 0.19.2, eager and full-iteration graph" 125 "${NEW[@]}" python3 "${ROW[@]}" \
   --cuda-graph none full_iteration --output "$OUT/profile_0.19.2"
 part "profile under 0.16.1" 75 python3 "${ROW[@]}" --output "$OUT/profile_0.16.1"

@@ -2,7 +2,7 @@
 (``optimizer.moments_dtype``, ``optimizer.grad_dtype``) follow the fp32-state optimizer's
 losses over 20 steps, hold less memory, and resume exactly.
 
-  python -m pytest tests/gpu/test_optimizer_memory.py -v -s
+  python -m pytest tests/gpu/test_optimizer_memory_gpu.py -v -s
 """
 
 from __future__ import annotations
