@@ -87,24 +87,36 @@ class HashedTextEncoder:
         self.positions = torch.zeros(max_length, width)
         self.positions[:, 0::2] = torch.sin(position * freq)
         self.positions[:, 1::2] = torch.cos(position * freq[: width // 2])
-        self._cache: dict[str, torch.Tensor] = {}
+        self._rows: dict[str, int] = {}  # word -> its row in the table
+        self._vectors: list[torch.Tensor] = []
+        self._table: torch.Tensor | None = None
 
     @staticmethod
     def tokenize(prompt: str) -> list[str]:
         return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", prompt.lower())
 
-    def _word(self, word: str) -> torch.Tensor:
-        if word not in self._cache:
+    def _word_row(self, word: str) -> int:
+        """The row of ``word`` in the vector table (drawn once per word, from its stable hash)."""
+        if word not in self._rows:
             g = torch.Generator().manual_seed(zlib.crc32(word.encode()) ^ self.seed)
-            self._cache[word] = torch.randn(self.width, generator=g)
-        return self._cache[word]
+            self._vectors.append(torch.randn(self.width, generator=g))
+            self._table = None
+            self._rows[word] = len(self._rows) + 1
+        return self._rows[word]
+
+    def _word_table(self) -> torch.Tensor:
+        """(1 + words, width): row 0 zero (padding), then each seen word's vector."""
+        if self._table is None:
+            self._table = torch.stack([torch.zeros(self.width), *self._vectors])
+        return self._table
 
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        states = torch.zeros(len(prompts), self.max_length, self.width)
-        mask = torch.zeros(len(prompts), self.max_length)
+        """One gather for the whole batch (a training step encodes every prompt): no per-token
+        tensor work."""
+        rows = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
         for i, prompt in enumerate(prompts):
             words = (self.tokenize(prompt) + ["</s>"])[: self.max_length]  # an end token, as T5
-            for j, word in enumerate(words):
-                states[i, j] = self._word(word) + 0.1 * self.positions[j]
-            mask[i, : len(words)] = 1
-        return states, mask
+            rows[i, : len(words)] = torch.tensor([self._word_row(word) for word in words])
+        real = rows > 0
+        states = torch.where(real[..., None], self._word_table()[rows] + 0.1 * self.positions, 0.0)
+        return states, real.float()

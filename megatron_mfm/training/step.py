@@ -19,23 +19,29 @@ from megatron_mfm.encoders.interface import FrozenEncoders
 from megatron_mfm.model.geometry import token_grid
 from megatron_mfm.tasks.builders import TASKS
 
+TASK_ROWS = {task: row for row, task in enumerate(TASKS)}
+
 
 def noise_and_sigma(latents: torch.Tensor, sample_ids: torch.Tensor, seed: int, flow: FlowMatchingConfig,
                     tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample noise and sigma from the sample's own generators (layout-independent)."""
-    noise = torch.stack([
-        torch.randn(latents.shape[1:], generator=sample_generator(seed, int(i), Stream.NOISE)) for i in sample_ids
-    ])
-    sigma = torch.cat([sample_sigma(flow, 1, tokens, sample_generator(seed, int(i), Stream.SIGMA)) for i in sample_ids])
-    return noise.to(latents.device), sigma.to(latents.device)
+    """Per-sample noise and sigma from the sample's own generators (layout-independent), drawn
+    straight into the batch's rows by one reseeded generator."""
+    noise = torch.empty(len(sample_ids), *latents.shape[1:])
+    sigma = torch.empty(len(sample_ids))
+    generator = torch.Generator()
+    for row, sample_id in enumerate(sample_ids.tolist()):
+        torch.randn(latents.shape[1:], generator=sample_generator(seed, sample_id, Stream.NOISE, generator),
+                    out=noise[row])
+        sigma[row:row + 1] = sample_sigma(flow, 1, tokens, sample_generator(seed, sample_id, Stream.SIGMA, generator))
+    return noise.to(latents.device, non_blocking=True), sigma.to(latents.device, non_blocking=True)
 
 
 def task_loss_report(per_sample: torch.Tensor, tasks: list[str]) -> torch.Tensor:
     """(2, num_tasks): summed loss and sample count per task, in TASKS order."""
+    rows = torch.tensor([TASK_ROWS[task] for task in tasks]).to(per_sample.device, non_blocking=True)
     report = torch.zeros(2, len(TASKS), device=per_sample.device)
-    for loss, task in zip(per_sample.detach().float(), tasks):
-        report[0, TASKS.index(task)] += loss
-        report[1, TASKS.index(task)] += 1
+    report[0].index_add_(0, rows, per_sample.detach().float())  # in sample order on the CPU, as a loop
+    report[1].index_add_(0, rows, torch.ones_like(report[1, :1]).expand(len(tasks)))
     return report
 
 
@@ -82,7 +88,7 @@ def _precomputed(batch: MicroBatch) -> list[Precomputed]:
 def _condition(encoders: FrozenEncoders, batch: MicroBatch, pixels: torch.Tensor | None,
                device: torch.device) -> torch.Tensor:
     """The condition on ``device``; with ``pixels``, its revealed frames' depth estimated."""
-    condition = batch.condition.to(device)
+    condition = batch.condition.to(device, non_blocking=True)
     if pixels is None:  # no depth to estimate: no copy of the condition
         return condition
     return torch.stack([encoders.with_estimated_depth(c, p, frames)
@@ -133,7 +139,7 @@ def make_forward_step(encoders: FrozenEncoders, flow: FlowMatchingConfig, seed: 
         # stages need the latents (shape, target) and the text
         estimate_depth = first_stage and encoders.depth is not None and any(batch.depth_to_estimate)
         encode_video = any(p.latents is None for p in _precomputed(batch))
-        pixels = batch.pixels.to(device) if encode_video or estimate_depth else None
+        pixels = batch.pixels.to(device, non_blocking=True) if encode_video or estimate_depth else None
         latents = _latents(encoders, batch, pixels, seed, device)
         text, text_mask = _text(encoders, batch, device)
         condition = _condition(encoders, batch, pixels if estimate_depth else None, device) if first_stage else None
@@ -142,7 +148,7 @@ def make_forward_step(encoders: FrozenEncoders, flow: FlowMatchingConfig, seed: 
         sigmas = drawn if sigma is None else torch.full_like(drawn, sigma)
         noisy, target = add_noise(latents, noise, sigmas)
         return Encoded(noisy.to(dtype), sigmas, text.to(dtype), text_mask,
-                       None if condition is None else condition.to(dtype), batch.motion_score.to(device), target)
+                       None if condition is None else condition.to(dtype), batch.motion_score.to(device, non_blocking=True), target)
 
     def forward_step(data_iterator: Iterator[MicroBatch | PackedMicroBatch], model: torch.nn.Module):
         batch = next(data_iterator)
