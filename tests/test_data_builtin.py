@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -54,6 +56,21 @@ def test_text_encoder_masks_padding_and_separates_prompts():
     again, _ = encode(["a red circle"])
     assert torch.equal(again[0], states[0])
     assert not torch.allclose(states[0, 1], states[1, 1]), "red and blue differ"
+
+
+def test_text_encoder_batch_is_each_word_vector_plus_its_position():
+    """The batched gather gives, bit for bit, the definition: the word's hashed vector plus 0.1 x
+    its position code, the end token after the words, zeros (+0.0) past it; long prompts cut."""
+    encode = HashedTextEncoder(width=16, max_length=8)
+    prompts = ["Red circle, moving!", "", "one two three four five six seven eight nine", "red red"]
+    states, mask = encode(prompts)
+    for i, prompt in enumerate(prompts):
+        words = (HashedTextEncoder.tokenize(prompt) + ["</s>"])[:8]
+        for j, word in enumerate(words):
+            vector = torch.randn(16, generator=torch.Generator().manual_seed(zlib.crc32(word.encode())))
+            assert torch.equal(states[i, j], vector + 0.1 * encode.positions[j]), (prompt, word)
+        assert mask[i].tolist() == [1.0] * len(words) + [0.0] * (8 - len(words))
+        assert not torch.signbit(states[i, len(words):]).any() and not states[i, len(words):].any()
 
 
 def _loader(workers: int, dp_rank: int = 0) -> SyntheticLoader:
