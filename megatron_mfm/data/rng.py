@@ -31,10 +31,9 @@ STREAMS_PER_SAMPLE = 16
 """Room kept per sample id for streams (ids below this never collide across samples)."""
 
 
-def sample_generator(seed: int, sample_id: int, stream: Stream, reuse: torch.Generator | None = None) -> torch.Generator:
-    """The independent deterministic generator of one (sample, purpose); ``reuse``: reseed that
-    generator instead of making one (the same stream, without a generator per sample in a loop)."""
-    return (reuse or torch.Generator()).manual_seed((seed * 1_000_003 + sample_id) * STREAMS_PER_SAMPLE + stream)
+def sample_generator(seed: int, sample_id: int, stream: Stream) -> torch.Generator:
+    """The independent deterministic generator of one (sample, purpose)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + sample_id) * STREAMS_PER_SAMPLE + stream)
 
 
 def keyed_generator(seed: int, *keys: int) -> torch.Generator:

@@ -24,15 +24,12 @@ TASK_ROWS = {task: row for row, task in enumerate(TASKS)}
 
 def noise_and_sigma(latents: torch.Tensor, sample_ids: torch.Tensor, seed: int, flow: FlowMatchingConfig,
                     tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample noise and sigma from the sample's own generators (layout-independent), drawn
-    straight into the batch's rows by one reseeded generator."""
-    noise = torch.empty(len(sample_ids), *latents.shape[1:])
-    sigma = torch.empty(len(sample_ids))
-    generator = torch.Generator()
-    for row, sample_id in enumerate(sample_ids.tolist()):
-        torch.randn(latents.shape[1:], generator=sample_generator(seed, sample_id, Stream.NOISE, generator),
-                    out=noise[row])
-        sigma[row:row + 1] = sample_sigma(flow, 1, tokens, sample_generator(seed, sample_id, Stream.SIGMA, generator))
+    """Per-sample noise and sigma from the sample's own generators (layout-independent). Not
+    batched: the float32 sigmoid over a batch rounds differently from one sample's."""
+    noise = torch.stack([
+        torch.randn(latents.shape[1:], generator=sample_generator(seed, int(i), Stream.NOISE)) for i in sample_ids
+    ])
+    sigma = torch.cat([sample_sigma(flow, 1, tokens, sample_generator(seed, int(i), Stream.SIGMA)) for i in sample_ids])
     return noise.to(latents.device, non_blocking=True), sigma.to(latents.device, non_blocking=True)
 
 
