@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -26,12 +27,12 @@ import torch
 from megatron_mfm.config import load_config
 from megatron_mfm.data.batch import collate
 from megatron_mfm.data.rng import Stream, sample_generator
+from megatron_mfm.diffusion.flow_matching import add_noise
 from megatron_mfm.model.geometry import token_grid
 from megatron_mfm.training import loop
 from megatron_mfm.training.observability import IntervalMeter
 from megatron_mfm.training.schedule import reduce_task_losses
 from megatron_mfm.training.step import _condition, _latents, _loss, _text, noise_and_sigma
-from megatron_mfm.diffusion.flow_matching import add_noise
 from megatron_mfm.utils.atomic import atomic_write_text
 
 DEFAULT_OVERRIDES = ("model.preset=tiny", "model.backend=local", "train.precision=fp32",
@@ -60,8 +61,8 @@ def measure(trainer: loop.Trainer, repeats: int) -> dict[str, float]:
     batch = collate(samples, ids)
     pixels = batch.pixels.to(device)
     latents = _latents(encoders, batch, pixels, seed, device)
-    tokens = token_grid(latents.shape[2:], trainer.model_config.patch_size)
-    noise, sigmas = noise_and_sigma(latents, batch.sample_ids, seed, config.flow_matching, tokens[0] * tokens[1] * tokens[2])
+    tokens = math.prod(token_grid(latents.shape[2:], trainer.model_config.patch_size))
+    noise, sigmas = noise_and_sigma(latents, batch.sample_ids, seed, config.flow_matching, tokens)
     _, target = add_noise(latents, noise, sigmas)
     output = torch.randn_like(target)
     reports = [_loss(target, batch.tasks, 1.0, output)[1]]
@@ -73,7 +74,7 @@ def measure(trainer: loop.Trainer, repeats: int) -> dict[str, float]:
         "codec_encode": lambda: _latents(encoders, batch, batch.pixels.to(device), seed, device),
         "condition": lambda: _condition(encoders, batch, None, device),
         "noise_and_sigma": lambda: noise_and_sigma(latents, batch.sample_ids, seed, config.flow_matching,
-                                                   tokens[0] * tokens[1] * tokens[2]),
+                                                   tokens),
         "add_noise": lambda: add_noise(latents, noise, sigmas),
         "loss_and_report": lambda: _loss(target, batch.tasks, 1.0, output)[1]["task_loss"],
         "reduce_task_losses": lambda: reduce_task_losses(reports, device),
