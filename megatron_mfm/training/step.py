@@ -144,8 +144,9 @@ def make_forward_step(encoders: FrozenEncoders, flow: FlowMatchingConfig, seed: 
         noise, drawn = noise_and_sigma(latents, batch.sample_ids, seed, flow, tokens)
         sigmas = drawn if sigma is None else torch.full_like(drawn, sigma)
         noisy, target = add_noise(latents, noise, sigmas)
+        motion_score = batch.motion_score.to(device, non_blocking=True)
         return Encoded(noisy.to(dtype), sigmas, text.to(dtype), text_mask,
-                       None if condition is None else condition.to(dtype), batch.motion_score.to(device, non_blocking=True), target)
+                       None if condition is None else condition.to(dtype), motion_score, target)
 
     def forward_step(data_iterator: Iterator[MicroBatch | PackedMicroBatch], model: torch.nn.Module):
         batch = next(data_iterator)
