@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from benchmarks.profile_throughput import random_batch, velocity_loss
+from benchmarks.profile_row import random_batch, velocity_loss
 from megatron_mfm.config import load_config
 from megatron_mfm.parallel.initialize import destroy_parallel
 from megatron_mfm.training.loop import setup

@@ -12,11 +12,13 @@ from torch.utils.checkpoint import checkpoint
 from benchmarks.plain_mfm import ReferenceMfM, sdpa_attention
 from benchmarks.timing import release_memory, timed
 from megatron_mfm.checkpoint.model_state import OfficialTensors
-from megatron_mfm.config import OptimizerConfig
+from megatron_mfm.config import OptimizerConfig, RunConfig
 from megatron_mfm.diffusion.flow_matching import per_sample_mse
 from megatron_mfm.model.config import MfMConfig, to_official_config
+from megatron_mfm.model.dit import MfMDiT, build_model_chunks
+from megatron_mfm.parallel.initialize import initialize_parallel
 from megatron_mfm.training.flops import gpu_peak_tflops
-from megatron_mfm.training.loop import Trainer
+from megatron_mfm.training.loop import Trainer, check_machine, layer_spec_for
 
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -40,8 +42,34 @@ class PlainCase:
                         recompute: bool) -> PlainCase:
         """Taken before our first step, which updates the weights in place (so copied, on the
         CPU too, where ``.cpu()`` would alias them)."""
-        weights = {name: t.to("cpu", copy=True) for name, t in OfficialTensors(trainer.model[0])}
-        return cls(trainer.model_config, weights, inputs, target, trainer.config.optimizer, recompute)
+        return cls(trainer.model_config, cpu_weights(trainer.model[0]), inputs, target, trainer.config.optimizer,
+                   recompute)
+
+
+def cpu_weights(model: MfMDiT) -> dict[str, torch.Tensor]:
+    """The model's weights under the official names, copied to the CPU (on the CPU ``.cpu()``
+    would alias them, and our step updates them in place)."""
+    return {name: t.to("cpu", copy=True) for name, t in OfficialTensors(model)}
+
+
+def initial_weights(config: RunConfig) -> tuple[MfMConfig, dict[str, torch.Tensor]]:
+    """Our model's initial weights (official names, on the CPU) without our trainer: the chunks
+    are built as ``training.loop.setup`` builds them (same checks, process groups, seeds and
+    device), so the weights are bit for bit those our rows start from, but without DDP's gradient
+    buffers and the optimizer's master weights; the model is freed before this returns, so a
+    process that times another model holds only these CPU copies."""
+    check_machine(config)
+    layer_spec = layer_spec_for(config)
+    model_config = config.to_model_config()
+    initialize_parallel(tensor_parallel_size=config.parallel.tensor_parallel,
+                        pipeline_parallel_size=config.parallel.pipeline_parallel,
+                        context_parallel_size=config.parallel.context_parallel, seed=config.train.seed,
+                        virtual_pipeline_size=model_config.virtual_pipeline_model_parallel_size)
+    model = build_model_chunks(model_config, layer_spec).to("cuda" if torch.cuda.is_available() else "cpu")
+    weights = cpu_weights(model[0])
+    del model
+    release_memory()  # the chunks' reference cycles, and the device memory they held
+    return model_config, weights
 
 
 class Checkpointed(torch.nn.Module):

@@ -14,7 +14,7 @@ import pytest
 
 from megatron_mfm.model.config import preset_config
 from megatron_mfm.training.flops import training_flops
-from benchmarks import profile_throughput
+from benchmarks import profile_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "benchmarks" / "profile_throughput.py"
@@ -115,14 +115,14 @@ def test_compiled_glue_rows_and_kernel_breakdown(tmp_path):
 def test_bad_arguments_name_the_flag(argv, message, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(SystemExit):
-        profile_throughput.parse_args(argv)
+        profile_sweep.parse_args(argv)
     assert message in capsys.readouterr().err
 
 
 def test_compare_plain_needs_one_process(capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit):
-        profile_throughput.parse_args(["--compare-plain"])
+        profile_sweep.parse_args(["--compare-plain"])
     assert "--compare-plain runs the plain model in one process" in capsys.readouterr().err
 
 
@@ -133,8 +133,8 @@ def test_isolated_row_arguments_select_exactly_that_row():
 
     argv = ["--presets", "tiny", "--recompute", "none", "mlp_act", "--optimizer-state", "fp32", "bf16",
             "--height", "32", "64", "--width", "48", "96", "--isolate-rows"]
-    sweep = [what for _, what in profile_throughput.sweep_rows(profile_throughput.parse_args(argv))]
+    sweep = [what for _, what in profile_sweep.sweep_rows(profile_sweep.parse_args(argv))]
     assert len(sweep) == 8 and len({json.dumps(w, sort_keys=True) for w in sweep}) == 8
     for what in sweep:
-        child = profile_throughput.parse_args([*argv, *row_arguments(what), "--row-process", "ours"])
-        assert [w for _, w in profile_throughput.sweep_rows(child)] == [what]
+        child = profile_sweep.parse_args([*argv, *row_arguments(what), "--row-process", "ours"])
+        assert [w for _, w in profile_sweep.sweep_rows(child)] == [what]
