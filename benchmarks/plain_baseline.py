@@ -40,10 +40,11 @@ class PlainCase:
     @classmethod
     def before_training(cls, trainer: Trainer, inputs: dict[str, torch.Tensor], target: torch.Tensor,
                         recompute: bool) -> PlainCase:
-        """Taken before our first step, which updates the weights in place (so copied, on the
-        CPU too, where ``.cpu()`` would alias them)."""
-        return cls(trainer.model_config, cpu_weights(trainer.model[0]), inputs, target, trainer.config.optimizer,
-                   recompute)
+        """Taken before our first step, which updates the weights in place. The model config is
+        built afresh: megatron's DDP leaves its methods in the trainer's, which would keep our
+        whole trainer alive while the case is (through the plain and official steps)."""
+        return cls(trainer.config.to_model_config(), cpu_weights(trainer.model[0]), inputs, target,
+                   trainer.config.optimizer, recompute)
 
 
 def cpu_weights(model: MfMDiT) -> dict[str, torch.Tensor]:

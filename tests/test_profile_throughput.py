@@ -5,16 +5,21 @@ writes one row per configuration to JSON/CSV, counting the FLOPs the training lo
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_mfm.model.config import preset_config
 from megatron_mfm.training.flops import training_flops
-from benchmarks import profile_sweep
+from benchmarks import profile_row, profile_sweep
+from benchmarks.plain_baseline import PlainCase, cpu_weights
+from megatron_mfm.training.loop import setup
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "benchmarks" / "profile_throughput.py"
@@ -138,3 +143,45 @@ def test_isolated_row_arguments_select_exactly_that_row():
     for what in sweep:
         child = profile_sweep.parse_args([*argv, *row_arguments(what), "--row-process", "ours"])
         assert [w for _, w in profile_sweep.sweep_rows(child)] == [what]
+
+
+def live_parameters() -> int:
+    gc.collect()
+    return sum(isinstance(o, torch.nn.Parameter) for o in gc.get_objects())
+
+
+def tiny_row(*extra: str):
+    args = profile_sweep.parse_args(["--presets", "tiny", "--frames", "5", "--height", "32", "--width", "48",
+                                     "--backend", "local", "--compare-plain", *extra])
+    ((layout, what),) = profile_sweep.sweep_rows(args)
+    return args, layout, what
+
+
+def test_official_process_takes_our_initial_weights_without_our_trainer(single_process_world):
+    """--row-process official builds only our model, for its initial weights (not our DDP
+    buffers and optimizer, which would stay in the official step's peak memory): they equal bit
+    for bit those our row's trainer starts from, and no parameter of that model outlives the call."""
+    args, layout, what = tiny_row("--row-process", "official")
+    before = live_parameters()
+    _, case = profile_row.profile_one(args, layout, what)
+    assert live_parameters() == before
+    trainer = setup(profile_sweep.row_config(args, layout, what))
+    ours = cpu_weights(trainer.model[0])
+    assert case.weights.keys() == ours.keys()
+    assert all(torch.equal(case.weights[name], ours[name]) for name in ours)
+    _, target = profile_row.random_batch(trainer.model_config, 5, 32, 48, 1, trainer.device, trainer.dtype,
+                                         trainer.config.train.seed)
+    assert torch.equal(case.target, target)
+
+
+def test_plain_case_keeps_no_reference_to_our_trainer(single_process_world):
+    """The plain and official steps run while their case is kept: it must not hold our model (through
+    the model config, where megatron's DDP leaves its no_sync and grad_sync methods)."""
+    args, layout, what = tiny_row()
+    trainer = setup(profile_sweep.row_config(args, layout, what))
+    batch, target = profile_row.random_batch(trainer.model_config, 5, 32, 48, 1, trainer.device, trainer.dtype, 0)
+    case = PlainCase.before_training(trainer, batch, target, recompute=False)
+    parameters = [weakref.ref(p) for p in trainer.model.parameters()]
+    del trainer
+    gc.collect()
+    assert case.weights and all(parameter() is None for parameter in parameters)
