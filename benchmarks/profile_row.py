@@ -151,8 +151,9 @@ def profile_one(args, layout: Layout, what: dict) -> tuple[dict, PlainCase | Non
         "backend": args.backend, "micro_batch_size": args.micro_batch_size,
     }
     row.update(speed_columns(args, trainer, row, seconds, peak_memory))
-    return {**row, "losses": step_losses, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "megatron_core": megatron.core.__version__, **breakdown}, plain
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {**row, "losses": step_losses, "device": device, "megatron_core": megatron.core.__version__,
+            **breakdown}, plain
 
 
 def speed_columns(args, trainer: Trainer, row: dict, seconds: float, peak_memory: float | None) -> dict:
