@@ -66,8 +66,8 @@ def measure(trainer: loop.Trainer, repeats: int) -> dict[str, float]:
     _, target = add_noise(latents, noise, sigmas)
     output = torch.randn_like(target)
     reports = [_loss(target, batch.tasks, 1.0, output)[1]]
-    meter = IntervalMeter()
-    meter.add(loop.train_step(trainer), 1.0)
+    meter = IntervalMeter(seconds=1.0)
+    meter.add(loop.train_step(trainer))
     parts = {
         "collate": lambda: collate(samples, ids),
         "text_encode": lambda: _text(encoders, batch, device),
@@ -79,8 +79,7 @@ def measure(trainer: loop.Trainer, repeats: int) -> dict[str, float]:
         "loss_and_report": lambda: _loss(target, batch.tasks, 1.0, output)[1]["task_loss"],
         "reduce_task_losses": lambda: reduce_task_losses(reports, device),
         "step_totals": lambda: loop._step_totals(trainer, [batch]),
-        "grads_finite": lambda: loop._grads_finite(trainer.ddp),
-        "any_rank_stop": lambda: loop._any_rank(False),
+        "finite_and_stop": lambda: loop._finite_and_stop(reduce_task_losses(reports, device), trainer.ddp, False),
         "ema_update": lambda: trainer.ema.update(trainer.state.iteration),
         "metrics_line": lambda: loop._metrics(trainer, meter),
     }

@@ -110,19 +110,19 @@ def test_simpler_synthetic_scenes_and_their_validation():
         SyntheticConfig(max_objects=0)
 
 
-def test_workers_share_a_micro_batch_in_parts():
-    """One large micro-batch a step (micro = global batch) is cut into parts for all the workers;
-    joined, the parts are the micro-batch one process renders."""
+def test_workers_render_whole_micro_batches_of_steps_ahead():
+    """One large micro-batch a step (micro = global batch): every worker renders a whole one of the
+    next steps (nothing to join in the training process); the data is what one process renders."""
     config = SyntheticConfig(frames=5, height=16, width=16, workers=3, prefetch_steps=0)
     make = lambda c: SyntheticLoader(SyntheticVideoDataset(c), TaskMixture(TaskMixtureConfig()),  # noqa: E731
                                      micro_batch_size=4, global_batch_size=4, dp_rank=0, dp_size=1, seed=5)
-    plain, parted = make(SyntheticConfig(frames=5, height=16, width=16)), make(config)
+    plain, ahead = make(SyntheticConfig(frames=5, height=16, width=16)), make(config)
     try:
-        assert parted.parts == 3  # parts of 1, 1 and 2 samples
+        assert ahead.ahead_steps == 2  # 3 steps in flight for 3 workers
         for _ in range(2):
-            (want,), (got,) = plain.next_global_batch(), parted.next_global_batch()
+            (want,), (got,) = plain.next_global_batch(), ahead.next_global_batch()
             assert torch.equal(want.pixels, got.pixels) and torch.equal(want.condition, got.condition)
             assert want.tasks == got.tasks and want.prompts == got.prompts and want.sample_ids.tolist() == got.sample_ids.tolist()
             assert torch.equal(want.motion_score, got.motion_score) and want.depth_to_estimate == got.depth_to_estimate
     finally:
-        parted.close()
+        ahead.close()

@@ -90,9 +90,9 @@ def test_interval_averages_weigh_samples_and_applied_steps():
         report[:, 0] = torch.tensor([loss * samples, samples])
         return StepResult(report, grad_norm, grad_norm is not None, flops=10**12, tokens=100, data_seconds=0.5)
 
-    meter = IntervalMeter()
+    meter = IntervalMeter(seconds=6.0)
     for step in (result(1.0, 2, 3.0), result(4.0, 6, None), result(2.0, 2, 5.0)):
-        meter.add(step, seconds=2.0)
+        meter.add(step)
     averages = meter.averages(world_size=2, peak_tflops=0.0)
     assert averages["loss"] == pytest.approx((2 + 24 + 4) / 10)
     assert averages["grad norm"] == 4.0 and averages["number of skipped iterations"] == 1

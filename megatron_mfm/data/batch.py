@@ -39,20 +39,3 @@ def collate(samples: list[TaskSample], sample_ids: list[int]) -> MicroBatch:
         sample_ids=torch.tensor(sample_ids),
         depth_to_estimate=[s.depth_to_estimate for s in samples],
     )
-
-
-def concatenate(parts: list[MicroBatch]) -> MicroBatch:
-    """One micro-batch from consecutive parts of it (rendered by different workers)."""
-    if len(parts) == 1:
-        return parts[0]
-    if any(part.precomputed is not None for part in parts):
-        raise ValueError("concatenate: parts with precomputed sidecars are not supported")
-    return MicroBatch(
-        pixels=torch.cat([p.pixels for p in parts]),
-        condition=torch.cat([p.condition for p in parts]),
-        prompts=[prompt for p in parts for prompt in p.prompts],
-        motion_score=torch.cat([p.motion_score for p in parts]),
-        tasks=[task for p in parts for task in p.tasks],
-        sample_ids=torch.cat([p.sample_ids for p in parts]),
-        depth_to_estimate=[frames for p in parts for frames in p.depth_to_estimate],
-    )

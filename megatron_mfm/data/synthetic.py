@@ -47,7 +47,7 @@ class SyntheticConfig:
     """Processes rendering the next steps' micro-batches while the model trains (0: render in
     the step, on its critical path)."""
     prefetch_steps: int = 2
-    """Steps rendered ahead with ``workers``."""
+    """Steps rendered ahead with ``workers`` (at least enough for one micro-batch a worker)."""
 
     def __post_init__(self) -> None:
         if self.workers < 0 or self.prefetch_steps < 0:

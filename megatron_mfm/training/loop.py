@@ -45,8 +45,8 @@ from megatron_mfm.training.ema import EMA
 from megatron_mfm.training.flops import gpu_peak_tflops, training_flops
 from megatron_mfm.training.precision_aware import check_fused_adam, load_remainders_as_int16, precision_aware_options
 from megatron_mfm.training.logger import MetricsLogger
-from megatron_mfm.training.observability import (IntervalMeter, ProfileWindow, StepResult, memory_gb, phase,
-                                                 rank_spread)
+from megatron_mfm.training.observability import (IntervalMeter, ProfileWindow, StepResult, StepTimer, memory_gb,
+                                                 phase, rank_spread, to_host)
 from megatron_mfm.training.schedule import batch_tokens, reduce_task_losses, run_schedule
 from megatron_mfm.training.step import make_forward_step
 from megatron_mfm.training.validation import validation_loss
@@ -196,35 +196,41 @@ def setup(config: RunConfig) -> Trainer:
     return trainer
 
 
-def _grads_finite(ddp: list[DistributedDataParallel]) -> bool:
-    """All gradient buckets of every chunk finite on every rank."""
-    buffers = [buffer for chunk in ddp for buffer in chunk.buffers]
-    finite = all(torch.isfinite(buffer.grad_data).all() for buffer in buffers)
-    flag = torch.tensor([1.0 if finite else 0.0], device=buffers[0].grad_data.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+def _finite_and_stop(task_losses: torch.Tensor, ddp: list[DistributedDataParallel],
+                     stop_requested: bool) -> tuple[bool, bool]:
+    """(loss and every gradient buffer finite on every rank, some rank asked to stop): one
+    all-reduce and the step's one host read (the skip decision precedes the optimizer step)."""
+    checks = [task_losses.isfinite().all()] + [buffer.grad_data.isfinite().all()
+                                                for chunk in ddp for buffer in chunk.buffers]
+    flags = torch.stack([torch.stack(checks).all(), torch.tensor(not stop_requested, device=task_losses.device)])
+    flags = flags.float()
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    finite, go_on = to_host(flags).tolist()
+    return finite == 1.0, go_on == 0.0
 
 
 def _step_totals(trainer: Trainer, micro_batches: list) -> tuple[int, int]:
     """FLOPs and video tokens of the whole step, summed over data-parallel ranks (token-budget
     micro-batches differ in size between ranks); also sums the ranks' skipped-sample and
-    sidecar-miss counts."""
+    sidecar-miss counts. Host values, summed over the CPU (gloo) group: no wait for the GPU."""
     flops = sum(training_flops(trainer.model_config, latent_shape(*part.pixels.shape[2:])[1:],
                                trainer.encoders.text.max_length) * len(part.prompts)
                 for mb in micro_batches for part in parts_of(mb))
     tokens = sum(batch_tokens(mb) for mb in micro_batches)
     loader = trainer.loader
-    totals = torch.tensor([flops, tokens, loader.skipped_samples, sum(loader.sidecar_misses.values())],
-                          dtype=torch.float64, device=trainer.device)
+    totals = [flops, tokens, loader.skipped_samples, sum(loader.sidecar_misses.values())]
     if parallel_state.get_data_parallel_world_size() > 1:
-        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    trainer.state.skipped_samples, trainer.state.sidecar_misses = int(totals[2].item()), int(totals[3].item())
-    return int(totals[0].item()), int(totals[1].item())
+        summed = torch.tensor(totals, dtype=torch.float64)
+        dist.all_reduce(summed, group=parallel_state.get_data_parallel_group_gloo())
+        totals = [int(value) for value in summed.tolist()]
+    trainer.state.skipped_samples, trainer.state.sidecar_misses = totals[2], totals[3]
+    return totals[0], totals[1]
 
 
-def train_step(trainer: Trainer) -> StepResult:
+def train_step(trainer: Trainer, stop_requested: bool = False) -> StepResult:
     """One optimizer step. Each micro-batch's mean loss is weighted by its share of the step's
-    video tokens (images and clips of several sizes count by their tokens, not equally)."""
+    video tokens (images and clips of several sizes count by their tokens, not equally).
+    ``stop_requested``: this rank's SIGTERM, agreed over ranks with the finite check."""
     config, ddp = trainer.config, trainer.ddp
     data_start = time.perf_counter()
     with phase("data"):
@@ -244,8 +250,9 @@ def train_step(trainer: Trainer) -> StepResult:
     with phase("forward-backward"):
         reports = run_schedule(config, ddp, micro_batches, forward_step, forward_only=False)
     task_losses = reduce_task_losses(reports, trainer.device)
-    result = partial(StepResult, task_losses, flops=flops, tokens=tokens, data_seconds=data_seconds)
-    if not (torch.isfinite(task_losses).all() and _grads_finite(ddp)):
+    finite, stop = _finite_and_stop(task_losses, ddp, stop_requested)
+    result = partial(StepResult, task_losses, flops=flops, tokens=tokens, data_seconds=data_seconds, stop=stop)
+    if not finite:
         trainer.state.skipped_steps += 1
         if trainer.state.skipped_steps > config.train.max_skipped_steps:
             raise TooManySkippedSteps(
@@ -271,7 +278,6 @@ def _metrics(trainer: Trainer, meter: IntervalMeter) -> dict:
     metrics = {
         "consumed samples": trainer.loader.consumed_samples,
         "learning rate": trainer.optimizer.param_groups[0]["lr"],
-        "global batch size": int(meter.task_losses[1].sum().item()) // meter.steps,
         **meter.averages(dist.get_world_size(), peak),
         "skipped steps": trainer.state.skipped_steps,
         "skipped samples": trainer.state.skipped_samples,
@@ -320,7 +326,8 @@ def sample_validation(trainer: Trainer, iteration: int) -> list[Path]:
 
 
 class _StopFlag:
-    """Set by SIGTERM (a scheduler's pre-emption notice): save and stop at the next boundary."""
+    """Set by SIGTERM (a scheduler's pre-emption notice): save and stop. Read with the next
+    step's finite check (no collective of its own), so the run stops after at most one more step."""
 
     def __init__(self):
         self.requested = False
@@ -328,14 +335,6 @@ class _StopFlag:
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
-
-
-def _any_rank(flag: bool) -> bool:
-    value = torch.tensor([1.0 if flag else 0.0])
-    if torch.cuda.is_available():
-        value = value.cuda()
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def save(trainer: Trainer) -> None:
@@ -379,20 +378,20 @@ def _train_loop(trainer: Trainer) -> None:
         chunk.train()
     first_iteration = trainer.state.iteration
     last_iteration = min(config.train.iterations, config.train.stop_iteration or config.train.iterations)
-    meter = IntervalMeter()
+    meter, timer = IntervalMeter(), StepTimer()
     while trainer.state.iteration < last_iteration:
         profile.before_step(trainer.state.iteration + 1)
-        start = time.perf_counter()
-        result = train_step(trainer)
+        timer.start()
+        result = train_step(trainer, stop.requested)
+        timer.stop()
         trainer.state.iteration += 1
         iteration = trainer.state.iteration
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        meter.add(result, time.perf_counter() - start)
+        meter.add(result)
         with phase("checkpoint"):
             trainer.checkpointer.poll()
         _report_saves(trainer)
         if iteration % log.interval == 0:
+            meter.seconds = timer.take_seconds()
             trainer.logger.log(iteration, _metrics(trainer, meter))
             meter = IntervalMeter()
         if validation.interval and iteration % validation.interval == 0:
@@ -400,7 +399,7 @@ def _train_loop(trainer: Trainer) -> None:
                 trainer.logger.log_event(iteration, "validation", validation_loss(trainer))
         if log.sample_interval and iteration % log.sample_interval == 0:
             sample_validation(trainer, iteration)
-        stopping = _any_rank(stop.requested)
+        stopping = result.stop
         if ckpt.save and (stopping or (ckpt.interval and iteration % ckpt.interval == 0)):
             with phase("checkpoint"):
                 save(trainer)

@@ -1,12 +1,14 @@
 """What a run reports beyond its loss: phase ranges for profilers, a profiling window, the
 iteration line averaged over the logging interval, and the spread of step times over ranks
-(stragglers)."""
+(stragglers). Step totals stay on the device and are read at logging intervals: every host read
+of a device value waits for the GPU's queue, so the loop does them through ``to_host``."""
 
 from __future__ import annotations
 
 import contextlib
 import resource
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -30,6 +32,53 @@ def phase(name: str) -> Iterator[None]:
     finally:
         if cuda:
             torch.cuda.nvtx.range_pop()
+
+
+class HostReads:
+    """How many times the training loop waited for the device (``to_host``, ``StepTimer``)."""
+
+    count = 0
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the CPU; on a GPU this waits until the queued work that makes it is done."""
+    HostReads.count += 1
+    return tensor.cpu()
+
+
+class StepTimer:
+    """Sums the time of the interval's steps without waiting for the GPU after each: on CUDA a
+    pair of events per step, read once at the end of the interval; on the CPU the clock."""
+
+    def __init__(self):
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.cpu_seconds = 0.0
+        self._started: torch.cuda.Event | float = 0.0
+
+    def start(self) -> None:
+        self._started = _cuda_event() if torch.cuda.is_available() else time.perf_counter()
+
+    def stop(self) -> None:
+        if isinstance(self._started, float):
+            self.cpu_seconds += time.perf_counter() - self._started
+        else:
+            self.events.append((self._started, _cuda_event()))
+
+    def take_seconds(self) -> float:
+        """The steps' seconds since the last call (one wait for the GPU when it timed any)."""
+        seconds, self.cpu_seconds = self.cpu_seconds, 0.0
+        if self.events:
+            HostReads.count += 1
+            self.events[-1][1].synchronize()
+            seconds += sum(start.elapsed_time(end) for start, end in self.events) / 1000
+            self.events = []
+        return seconds
+
+
+def _cuda_event() -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 class ProfileWindow:
@@ -75,7 +124,7 @@ class StepResult(NamedTuple):
     """What one optimizer step reports (summed over data-parallel ranks where it says so)."""
 
     task_losses: torch.Tensor
-    """(2, tasks) loss sums and sample counts over all ranks."""
+    """(2, tasks) loss sums and sample counts over all ranks, on the device."""
     grad_norm: float | None
     applied: bool
     """False when the step was skipped for non-finite loss or gradients."""
@@ -85,11 +134,14 @@ class StepResult(NamedTuple):
     """Video tokens of the step over all ranks."""
     data_seconds: float
     """This rank's wait for the step's micro-batches."""
+    stop: bool = False
+    """Some rank was asked to stop (SIGTERM) before this step's finite check."""
 
 
 @dataclass
 class IntervalMeter:
-    """Sums of the steps since the last log line."""
+    """Sums of the steps since the last log line (``seconds`` set from a ``StepTimer`` before
+    ``averages``); the losses summed on the device."""
 
     steps: int = 0
     seconds: float = 0.0
@@ -100,25 +152,25 @@ class IntervalMeter:
     grad_norms: list[float] = field(default_factory=list)
     task_losses: torch.Tensor = field(default_factory=lambda: torch.zeros(2, len(TASKS)))
 
-    def add(self, result: StepResult, seconds: float) -> None:
+    def add(self, result: StepResult) -> None:
         self.steps += 1
-        self.seconds += seconds
         self.data_seconds += result.data_seconds
         self.flops += result.flops
         self.tokens += result.tokens
         self.skipped += not result.applied
         if result.grad_norm is not None:
             self.grad_norms.append(result.grad_norm)
-        if torch.isfinite(result.task_losses).all():
-            self.task_losses += result.task_losses
+        losses = result.task_losses  # a non-finite step's add nothing (decided on the device)
+        self.task_losses = self.task_losses.to(losses.device) + losses.where(losses.isfinite().all(), 0.0)
 
     def averages(self, world_size: int, peak_tflops: float) -> dict:
         """The interval's per-iteration means (loss: over its samples; grad norm: over its
         applied steps)."""
-        sums, counts = self.task_losses
+        sums, counts = to_host(self.task_losses)
         samples = counts.sum().item()
         tflops_per_gpu = self.flops / self.seconds / world_size / 1e12
         metrics = {
+            "global batch size": int(samples) // self.steps,
             "elapsed time per iteration (ms)": self.seconds / self.steps * 1000,
             "throughput per GPU (TFLOP/s/GPU)": tflops_per_gpu,
             "MFU": tflops_per_gpu / peak_tflops if peak_tflops else None,

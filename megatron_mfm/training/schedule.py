@@ -51,7 +51,8 @@ def run_schedule(config: RunConfig, ddp: list[DistributedDataParallel],
 
 def reduce_task_losses(reports: list[dict], device: torch.device) -> torch.Tensor:
     """(2, tasks) loss sums and counts over micro-batches and data-parallel ranks, known to every
-    pipeline stage (only the last one computes losses; CP and TP ranks hold the same copy)."""
+    pipeline stage (only the last one computes losses; CP and TP ranks hold the same copy). On
+    ``device``: reading it waits for the GPU."""
     total = torch.zeros(2, len(TASKS), device=device)
     for report in reports:
         total += report["task_loss"].float()
@@ -59,4 +60,4 @@ def reduce_task_losses(reports: list[dict], device: torch.device) -> torch.Tenso
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-    return total.cpu()
+    return total

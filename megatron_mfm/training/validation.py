@@ -78,7 +78,7 @@ def validation_loss(trainer: Trainer) -> dict[str, float]:
                                                  trainer.model_config.patch_size, trainer.dtype, trainer.device,
                                                  sigma=sigma)
                 reports = run_schedule(config, trainer.ddp, batches, forward_step, forward_only=True)
-                per_sigma[sigma] = reduce_task_losses(reports, trainer.device)
+                per_sigma[sigma] = reduce_task_losses(reports, trainer.device).cpu()
     finally:
         for chunk in trainer.ddp:
             chunk.train()
