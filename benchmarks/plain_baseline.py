@@ -15,10 +15,9 @@ from megatron_mfm.checkpoint.model_state import OfficialTensors
 from megatron_mfm.config import OptimizerConfig, RunConfig
 from megatron_mfm.diffusion.flow_matching import per_sample_mse
 from megatron_mfm.model.config import MfMConfig, to_official_config
-from megatron_mfm.model.dit import MfMDiT, build_model_chunks
-from megatron_mfm.parallel.initialize import initialize_parallel
+from megatron_mfm.model.dit import MfMDiT
 from megatron_mfm.training.flops import gpu_peak_tflops
-from megatron_mfm.training.loop import Trainer, check_machine, layer_spec_for
+from megatron_mfm.training.loop import Trainer, build_model
 
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -59,14 +58,7 @@ def initial_weights(config: RunConfig) -> tuple[MfMConfig, dict[str, torch.Tenso
     device), so the weights are bit for bit those our rows start from, but without DDP's gradient
     buffers and the optimizer's master weights; the model is freed before this returns, so a
     process that times another model holds only these CPU copies."""
-    check_machine(config)
-    layer_spec = layer_spec_for(config)
-    model_config = config.to_model_config()
-    initialize_parallel(tensor_parallel_size=config.parallel.tensor_parallel,
-                        pipeline_parallel_size=config.parallel.pipeline_parallel,
-                        context_parallel_size=config.parallel.context_parallel, seed=config.train.seed,
-                        virtual_pipeline_size=model_config.virtual_pipeline_model_parallel_size)
-    model = build_model_chunks(model_config, layer_spec).to("cuda" if torch.cuda.is_available() else "cpu")
+    model_config, model = build_model(config)
     weights = cpu_weights(model[0])
     del model
     release_memory()  # the chunks' reference cycles, and the device memory they held

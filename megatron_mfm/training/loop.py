@@ -163,8 +163,9 @@ def build_optimizer(config: RunConfig, model_config: MfMConfig,
     return optimizer, scheduler
 
 
-def setup(config: RunConfig) -> Trainer:
-    """Validate, create process groups, build every component, resume if asked."""
+def build_model(config: RunConfig) -> tuple[MfMConfig, ModelChunks]:
+    """Validate, create process groups and build this rank's model chunks on its device, with
+    the initial weights every layout shares (seeded by ``train.seed``)."""
     check_machine(config)
     layer_spec = layer_spec_for(config)
     model_config = config.to_model_config()
@@ -173,7 +174,13 @@ def setup(config: RunConfig) -> Trainer:
                         context_parallel_size=config.parallel.context_parallel, seed=config.train.seed,
                         virtual_pipeline_size=model_config.virtual_pipeline_model_parallel_size)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model = build_model_chunks(model_config, layer_spec).to(device)
+    return model_config, build_model_chunks(model_config, layer_spec).to(device)
+
+
+def setup(config: RunConfig) -> Trainer:
+    """Validate, create process groups, build every component, resume if asked."""
+    model_config, model = build_model(config)
+    device = next(model[0].parameters()).device
     ddp = wrap_ddp(config, model_config, model)
     optimizer, scheduler = build_optimizer(config, model_config, ddp)
     loader = build_loader(config)
