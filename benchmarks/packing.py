@@ -29,7 +29,7 @@ from megatron_mfm.diffusion.flow_matching import per_sample_mse
 from megatron_mfm.model.dit import MfMDiT, build_model
 from megatron_mfm.model.geometry import latent_shape
 from megatron_mfm.parallel.initialize import initialize_parallel
-from megatron_mfm.training.loop import layer_spec_for
+from megatron_mfm.training.components import layer_spec_for
 
 GPU_BUCKETS = ["1x256x256", "1x512x512", "1x512x768", "17x256x256", "33x512x512", "49x352x640"]
 

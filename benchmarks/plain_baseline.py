@@ -17,7 +17,8 @@ from megatron_mfm.diffusion.flow_matching import per_sample_mse
 from megatron_mfm.model.config import MfMConfig, to_official_config
 from megatron_mfm.model.dit import MfMDiT
 from megatron_mfm.training.flops import gpu_peak_tflops
-from megatron_mfm.training.loop import Trainer, build_model
+from megatron_mfm.training.components import build_model
+from megatron_mfm.training.loop import Trainer
 
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from megatron_mfm.config import ConfigError, load_config
-from megatron_mfm.training.loop import check_machine, train
+from megatron_mfm.training.components import check_machine
+from megatron_mfm.training.loop import train
 
 # 2 micro-batches a step: the gradients also accumulate in the buffers' dtype.
 TINY_BF16 = ["model.preset=tiny", "model.num_layers=1", "model.backend=local", "train.precision=bf16",
