@@ -316,9 +316,10 @@ def fit_text(text: torch.Tensor, text_mask: torch.Tensor | None,
     Then rows are added up to a multiple of ``row_multiple`` (FP8 GEMMs need 16), masked."""
     mask = None if text_mask is None else text_mask.bool()
     if mask is not None:
-        used = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else mask.shape[1]
-        text, mask = text[:, :used], mask[:, :used]
-        mask = None if mask.all() else mask
+        kept = mask.cpu()  # (B, L): the one wait for the device, to choose the keys' shape
+        columns = kept.any(dim=0).nonzero()
+        used = int(columns[-1]) + 1 if len(columns) else kept.shape[1]
+        text, mask = text[:, :used], (None if kept[:, :used].all() else mask[:, :used])
     batch, length, _ = text.shape
     extra = -length % row_multiple
     if extra:
