@@ -47,6 +47,7 @@ RECOMPUTE = {
     "full": ["model.recompute=true"],
     "selective": ["model.recompute=false", "model.recompute_modules=[layernorm, mlp]"],
     "mlp_act": ["model.recompute=false", "model.recompute_modules=[mlp_act]"],
+    "outputs": ["model.recompute=false", "model.recompute_modules=[layernorm, mlp_act]"],
     "auto": ["model.recompute=auto"],
 }
 OPTIMIZER_STATES = {
@@ -127,8 +128,8 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", nargs="+", type=int, default=[64], help="pixel widths (paired with heights)")
     parser.add_argument("--recompute", nargs="+", default=["none"], type=parse_recompute,
                         help="none, full (every block), first<N> (the first N blocks of each stage), "
-                             "selective (norms/modulation and MLP recomputed), mlp_act (the MLP's GELU output "
-                             "only), auto")
+                             "selective (norm outputs and the MLP recomputed), mlp_act (the MLP's GELU output "
+                             "only), outputs (the norm outputs and the GELU output: layernorm + mlp_act), auto")
     parser.add_argument("--optimizer-state", nargs="+", default=["fp32"], choices=sorted(OPTIMIZER_STATES),
                         help="gradient buffers and Adam moments to sweep: fp32, or bf16 (with the distributed "
                              "optimizer and Transformer Engine's FusedAdam)")

@@ -113,7 +113,7 @@ def test_parity_cases_exercise_every_block_part(single_process_world):
 RECOMPUTE = {
     "none": {},
     "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
-    "selective": dict(recompute_granularity="selective", recompute_modules=["layernorm", "mlp"]),
+    "selective": dict(recompute_granularity="selective", recompute_modules=["mlp"], recompute_norm_outputs=True),
     "first block": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1),
 }
 

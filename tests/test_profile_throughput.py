@@ -112,7 +112,7 @@ def test_compiled_glue_rows_and_kernel_breakdown(tmp_path):
     (["--layouts", "tp3x"], "--layouts"),
     (["--layouts", "tp2"], "--layouts tp2pp1cp1: tp*pp*cp does not divide the world size 1"),
     (["--fp8-recipe", "just-in-time"], "--fp8-recipe"),
-    (["--recompute", "half"], "'half': choose none, full, selective, mlp_act, auto or first<N>"),
+    (["--recompute", "half"], "'half': choose none, full, selective, mlp_act, outputs, auto or first<N>"),
     (["--compare-plain", "--plain-sdpa-backends", "fastest"], "--plain-sdpa-backends"),
     (["--cuda-graph", "full_iteration"], "--cuda-graph full_iteration captures CUDA graphs: it needs a GPU"),
 ], ids=["fp8-on-cpu", "bad-layout", "layout-too-big", "bad-fp8-recipe", "bad-recompute", "bad-sdpa-backend",

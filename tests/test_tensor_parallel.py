@@ -21,7 +21,8 @@ def forward_backward(model: MfMDiT, inputs: dict, weight: torch.Tensor) -> torch
 
 
 def _tp_worker(sequence_parallel: bool, compile_glue: bool, state: dict, inputs: dict, weight: torch.Tensor) -> dict:
-    """The compiled-glue case also recomputes the MLP activation (``mlp_act``)."""
+    """The compiled-glue case also recomputes the MLP activation and the norm outputs (``mlp_act``,
+    ``layernorm``)."""
     from megatron.core import parallel_state
 
     from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel
@@ -29,7 +30,7 @@ def _tp_worker(sequence_parallel: bool, compile_glue: bool, state: dict, inputs:
     initialize_parallel(tensor_parallel_size=2)
     config = make_config(**megatron_config_kwargs(), tensor_model_parallel_size=2,
                          sequence_parallel=sequence_parallel, compile_glue=compile_glue,
-                         recompute_mlp_activation=compile_glue)
+                         recompute_mlp_activation=compile_glue, recompute_norm_outputs=compile_glue)
     model = MfMDiT(config, local_layer_spec())
     fill_from_global(model, state)
     out = forward_backward(model, inputs, weight)
@@ -48,11 +49,11 @@ def _tp_worker(sequence_parallel: bool, compile_glue: bool, state: dict, inputs:
 
 
 @pytest.mark.parametrize("sequence_parallel,compile_glue", [(False, False), (True, False), (True, True)],
-                         ids=["tp2", "tp2-sp", "tp2-sp-compiled-glue-mlp-act"])
+                         ids=["tp2", "tp2-sp", "tp2-sp-compiled-glue-output-recompute"])
 def test_tensor_parallel_matches_single_process(single_process_world, sequence_parallel, compile_glue):
     """The eager single-process model against TP ranks (with SP, with the fused glue: its QK-norm
     all-reduces between fused regions, its modulation gradients sum over TP ranks; with the MLP
-    activation recomputed in backward)."""
+    activation and the norm outputs recomputed in backward)."""
     config = make_config(**megatron_config_kwargs())
     state = from_official(make_reference().state_dict(), config)
     inputs = make_inputs(frames=3)  # 3 x 2 x 3 = 18 tokens: split evenly under SP

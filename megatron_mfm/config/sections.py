@@ -12,7 +12,9 @@ from megatron_mfm.data.packing import PackingConfig
 from megatron_mfm.data.shards.stages import StageConfig
 from megatron_mfm.data.shards.streaming import ShardDataConfig
 from megatron_mfm.data.synthetic import SyntheticConfig
-from megatron_mfm.model.presets import ACTIVATION_RECOMPUTE, ATTENTION_BACKENDS, CONTEXT_PARALLEL_COMM, PRESETS, SELECTIVE_RECOMPUTE_MODULES
+from megatron_mfm.model.presets import (
+    ATTENTION_BACKENDS, CONTEXT_PARALLEL_COMM, OUTPUT_RECOMPUTE_MODULES, PRESETS, SELECTIVE_RECOMPUTE_MODULES,
+)
 
 
 class ConfigError(ValueError):
@@ -45,10 +47,11 @@ class ModelConfig:
     """With ``recompute``: recompute only the first N blocks of each pipeline stage (megatron's
     "block" method) and keep the others' activations, to spend spare memory on speed; 0: all."""
     recompute_modules: list[str] = field(default_factory=list)
-    """Selective recompute instead: any of layernorm (norm/modulation intermediates) and mlp
-    (the 4x-wide MLP activations); [] keeps everything unless ``recompute`` is set. mlp_act
-    recomputes only the MLP's GELU output (one elementwise pass; fc1's output stays kept) and
-    combines with any ``recompute``; a no-op under FP8, whose fc2 keeps an FP8 copy instead."""
+    """Selective recompute: mlp (norm, modulation and the 4x-wide MLP activations) is block
+    selective, so it needs ``recompute`` false; layernorm (the outputs of the three pre-norms and
+    their modulation, freed once their linear has run) and mlp_act (the MLP's GELU output; fc1's
+    output stays kept) each recompute one elementwise pass and combine with any ``recompute``;
+    both are no-ops under FP8, whose linears keep FP8 copies of their inputs instead."""
     attention_backend: str = "auto"
     """Core attention (``model/attention_backends``): auto (FlashAttention-4 where it runs, else
     cuDNN; the CPU keeps torch's SDPA), fa4, cudnn or sdpa (SDPA timed fastest per shape)."""
@@ -61,11 +64,12 @@ class ModelConfig:
         """megatron TransformerConfig fields for full, selective, no or measured (auto) activation
         recompute, and whether the MLP's activation is recomputed on its own."""
         return dict(**self._block_recompute_options(),
-                    recompute_mlp_activation=ACTIVATION_RECOMPUTE in self.recompute_modules)
+                    recompute_norm_outputs="layernorm" in self.recompute_modules,
+                    recompute_mlp_activation="mlp_act" in self.recompute_modules)
 
     @property
     def _selective_modules(self) -> list[str]:
-        return [name for name in self.recompute_modules if name != ACTIVATION_RECOMPUTE]
+        return [name for name in self.recompute_modules if name not in OUTPUT_RECOMPUTE_MODULES]
 
     def _block_recompute_options(self) -> dict:
         """Full, selective, none or auto (which starts from every block recomputed)."""
@@ -97,7 +101,7 @@ class ModelConfig:
             raise ConfigError(f"model.recompute_modules: unknown {unknown}; choose from {SELECTIVE_RECOMPUTE_MODULES}")
         if self.recompute and self._selective_modules:
             raise ConfigError(f"model.recompute_modules: {self._selective_modules} need model.recompute=false (they are "
-                              f"selective recompute; only {ACTIVATION_RECOMPUTE} combines with full or auto)")
+                              f"block-selective recompute; only {list(OUTPUT_RECOMPUTE_MODULES)} combine with full or auto)")
         if self.recompute_num_layers < 0 or (self.recompute_num_layers and self.recompute is not True):
             raise ConfigError(
                 f"model.recompute_num_layers={self.recompute_num_layers}: needs model.recompute=true and >= 0 (0: all)"

@@ -66,6 +66,11 @@ class MfMConfig(TransformerConfig):
     """Pick the number of recomputed blocks from measured memory (``model/recompute_budget.py``);
     needs recompute_granularity="full" with the "block" method, which it then overrides."""
 
+    recompute_norm_outputs: bool = False
+    """Free the outputs of the block's three pre-norms (with their modulation) once the linear that
+    reads them has run, and recompute them when backward reaches it (``model.recompute_modules:
+    [layernorm]``, megatron's meaning); combines with any other recompute."""
+
     recompute_mlp_activation: bool = False
     """Free the MLP's GELU output after fc2's forward and recompute it from fc1's output in
     backward (``model.recompute_modules: [mlp_act]``); combines with any other recompute."""

@@ -5,11 +5,13 @@
     x = x + CrossAttn(RMSNorm(x), text)
     x = x + gate_mlp * MLP(modulate(RMSNorm(x)))
 
-Selective recompute (``recompute_granularity="selective"``) keeps the inputs of the chosen parts
-and recomputes them in backward: ``layernorm`` drops the fp32 intermediates of the norms and the
-modulation, ``mlp`` the norm, modulation and the 4x-wide GELU activations of the MLP.
-``recompute_mlp_activation`` (``mlp_act``) drops only the GELU output that fc2 keeps for its
-weight gradient and recomputes it from fc1's output (which GELU's backward keeps anyway).
+Selective recompute of ``mlp`` (``recompute_granularity="selective"``) keeps the MLP's input and
+recomputes its norm, modulation and 4x-wide GELU activations in backward. Two options free a
+single output that the next linear keeps for its weight gradient, once that linear has run, and
+refill it when backward reaches it (megatron's ``CheckpointWithoutOutput``): ``layernorm``
+(``recompute_norm_outputs``) the three pre-norm outputs, recomputed from the block's residual
+stream (which the norms' backward keeps anyway); ``mlp_act`` (``recompute_mlp_activation``) the
+GELU output, recomputed from fc1's output (which GELU's backward keeps anyway).
 """
 
 from __future__ import annotations
@@ -54,22 +56,24 @@ class MLP(MegatronModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.linear_fc1(x)
-        if not self._recomputes_activation():
-            out, _ = self.linear_fc2(self.config.activation_func(h))
-            return out
-        # GELU runs outside autograd with only h saved; fc2 saves its output, whose storage is freed
-        # once fc2 has run and refilled by recomputing GELU when backward reaches fc2's output.
-        # fp8=None: the recomputed function is a plain elementwise op, no FP8 GEMM to re-enter.
-        activation = tensor_parallel.CheckpointWithoutOutput(fp8=None)
-        out, _ = self.linear_fc2(activation.checkpoint(self.config.activation_func, h))
-        activation.discard_output_and_register_recompute(out)
-        return out
+        return output_discarded(self, self.config.recompute_mlp_activation, self.config.activation_func, (h,),
+                                lambda activation: self.linear_fc2(activation)[0])
 
-    def _recomputes_activation(self) -> bool:
-        """``mlp_act`` in a training forward that builds a graph, in bf16/fp32: under FP8, fc2 keeps
-        its FP8 copy of the activation, not the activation, so there is nothing to drop."""
-        selected = self.config.recompute_mlp_activation and self.config.fp8 is None
-        return selected and self.training and torch.is_grad_enabled()
+
+def output_discarded(
+    module: MegatronModule, selected: bool, function: Callable, args: tuple[torch.Tensor, ...], consumer: Callable
+) -> torch.Tensor:
+    """``consumer(function(*args))``; when ``selected``, in a training forward in bf16/fp32,
+    ``function``'s output is freed once ``consumer`` has run and recomputed from ``args`` when
+    backward reaches ``consumer``'s output. Under FP8 the linears keep FP8 copies of their inputs,
+    not the inputs, so there is nothing to free."""
+    if not (selected and module.training and torch.is_grad_enabled() and module.config.fp8 is None):
+        return consumer(function(*args))
+    # fp8=None: the recomputed function is elementwise glue, no FP8 GEMM to re-enter.
+    checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=None)
+    out = consumer(checkpoint.checkpoint(function, *args))
+    checkpoint.discard_output_and_register_recompute(out)
+    return out
 
 
 @dataclass
@@ -110,12 +114,14 @@ class TransformerLayer(MegatronModule):
             return modulation_rows(rows, emb.float()).chunk(6, dim=-1)
         return [m[None] for m in emb.float().chunk(6, dim=-1)]
 
-    def _recomputed(self, part: str, function: Callable, *args: torch.Tensor) -> torch.Tensor:
-        """``function(*args)``, recomputed in backward when ``part`` is selected for recompute."""
-        selected = self.config.recompute_granularity == "selective" and part in self.config.recompute_modules
-        if self.training and selected:
-            return tensor_parallel.checkpoint(function, False, *args)
-        return function(*args)
+    def _normed_into(self, consumer: Callable, norm: Callable, *args: torch.Tensor) -> torch.Tensor:
+        """``consumer(norm(*args))``, the norm's output freed after use under ``layernorm``."""
+        return output_discarded(self, self.config.recompute_norm_outputs, norm, args, consumer)
+
+    def _mlp_recomputed(self) -> bool:
+        """Block-selective ``mlp`` recompute: the MLP's input kept, the rest recomputed."""
+        selected = self.config.recompute_granularity == "selective" and "mlp" in self.config.recompute_modules
+        return selected and self.training
 
     def _attention_input(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return self.glue.layer_norm_modulate(x, shift, scale)
@@ -127,7 +133,7 @@ class TransformerLayer(MegatronModule):
         return self.glue.rms_norm_modulate(x, self.mlp_norm.weight, self.mlp_norm.eps, shift, scale)
 
     def _modulated_mlp(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self._recomputed("layernorm", self._mlp_input, x, shift, scale))
+        return self._normed_into(self.mlp, self._mlp_input, x, shift, scale)
 
     def forward(
         self,
@@ -146,9 +152,13 @@ class TransformerLayer(MegatronModule):
             token_mask, text_mask = packed.self_attention, packed.cross_attention
         rows = None if packed is None else packed.modulation_index
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c, rows)
-        attn_in = self._recomputed("layernorm", self._attention_input, x, shift_msa, scale_msa)
-        x = self.glue.gated_residual(x, gate_msa, self.self_attention(attn_in, rope, token_mask))
-        cross_in = self._recomputed("layernorm", self._cross_attention_input, x)
-        x = x + self.cross_attention(cross_in, text, text_mask, rope)
-        mlp = self._recomputed("mlp", self._modulated_mlp, x, shift_mlp, scale_mlp)
+        attention = self._normed_into(lambda attn_in: self.self_attention(attn_in, rope, token_mask),
+                                      self._attention_input, x, shift_msa, scale_msa)
+        x = self.glue.gated_residual(x, gate_msa, attention)
+        x = x + self._normed_into(lambda cross_in: self.cross_attention(cross_in, text, text_mask, rope),
+                                  self._cross_attention_input, x)
+        if self._mlp_recomputed():
+            mlp = tensor_parallel.checkpoint(self._modulated_mlp, False, x, shift_mlp, scale_mlp)
+        else:
+            mlp = self._modulated_mlp(x, shift_mlp, scale_mlp)
         return self.glue.gated_residual(x, gate_mlp, mlp)

@@ -22,9 +22,10 @@ CONTEXT_PARALLEL_COMM = ("a2a", "p2p")
 SELECTIVE_RECOMPUTE_MODULES = ("layernorm", "mlp", "mlp_act")
 """Parts of a block that selective recompute can drop and recompute in backward."""
 
-ACTIVATION_RECOMPUTE = "mlp_act"
-"""The module of ``SELECTIVE_RECOMPUTE_MODULES`` that is no block recompute (only the MLP's GELU
-output is recomputed), so it combines with full or auto recompute of the blocks."""
+OUTPUT_RECOMPUTE_MODULES = ("layernorm", "mlp_act")
+"""The modules of ``SELECTIVE_RECOMPUTE_MODULES`` that free one output once its consumer has run
+and recompute it when backward reaches that consumer (megatron's ``CheckpointWithoutOutput``):
+no block recompute, so they combine with full or auto recompute of the blocks."""
 
 ATTENTION_BACKENDS = ("auto", "fa4", "cudnn", "sdpa")
 """Core attentions of ``model.attention_backend`` (``model/attention_backends``)."""

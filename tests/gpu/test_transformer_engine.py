@@ -116,28 +116,31 @@ def test_fp8_follows_bf16_and_recomputes_exactly(world, recipe):
     assert torch.equal(out_recomputed, out_fp8) and worst < 1e-2
 
 
-def test_mlp_act_recompute_keeps_less_and_changes_nothing(world):
-    """``mlp_act`` on TE linears in bf16: the same output (bits) and gradients (attention backward
-    may accumulate in another order), and one (tokens x batch x 4D) bf16 activation less kept per
-    block at the end of the forward."""
+@pytest.mark.parametrize("option", ["mlp_act", "layernorm"])
+def test_output_recompute_keeps_less_and_changes_nothing(world, option):
+    """``mlp_act`` / ``layernorm`` on TE linears in bf16: the same output (bits) and gradients
+    (attention backward may accumulate in another order), and one (tokens x batch x 4D) bf16
+    activation / three (tokens x batch x D) ones less kept per block at the end of the forward."""
+    field = {"mlp_act": "recompute_mlp_activation", "layernorm": "recompute_norm_outputs"}[option]
     inputs = _inputs(_random_te_model(None).config, torch.bfloat16)
     results = {}
     for recompute in (False, True):
-        model = _random_te_model(None, recompute_mlp_activation=recompute)
+        model = _random_te_model(None, **{field: recompute})
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         out = model(**inputs)
         kept = torch.cuda.memory_allocated() - before
         (out.float() * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum().backward()
         results[recompute] = out.detach(), {n: p.grad.float() for n, p in model.named_parameters()}, kept
-    (out, grads, kept), (out_act, grads_act, kept_act) = results[False], results[True]
+    (out, grads, kept), (out_freed, grads_freed, kept_freed) = results[False], results[True]
     config = _random_te_model(None).config
     tokens = 5 * (16 // 2) * (24 // 2) * 2  # frames x patches x batch
-    activation_bytes = config.num_layers * tokens * config.ffn_hidden_size * 2
-    worst = max(((grads_act[n] - g).norm() / g.norm().clamp_min(1e-12)).item() for n, g in grads.items())
-    print(f"mlp_act: kept {kept / 2**20:.1f} -> {kept_act / 2**20:.1f} MiB, worst gradient rel err {worst:.2e}")
-    assert torch.equal(out_act, out) and worst < 1e-2
-    assert kept - kept_act >= 0.95 * activation_bytes
+    width = config.ffn_hidden_size if option == "mlp_act" else 3 * config.hidden_size
+    freed_bytes = config.num_layers * tokens * width * 2
+    worst = max(((grads_freed[n] - g).norm() / g.norm().clamp_min(1e-12)).item() for n, g in grads.items())
+    print(f"{option}: kept {kept / 2**20:.1f} -> {kept_freed / 2**20:.1f} MiB, worst gradient rel err {worst:.2e}")
+    assert torch.equal(out_freed, out) and worst < 1e-2
+    assert kept - kept_freed >= 0.95 * freed_bytes
 
 
 def test_fp8_fc2_keeps_no_bf16_copy_of_its_input(world):
