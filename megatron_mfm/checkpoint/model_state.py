@@ -112,7 +112,13 @@ def load_model(model: MfMDiT, path: str | Path) -> None:
     request = _saved_extra_states_only(model.sharded_state_dict(), path)
     loaded = load_dist_checkpoint(request, path)
     # A training checkpoint also returns its common (non-tensor) state: keep the model's part.
-    model.load_state_dict(to_local_keys(model, {k: v for k, v in loaded.items() if k in request}))
+    state = to_local_keys(model, {k: v for k, v in loaded.items() if k in request})
+    # Modules whose extra state the checkpoint lacks keep their own: TE's modules, unlike
+    # megatron's local linears, have no default for a missing one in a strict load.
+    for key, value in model.state_dict().items():
+        if key.endswith(EXTRA_STATE):
+            state.setdefault(key, value)
+    model.load_state_dict(state)
 
 
 def _saved_extra_states_only(request: dict, path: Path) -> dict:

@@ -2,10 +2,11 @@
 CuTe DSL kernels JIT-compiled on first use): 1.25x cuDNN at head dim 64 on an H200, forward and
 backward. bshd layout, 16-bit inputs, sm90 / sm100 only.
 
-Padded keys: the kernels take a per-sample count of used keys (``seqused_k``), which covers keys
-padded at the end, as self-attention's padding always is (``TokenLayout``). Cross-attention runs
-on FA4 when its text keys need no mask (one prompt per micro-batch: ``model/dit.fit_text`` drops
-the padding) and on cuDNN when they do (see ``FA4CoreAttention``).
+Padded keys run on cuDNN: FA4 4.0.0b36's backward with a per-sample count of used keys
+(``seqused_k``) is wrong on sm90 (see ``FA4CoreAttention``). Cross-attention runs on FA4 when its
+text keys need no mask (one prompt per micro-batch: ``model/dit.fit_text`` drops the padding),
+self-attention whenever the sequence is not padded (``TokenLayout`` pads only for FP8, SP or CP
+divisibility).
 
 Packed sequences: self-attention is one ``flash_attn_varlen_func`` call over the segments'
 ``cu_seqlens``; ring CP over a packed sequence runs torch's masked kernels instead
@@ -61,10 +62,11 @@ class FA4CoreAttention(torch.nn.Module):
 
     def __init__(self, config, cross_attention: bool):
         super().__init__()
-        # Masked cross-attention runs on cuDNN: FA4 4.0.0b36's backward gave wrong dk/dv (0.8
-        # relative error) for a masked 80-key cross-attention on an H200, and NaN training losses
-        # (2026-11-29); unmasked short keys are right (tests/gpu/test_fa4.py).
-        self.masked_text_attention = SDPACoreAttention(config, True, kernel="cudnn") if cross_attention else None
+        # Masked attention runs on cuDNN: FA4 4.0.0b36's backward with ``seqused_k`` gave wrong
+        # dk/dv (0.8 relative error) for a masked 80-key cross-attention on an H200, and NaN
+        # training losses (2026-11-29), and a wrong dv (0.25) for 937 of 1000 self-attention keys
+        # (2026-11-30); unmasked keys are right (tests/gpu/test_fa4.py).
+        self.masked_attention = SDPACoreAttention(config, cross_attention, kernel="cudnn")
         self.ring_kernels = FA4_RING_KERNELS
 
     def runs_ring(self, query: torch.Tensor, key_padding_mask: torch.Tensor | None) -> bool:
@@ -72,8 +74,8 @@ class FA4CoreAttention(torch.nn.Module):
         return False
 
     def forward(self, query, key, value, key_padding_mask: torch.Tensor | Segments | None = None) -> torch.Tensor:
-        if self.masked_text_attention is not None and key_padding_mask is not None:
-            return self.masked_text_attention(query, key, value, key_padding_mask)
+        if isinstance(key_padding_mask, torch.Tensor):
+            return self.masked_attention(query, key, value, key_padding_mask)
         fa4 = _interface()
         if isinstance(key_padding_mask, Segments):  # a packed sequence: one varlen call, batch 1
             segments = key_padding_mask
@@ -82,11 +84,7 @@ class FA4CoreAttention(torch.nn.Module):
                 cu_seqlens_k=segments.cu_seqlens, max_seqlen_q=segments.max_seqlen, max_seqlen_k=segments.max_seqlen)
             return out.flatten(1)[:, None]
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # (B, S, heads, D)
-        if key_padding_mask is None:
-            out, _ = fa4.flash_attn_func(q, k, v)
-        else:  # end-of-sequence padding (TokenLayout): a count of used keys per sample
-            used = key_padding_mask.sum(dim=1, dtype=torch.int32)
-            out, _ = fa4.flash_attn_varlen_func(q, k, v, seqused_k=used)
+        out, _ = fa4.flash_attn_func(q, k, v)
         return out.transpose(0, 1).flatten(2)
 
 
