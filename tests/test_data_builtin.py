@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 import zlib
 
 import pytest
@@ -97,6 +100,35 @@ def test_synthetic_workers_render_the_same_batches_ahead_and_resume():
         assert all(torch.equal(a.pixels, b.pixels) for a, b in zip(resumed, expected))
     finally:
         ahead.close()
+
+
+def test_workers_outlive_a_preemption_signal():
+    """A scheduler's SIGTERM reaches the whole process group (SLURM, ``timeout``): the workers
+    must leave it to the training process, which saves and stops, needing one more step's data
+    (an H200 run lost its checkpoint when they died first: BrokenProcessPool)."""
+    plain, ahead = _loader(workers=0), _loader(workers=2)
+    try:
+        plain.next_global_batch(), ahead.next_global_batch()
+        workers = list(ahead._pool._processes.values())
+        assert len(workers) == 2
+        deadline = time.monotonic() + 30  # a worker still importing torch has not yet set up
+        while not all(_ignores_sigterm(worker.pid) for worker in workers):
+            assert time.monotonic() < deadline, "the workers never set SIGTERM aside"
+            time.sleep(0.1)
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGTERM)
+        time.sleep(0.5)  # a worker that acts on it is gone by now
+        assert all(worker.is_alive() for worker in workers)
+        for want, got in zip(plain.next_global_batch(), ahead.next_global_batch()):
+            assert torch.equal(want.pixels, got.pixels)
+    finally:
+        ahead.close()
+
+
+def _ignores_sigterm(pid: int) -> bool:
+    """The process's ignored-signal mask (Linux /proc) has SIGTERM."""
+    mask = next(line for line in open(f"/proc/{pid}/status") if line.startswith("SigIgn:"))
+    return bool(int(mask.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
 
 
 def test_simpler_synthetic_scenes_and_their_validation():
