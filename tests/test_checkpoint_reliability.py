@@ -198,3 +198,30 @@ def test_sigterm_without_a_save_folder_says_nothing_was_saved(single_process_wor
     out = capsys.readouterr().out
     assert "SIGTERM: stopped at iteration" in out and "nothing saved (checkpoint.save is empty)" in out
     assert "saved iteration" not in out
+
+
+def test_async_save_and_workers_outlive_a_preemption_signal_to_every_process(tmp_path):
+    """``scancel``/``timeout`` signal every process of a run: the data workers and megatron's
+    asynchronous checkpoint writer (with the processes it spawns) must outlive it until the
+    training process has published its final checkpoint (before: the writer's manager process
+    died, the final save failed with 'Connection refused' and left only its .tmp folder)."""
+    save_dir = tmp_path / "ckpt"
+    overrides = [*TINY_RUN, "train.iterations=100000", "data.synthetic.workers=1", "checkpoint.async_save=true",
+                 "checkpoint.interval=3", "checkpoint.keep_last=1", f"checkpoint.save={save_dir}"]
+    run = subprocess.Popen([sys.executable, "pretrain_mfm.py", *overrides], cwd=ROOT, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 240
+        while not (save_dir / "latest").exists():  # a first checkpoint: the writer machinery exists
+            assert run.poll() is None and time.monotonic() < deadline, "no checkpoint was published"
+            time.sleep(0.2)
+        os.killpg(run.pid, signal.SIGTERM)  # every process of the run, as a scheduler does
+        out, _ = run.communicate(timeout=240)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 0, out[-3000:]
+    saved = int(out.split("SIGTERM: saved iteration ")[1].split()[0])
+    assert (save_dir / "latest").read_text().strip() == f"iter_{saved:07d}"
+    assert not list(save_dir.glob("*.tmp"))

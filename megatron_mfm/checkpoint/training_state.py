@@ -11,6 +11,7 @@ training checkpoints directly.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -45,6 +46,7 @@ from megatron_mfm.model.config import architecture_of
 from megatron_mfm.model.dit import ModelChunks
 from megatron_mfm.parallel.mcore_version import load_dist_checkpoint, save_dist_checkpoint
 from megatron_mfm.utils.atomic import fsync_dir, fsync_tree, is_disk_full
+from megatron_mfm.utils.preemption import children_shielded
 
 
 class ShardedEMA(Protocol):
@@ -172,13 +174,17 @@ class Checkpointer:
             total = time.perf_counter() - start
             self.finished.append(SaveReport(iteration, returned[0] if returned else total, total, size))
 
-        try:
-            request = save_dist_checkpoint(state, tmp, self.async_save)
-        except Exception as error:  # megatron raises the write failures on every rank
-            _agree(error, final, tmp)
+        # megatron's asynchronous writer starts processes (a results manager on the first save,
+        # a writer each save) that must finish a pre-empted run's final save
+        with children_shielded() if self.async_save else contextlib.nullcontext():
+            try:
+                request = save_dist_checkpoint(state, tmp, self.async_save)
+            except Exception as error:  # megatron raises the write failures on every rank
+                _agree(error, final, tmp)
+            if self.async_save:
+                request.add_finalize_fn(publish)
+                self.queue.schedule_async_request(request)
         if self.async_save:
-            request.add_finalize_fn(publish)
-            self.queue.schedule_async_request(request)
             returned.append(time.perf_counter() - start)
         else:
             dist.barrier()

@@ -14,7 +14,6 @@ without joining parts (a ``torch.cat`` of a step's 75 MB cost it ~45 ms of CPU a
 from __future__ import annotations
 
 import multiprocessing
-import signal
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -27,6 +26,7 @@ from megatron_mfm.data.batch import MicroBatch, collate
 from megatron_mfm.data.rng import Stream, sample_generator
 from megatron_mfm.data.synthetic import SyntheticVideoDataset
 from megatron_mfm.tasks.mixture import TaskMixture
+from megatron_mfm.utils.preemption import children_shielded
 
 
 @dataclass
@@ -66,7 +66,8 @@ class SyntheticLoader:
         self.consumed_samples = 0
         workers, prefetch = dataset.config.workers, dataset.config.prefetch_steps
         self._pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                          initializer=_init_worker) if workers else None)
+                                          initializer=torch.set_num_threads, initargs=(1,))
+                      if workers else None)
         # steps being rendered, from consumed_samples on: each its micro-batches
         self._queue: deque[list[Future]] = deque()
         # at least one micro-batch a worker in flight
@@ -85,9 +86,10 @@ class SyntheticLoader:
         if self._pool is None:
             batches = [self.micro_batch(slot) for slot in self._slots(0)]
         else:
-            while len(self._queue) <= self.ahead_steps:
-                self._queue.append([self._pool.submit(self.micro_batch, slot)
-                                    for slot in self._slots(len(self._queue))])
+            with children_shielded():  # a submit may start a worker
+                while len(self._queue) <= self.ahead_steps:
+                    self._queue.append([self._pool.submit(self.micro_batch, slot)
+                                        for slot in self._slots(len(self._queue))])
             batches = [future.result() for future in self._queue.popleft()]
         self.consumed_samples += self.gbs
         return batches
@@ -106,11 +108,3 @@ class SyntheticLoader:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
 
-
-def _init_worker() -> None:
-    """One thread a worker; the training process alone acts on SIGTERM/SIGINT. A scheduler's
-    pre-emption notice (SLURM, ``timeout``) reaches the whole process group: a worker it killed
-    would break the pool before the training process had saved its checkpoint."""
-    torch.set_num_threads(1)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
