@@ -10,6 +10,9 @@ FA4 varlen or TE THD for packs; CPU: SDPA with block masks). Writes JSON.
   CPU smoke:  python benchmarks/packing.py --preset tiny --buckets 1x32x32 1x64x64 5x32x32 9x64x64 \
                   --token-budget 128 --samples 12 --repeats 1 --output /tmp/packing.json
   GPU:        python benchmarks/packing.py --preset mfm-2b --layers 4 --precision bf16 --output packing.json
+
+The real tokens are the same both ways and no micro-batch computes padding (a bucketed one is
+just shorter), so packing can win only by running fewer, larger micro-batches.
 """
 
 from __future__ import annotations
@@ -104,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=4, help="transformer layers (0: the preset's)")
     parser.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32")
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--glue", choices=("eager", "compiled"), default="compiled" if torch.cuda.is_available() else "eager",
+                        help="model.compile_glue (default: compiled on a GPU, as training runs)")
     parser.add_argument("--buckets", nargs="+", default=GPU_BUCKETS, help="FRAMESxHEIGHTxWIDTH each")
     parser.add_argument("--token-budget", type=int, default=16384)
     parser.add_argument("--samples", type=int, default=32)
@@ -117,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     overrides = [f"model.preset={args.preset}", f"train.precision={args.precision}",
-                 f"model.attention_backend={args.attention_backend}"]
+                 f"model.attention_backend={args.attention_backend}", f"model.compile_glue={args.glue == 'compiled'}"]
     if args.layers:
         overrides.append(f"model.num_layers={args.layers}")
     config = load_config(overrides=overrides)
@@ -128,6 +133,7 @@ def main(argv=None) -> dict:
     samples = draw_samples([Bucket.parse(b) for b in args.buckets], args.samples, args.image_fraction, args.seed)
     real_tokens = sum(s.tokens for s in samples)
     result = {"preset": args.preset, "layers": config.to_model_config().num_layers, "precision": args.precision,
+              "glue": args.glue, "attention_backend": args.attention_backend,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "token_budget": args.token_budget, "samples": len(samples), "tokens": real_tokens,
               "buckets": sorted({s.name for s in samples})}

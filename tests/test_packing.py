@@ -65,6 +65,39 @@ def test_samples_do_not_see_each_other(single_process_world):
     assert not torch.allclose(before[1], after[1])
 
 
+def test_modulation_rows_gradient_sums_each_sample():
+    """Per-token rows of per-sample values (the padding row zero): gradient of each sample's
+    values is the sum over its rows, as autograd's indexing gives it."""
+    from megatron_mfm.model.packing import modulation_rows
+
+    g = torch.Generator().manual_seed(0)
+    index = torch.tensor([0, 0, 0, 1, 2, 2, 3, 3])  # samples 0..2, then two padding rows (3)
+    values = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    reference = values.detach().clone().requires_grad_()
+    weights = torch.randn(len(index), 1, 5, generator=g, dtype=torch.float64)
+    rows = modulation_rows(index, values)
+    expected = torch.cat([reference, reference.new_zeros(1, 5)])[index][:, None]
+    assert torch.equal(rows, expected)
+    (rows * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(values.grad, reference.grad)
+
+
+def test_one_group_pack_runs_as_its_batch(single_process_world):
+    """A pack of one shape runs as a plain batch: bit-identical to the unpacked forward of its
+    samples, and equal to each sample alone."""
+    model = build_model()
+    inputs = packed_inputs()
+    one_group = dict(inputs, latents=inputs["latents"][:1], condition=inputs["condition"][:1],
+                     **{key: inputs[key][:2] for key in ("timestep", "text", "text_mask", "motion_score")})
+    with torch.no_grad():
+        (packed,) = model(**one_group)
+        batch = model(**dict(one_group, latents=one_group["latents"][0], condition=one_group["condition"][0]))
+        (alone,) = samples_alone(model, one_group)
+    assert torch.equal(packed, batch)
+    assert relative_error(packed, alone) < 1e-5
+
+
 def test_packs_keep_every_sample_within_the_budget():
     """Two image micro-batches and a clip micro-batch regrouped: every sample once, packs within
     the budget, one part per shape."""

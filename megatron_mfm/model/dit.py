@@ -123,7 +123,8 @@ class MfMDiT(MegatronModule):
 
         Args:
             latents: noisy VAE latents (B, C, T, H, W); images have T = 1. A list of such
-                groups (shapes may differ) is one packed sequence (``forward_packed``).
+                groups (shapes may differ) is one packed sequence (``forward_packed``); a list
+                of one group runs as that batch.
             timestep: sigma * 1000, (B,).
             text: text-encoder states (B, L, C_text).
             text_mask: (B, L), True/1 for real tokens.
@@ -134,6 +135,11 @@ class MfMDiT(MegatronModule):
             velocity (B, C, T, H, W) on the last pipeline stage, else hidden tokens with ``c``
             appended, (S/sp + 1, B, D).
         """
+        if isinstance(latents, (list, tuple)) and len(latents) == 1 and self.pre_process and self.post_process:
+            # one shape is a plain batch: no per-token modulation, no block masks (with pipeline
+            # stages the packed layout stays, as the schedule sized its messages for it)
+            return [self.forward(latents[0], timestep, text, text_mask, None if condition is None else condition[0],
+                                 motion_score)]
         if isinstance(latents, (list, tuple)):
             return self.forward_packed(list(latents), timestep, text, text_mask, condition, motion_score)
         batch, _, frames, height, width = latents.shape

@@ -146,6 +146,27 @@ class PackedAttention:
     """(rows,) the row of ``c`` (padded with one zero row) each of this rank's block rows uses."""
 
 
+class _SampleRows(torch.autograd.Function):
+    """Per-sample values -> per-token rows, whose gradient sums each sample's rows in one GEMM.
+
+    Autograd's own backward of ``values[index]`` is ``index_put_`` with accumulation, on CUDA a
+    sort-based kernel that adds the duplicates of one index serially: a sample's thousands of
+    tokens, 6 x hidden wide, in every block. A (rows, samples) membership matrix turns the sum
+    into one deterministic matrix product."""
+
+    @staticmethod
+    def forward(ctx, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.samples = values.shape[0]
+        return F.pad(values, (0, 0, 0, 1)).index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
+        (index,) = ctx.saved_tensors
+        membership = F.one_hot(index, ctx.samples + 1)[:, :ctx.samples].to(grad.dtype)  # padding: no sample
+        return None, membership.T @ grad
+
+
 def modulation_rows(index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """(n, F) per-sample values -> (rows, 1, F) per token; index ``n`` (padding) gets zeros."""
-    return F.pad(values, (0, 0, 0, 1))[index][:, None]
+    return _SampleRows.apply(index, values)[:, None]

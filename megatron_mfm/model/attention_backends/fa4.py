@@ -9,7 +9,7 @@ self-attention whenever the sequence is not padded (``TokenLayout`` pads only fo
 divisibility).
 
 Packed sequences: self-attention is one ``flash_attn_varlen_func`` call over the segments'
-``cu_seqlens``; ring CP over a packed sequence runs torch's masked kernels instead
+``cu_seqlens``; cross-attention to the packed text runs on cuDNN with the block mask; ring CP over a packed sequence runs torch's masked kernels instead
 (``ring_attention``).
 
 Ring CP: the forward kernel returns the log-sum-exp the ring merge needs (``return_lse``); the
@@ -74,7 +74,10 @@ class FA4CoreAttention(torch.nn.Module):
         return False
 
     def forward(self, query, key, value, key_padding_mask: torch.Tensor | Segments | None = None) -> torch.Tensor:
-        if isinstance(key_padding_mask, torch.Tensor):
+        if isinstance(key_padding_mask, torch.Tensor) or (
+                isinstance(key_padding_mask, Segments) and key_padding_mask.cu_seqlens is None):
+            # padded keys; or a packed cross-attention: queries and text keys hold different
+            # segments, so no shared ``cu_seqlens`` (the block mask over all text keys)
             return self.masked_attention(query, key, value, key_padding_mask)
         fa4 = _interface()
         if isinstance(key_padding_mask, Segments):  # a packed sequence: one varlen call, batch 1
