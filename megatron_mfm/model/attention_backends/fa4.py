@@ -9,8 +9,8 @@ self-attention whenever the sequence is not padded (``TokenLayout`` pads only fo
 divisibility).
 
 Packed sequences: self-attention is one ``flash_attn_varlen_func`` call over the segments'
-``cu_seqlens``; cross-attention to the packed text runs on cuDNN with the block mask; ring CP over a packed sequence runs torch's masked kernels instead
-(``ring_attention``).
+``cu_seqlens``; cross-attention to the packed text runs on cuDNN with the block mask; ring CP
+over a packed sequence runs torch's masked kernels instead (``ring_attention``).
 
 Ring CP: the forward kernel returns the log-sum-exp the ring merge needs (``return_lse``); the
 ring's backward runs each block's backward from the FINAL output and LSE, which the public
