@@ -179,6 +179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--load", required=True, help="checkpoint (iter_XXXXXXX) or save directory (its latest)")
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    parser.add_argument("--backend", choices=("auto", "te", "local"), default="auto",
+                        help="the model's layers: Transformer Engine where installed (auto), te, or torch-native")
     parser.add_argument("--config", help="the run's YAML: clip size and sampling settings come from it")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--samples", type=int, default=4, help="held-out clips per task")
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     initialize_parallel()
     try:
         try:
-            model = build_from_checkpoint(args.load, args.weights, backend="auto")
+            model = build_from_checkpoint(args.load, args.weights, backend=args.backend)
         except (FileNotFoundError, ValueError) as error:
             raise SystemExit(f"evaluate.py: --load {args.load}: {error}") from None
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
