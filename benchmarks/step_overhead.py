@@ -9,7 +9,13 @@ totals and syncs, the EMA update and the logging line. Each figure is the median
 ``--repeats`` timed calls in milliseconds per micro-batch; ``train_step`` is a whole optimizer
 step (rendering the clips included: in a real run worker processes do that off the step).
 
+``--count-ops``: the step's would-be kernel launches by phase (``benchmarks/op_counts.py``);
+``--kernels``: the GPU kernel time of one more step and its top kernels
+(``benchmarks/kernel_profile.kernel_breakdown``), to read against ``train_step``: a step much
+longer than its kernels is host-bound, one as long is GPU-bound.
+
   python benchmarks/step_overhead.py --output runs/step_overhead.json
+  python benchmarks/step_overhead.py --count-ops --repeats 1 model.num_layers=8 train.precision=bf16
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from typing import Callable
 
 import torch
 
+from benchmarks.kernel_profile import kernel_breakdown
+from benchmarks.op_counts import step_kernel_counts
 from megatron_mfm.config import load_config
 from megatron_mfm.data.batch import collate
 from megatron_mfm.data.rng import Stream, sample_generator
@@ -97,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"({' '.join(DEFAULT_OVERRIDES)})")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per part; the median counts")
     parser.add_argument("--output", type=Path, help="JSON file for the figures")
+    parser.add_argument("--count-ops", action="store_true", help="also count a step's kernel launches by phase")
+    parser.add_argument("--kernels", action="store_true", help="also profile a step's GPU kernels")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -109,11 +119,14 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = loop.setup(config)
     try:
         figures = measure(trainer, args.repeats)
+        extra = {"kernel_launches_per_step": step_kernel_counts(trainer)} if args.count_ops else {}
+        if args.kernels:
+            extra["kernels_of_a_step"] = kernel_breakdown(lambda: loop.train_step(trainer))
     finally:
         trainer.loader.close()
     result = {"config": args.config, "overrides": [*DEFAULT_OVERRIDES, *args.overrides],
               "micro_batch_size": config.train.micro_batch_size, "threads": torch.get_num_threads(),
-              "ms_per_micro_batch": figures}
+              "ms_per_micro_batch": figures, **extra}
     text = json.dumps(result, indent=1)
     if args.output:
         atomic_write_text(args.output, text + "\n")
