@@ -14,7 +14,8 @@ ckpt="$OUT/checkpoints/$(cat "$OUT/checkpoints/latest")"
 "$PY" tools/convert_checkpoint.py export-official --load "$ckpt" --output "$OUT/export/transformer" --weights ema
 # The tiny run trains at small shifts: sample with a matching scheduler shift (the official 3 suits 2B/8B).
 "$PY" tools/sample.py --load "$ckpt" --tasks t2v i2v --output "$OUT/samples" --steps 30 --guidance-scale 3 \
-  --schedule scheduler --shift 1.5 --frames 5 --height 32 --width 32 --negative-prompt ""  # the demo's clip size
+  --schedule scheduler --shift 1.5 --frames 5 --height 32 --width 32 --negative-prompt "" \
+  --data-config examples/tiny_cpu.yaml  # the demo's clip size and scenes
 # Per-task metrics on held-out clips of the demo's data (given-frame PSNR of i2v, colours of t2v)
 "$PY" -m tools.evaluate --load "$ckpt" --config examples/tiny_cpu.yaml --tasks t2v i2v --samples 3 --output "$OUT/eval"
 "$PY" -m tools.summarize_run "$OUT/metrics.jsonl"

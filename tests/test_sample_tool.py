@@ -174,3 +174,23 @@ def test_refuses_a_used_output_folder_and_a_wrong_source(tmp_path):
         assert isinstance(exit_info.value.code, str) and message in exit_info.value.code
         assert "\n" not in exit_info.value.code
     assert (used / "t2v.mp4").read_bytes() == b"earlier sample"
+
+
+def test_reference_clips_follow_the_training_runs_scenes(tmp_path):
+    """--data-config: a task given no file samples from a synthetic clip of the run's own scenes
+    (the demo trains on one shape on a plain or gradient ground; the built-in mix has up to three
+    shapes on four kinds of ground), and a bad file is named."""
+    common = ["--official", "x", "--output", str(tmp_path), "--tasks", "i2v", "--frames", "5", "--height", "32",
+              "--width", "32"]
+    demo = ["--data-config", str(ROOT / "examples" / "tiny_cpu.yaml")]
+
+    def captions(extra: list[str]) -> set[str]:
+        args = [sample_tool.parse_args([*common, *extra, "--synthetic-index", str(i)]) for i in range(8)]
+        return {sample_tool.prepared_sample(TaskInputs("i2v"), a).sample.prompt.split(" #")[0] for a in args}
+
+    patterned = ("striped", "checkered")  # grounds the demo's scenes leave out
+    assert all(" and " not in c and not any(p in c for p in patterned) for c in captions(demo)), captions(demo)
+    default = captions([])
+    assert any(" and " in c for c in default) and any(p in c for c in default for p in patterned), default
+    with pytest.raises(SystemExit):
+        sample_tool.parse_args([*common, "--data-config", str(tmp_path / "missing.yaml")])

@@ -26,6 +26,7 @@ per task seeded by --seed, as the official script's generator does over its prom
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from megatron_mfm.utils.warnings_filter import quiet_known_warnings
 quiet_known_warnings()
 
 from megatron_mfm.checkpoint.model_state import build_from_checkpoint, build_from_official
+from megatron_mfm.config import ConfigError, load_config
 from megatron_mfm.data.synthetic import SyntheticConfig, SyntheticVideoDataset
 from megatron_mfm.diffusion.generation import OFFICIAL_TASK_DEFAULTS, SamplingConfig, generate, official_prompt, task_sample_for
 from megatron_mfm.diffusion.sampler import FlowMatchScheduler
@@ -78,8 +80,8 @@ def geometry_of(task: str, args: argparse.Namespace) -> Geometry:
 def prepared_sample(request: TaskInputs, args: argparse.Namespace) -> PreparedSample:
     """The request's condition from its files, or from a synthetic clip when it has none."""
     geometry = geometry_of(request.task, args)
-    synthetic = SyntheticVideoDataset(SyntheticConfig(frames=geometry.frames, height=geometry.height,
-                                                      width=geometry.width, fps=args.fps))
+    synthetic = SyntheticVideoDataset(dataclasses.replace(args.reference_data, frames=geometry.frames,
+                                                          height=geometry.height, width=geometry.width, fps=args.fps))
     if request.has_media or request.task in ("t2i", "t2v"):
         caption = request.prompt or synthetic.clip(args.synthetic_index, is_image=True).caption
         prompt = official_prompt(caption, request.task, args.fps)
@@ -112,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="what the mask's white pixels are: known (the official convention) or to generate")
     parser.add_argument("--negative-prompt", help="prompt of the unguided branch (default: the task's official one)")
     parser.add_argument("--synthetic-index", type=int, default=10**6, help="synthetic clip for tasks given no file")
+    parser.add_argument("--data-config", help="a training run's YAML: the synthetic clips of tasks given no file "
+                        "follow its data.synthetic scenes (shapes, backgrounds; default: the built-in mix)")
     parser.add_argument("--frames", type=int, default=97, help="frames (4k+1) of t2v and the generation tasks; "
                         "at most this many input frames for the video editing tasks")
     parser.add_argument("--height", type=int, help="canvas height, a multiple of 16 (default: the task's official one)")
@@ -148,6 +152,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give both --height and --width, or neither")
     if (args.frames - 1) % 4 or (args.height or 0) % 16 or (args.width or 0) % 16:
         parser.error(f"--frames {args.frames} must be 4k+1 and --height/--width {args.height}x{args.width} multiples of 16")
+    try:
+        args.reference_data = load_config(args.data_config).data.synthetic if args.data_config else SyntheticConfig()
+    except (ConfigError, FileNotFoundError) as error:
+        parser.error(f"--data-config {args.data_config}: {error}")
     return args
 
 
