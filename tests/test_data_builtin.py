@@ -14,6 +14,7 @@ from megatron_mfm.encoders.builtin import HashedTextEncoder, LowFrequencyVideoCo
 from megatron_mfm.data.loader import SyntheticLoader
 from megatron_mfm.data.synthetic import SyntheticConfig, SyntheticVideoDataset
 from megatron_mfm.tasks.mixture import TaskMixture, TaskMixtureConfig
+from signal_masks import blocks_sigterm
 
 
 def test_synthetic_samples_are_deterministic_and_described():
@@ -111,7 +112,7 @@ def test_workers_outlive_a_preemption_signal():
         plain.next_global_batch(), ahead.next_global_batch()
         workers = list(ahead._pool._processes.values())
         assert len(workers) == 2
-        assert all(_blocks_sigterm(worker.pid) for worker in workers)  # from birth: no start-up window
+        assert all(blocks_sigterm(worker.pid) for worker in workers)  # from birth: no start-up window
         for worker in workers:
             os.kill(worker.pid, signal.SIGTERM)
         time.sleep(0.5)  # a worker that acts on it is gone by now
@@ -120,12 +121,6 @@ def test_workers_outlive_a_preemption_signal():
             assert torch.equal(want.pixels, got.pixels)
     finally:
         ahead.close()
-
-
-def _blocks_sigterm(pid: int) -> bool:
-    """The process's blocked-signal mask (Linux /proc) has SIGTERM."""
-    mask = next(line for line in open(f"/proc/{pid}/status") if line.startswith("SigBlk:"))
-    return bool(int(mask.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
 
 
 def test_simpler_synthetic_scenes_and_their_validation():

@@ -24,6 +24,7 @@ from megatron_mfm.data.shards.streaming import DecodedMicroBatch, ShardDataConfi
 from megatron_mfm.tasks.builders import IMAGE_TASKS, TASKS, Clip, build_task_sample
 from megatron_mfm.tasks.mixture import TaskMixtureConfig
 from megatron_mfm.utils.media import write_mp4
+from signal_masks import blocks_sigterm
 from test_data_shards import moving_square
 from test_training import losses, records, train
 
@@ -167,6 +168,8 @@ def test_shard_loader_decodes_disjoint_deterministic_resumable_batches(shard_dir
     try:
         with_workers.load_state_dict(json.loads(json.dumps(state)))
         got = with_workers.next_global_batch()
+        # born shielded: a pre-emption signal to every process leaves them to the training process
+        assert all(blocks_sigterm(worker.pid) for worker in with_workers._pool._processes.values())
     finally:
         with_workers.close()
     assert_same_batches(got, expected)  # packed by the workers (resized media: float32 pixels, uint8 mask)

@@ -38,6 +38,7 @@ from megatron_mfm.data.shards.precomputed import SidecarSettings, lookup
 from megatron_mfm.data.shards.stages import StageConfig, StageSchedule
 from megatron_mfm.tasks.builders import IMAGE_TASKS, VIDEO_TASKS, Clip
 from megatron_mfm.tasks.mixture import TaskMixture, TaskMixtureConfig
+from megatron_mfm.utils.preemption import children_shielded
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,10 @@ class ShardLoader:
         self._last_good: MicroBatch | None = None
 
     def _submit(self, job: DecodeJob) -> Future | DecodedMicroBatch:
-        return self._pool.submit(decode_micro_batch, job) if self._pool else decode_micro_batch(job)
+        if self._pool is None:
+            return decode_micro_batch(job)
+        with children_shielded():  # a submit may start a worker (see utils/preemption.py)
+            return self._pool.submit(decode_micro_batch, job)
 
     def _plan_ahead(self) -> None:
         while len(self._queue) < self.config.prefetch_steps + 1:
