@@ -107,4 +107,3 @@ class SyntheticLoader:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
-
