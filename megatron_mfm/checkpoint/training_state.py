@@ -11,7 +11,6 @@ training checkpoints directly.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -174,21 +173,25 @@ class Checkpointer:
             total = time.perf_counter() - start
             self.finished.append(SaveReport(iteration, returned[0] if returned else total, total, size))
 
-        # megatron's asynchronous writer starts processes (a results manager on the first save,
-        # a writer each save) that must finish a pre-empted run's final save
-        with children_shielded() if self.async_save else contextlib.nullcontext():
-            try:
-                request = save_dist_checkpoint(state, tmp, self.async_save)
-            except Exception as error:  # megatron raises the write failures on every rank
-                _agree(error, final, tmp)
-            if self.async_save:
-                request.add_finalize_fn(publish)
-                self.queue.schedule_async_request(request)
-        if self.async_save:
-            returned.append(time.perf_counter() - start)
-        else:
+        if not self.async_save:
+            self._write(state, tmp, final)
             dist.barrier()
             publish()
+            return
+        # megatron's asynchronous writer starts processes (a results manager on the first save,
+        # a writer each save) that must finish a pre-empted run's final save
+        with children_shielded():
+            request = self._write(state, tmp, final)
+            request.add_finalize_fn(publish)
+            self.queue.schedule_async_request(request)
+        returned.append(time.perf_counter() - start)
+
+    def _write(self, state: dict, tmp: Path, final: Path):
+        """megatron's save of ``state`` into ``tmp`` (with async_save, the request to schedule)."""
+        try:
+            return save_dist_checkpoint(state, tmp, self.async_save)
+        except Exception as error:  # megatron raises the write failures on every rank
+            _agree(error, final, tmp)  # raises
 
     def _prepare(self, tmp: Path, needed_bytes: int) -> None:
         """Rank 0 removes stray partial saves, checks the free space and makes ``tmp`` (collective)."""

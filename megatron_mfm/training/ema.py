@@ -31,8 +31,6 @@ class EMA:
         self.decay = decay
         self.params = _parameters_by_key(model)
         self.shadow = {key: param.detach().float().clone() for key, (param, _) in self.params.items()}
-        self._shadows = list(self.shadow.values())
-        """The shadows in ``params`` order (``update``'s multi-tensor argument)."""
 
     def decay_at(self, step: int) -> float:
         """The decay of the update after optimizer step ``step`` (0 for the first)."""
@@ -45,7 +43,8 @@ class EMA:
         # one multi-tensor lerp, not a kernel per parameter (the same lerp, bit for bit); under
         # bf16 each parameter still needs its fp32 copy (``float()`` is free for fp32 ones)
         weight = 1.0 - self.decay_at(step)
-        torch._foreach_lerp_(self._shadows, [param.detach().float() for param, _ in self.params.values()], weight)
+        shadows = [self.shadow[key] for key in self.params]
+        torch._foreach_lerp_(shadows, [param.detach().float() for param, _ in self.params.values()], weight)
 
     def sharded_state_dict(self) -> dict:
         """ShardedTensors laid out as the model's, keyed ``ema.<model key>``."""
