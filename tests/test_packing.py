@@ -96,6 +96,18 @@ def test_one_group_pack_runs_as_its_batch(single_process_world):
         (alone,) = samples_alone(model, one_group)
     assert torch.equal(packed, batch)
     assert relative_error(packed, alone) < 1e-5
+    # and it keeps for backward what the batch keeps: no per-token adaLN rows, no block masks
+    # (on the CPU the packed path gives the same bits, so only what it keeps tells them apart)
+    assert saved_bytes(model, one_group) == saved_bytes(
+        model, dict(one_group, latents=one_group["latents"][0], condition=one_group["condition"][0]))
+
+
+def saved_bytes(model, inputs: dict) -> int:
+    """Bytes of the unique storages autograd keeps for backward in a forward of ``inputs``."""
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(**inputs)
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}.values())
 
 
 def test_packs_keep_every_sample_within_the_budget():
