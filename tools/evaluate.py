@@ -42,6 +42,7 @@ from megatron_mfm.diffusion.generation import SCHEDULES, SamplingConfig, generat
 from megatron_mfm.encoders.interface import FrozenEncoders, builtin_encoders
 from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel
 from megatron_mfm.tasks.builders import GENERATION_TASKS, IMAGE_TASKS, TASKS, TaskSample
+from megatron_mfm.utils.atomic import atomic_write_text
 from megatron_mfm.utils.media import contact_sheet, write_png
 
 HELD_OUT_START = 10**6
@@ -223,21 +224,26 @@ def main(argv: list[str] | None = None) -> dict:
         model.to(device).eval()
         encoders = builtin_encoders(model.config.text_hidden_size)
         dataset = SyntheticVideoDataset(data)
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
         results, sheets = {}, {}
+        report = {"checkpoint": str(args.load), "weights": args.weights, "samples_per_task": args.samples,
+                  "device": str(device), "sampling": vars(sampling), "validation_sigmas": list(VALIDATION_SIGMAS),
+                  "tasks": results}
         start = time.perf_counter()
         if device.type == "cuda":  # fp32 on the CPU
             model = Bf16Autocast(model)
         for task in args.tasks:
+            task_start = time.perf_counter()
             results[task], sheets[task] = evaluate_task(model, encoders, dataset, task, args.samples, sampling)
-            print(f"{task}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[task].items()), flush=True)
-        seconds = time.perf_counter() - start
+            print(f"{task}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[task].items())
+                  + f" ({time.perf_counter() - task_start:.1f} s)", flush=True)
+            # after every task: a run stopped at its time budget keeps the tasks done so far
+            report["seconds"] = round(time.perf_counter() - start, 1)
+            atomic_write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
+        seconds = report["seconds"]
     finally:
         destroy_parallel()
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    report = {"checkpoint": str(args.load), "weights": args.weights, "samples_per_task": args.samples,
-              "device": str(device), "seconds": round(seconds, 1), "sampling": vars(sampling), "validation_sigmas": list(VALIDATION_SIGMAS), "tasks": results}
-    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     write_png(out / "contact_sheet.png", labelled_sheet(sheets))
     print(f"evaluated {len(args.tasks)} tasks x {args.samples} samples in {seconds:.1f} s on {device}")
     print(f"wrote {out / 'metrics.json'} and {out / 'contact_sheet.png'} (per task: condition, sample, truth)")
