@@ -217,12 +217,13 @@ def main(argv: list[str] | None = None) -> dict:
     initialize_parallel()
     try:
         try:
-            model = build_from_checkpoint(args.load, args.weights, backend=args.backend)
+            # eager glue: every task and guidance batch is a new shape, each a compilation
+            model = build_from_checkpoint(args.load, args.weights, backend=args.backend, compile_glue=False)
         except (FileNotFoundError, ValueError) as error:
             raise SystemExit(f"evaluate.py: --load {args.load}: {error}") from None
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         model.to(device).eval()
-        encoders = builtin_encoders(model.config.text_hidden_size)
+        encoders = builtin_encoders(model.config.text_hidden_size, device=device)
         dataset = SyntheticVideoDataset(data)
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)

@@ -1,37 +1,38 @@
 #!/usr/bin/env bash
-# Issue 15 on one 2x H200 host in one call (about 9 min with the install), on a machine set up
+# Issue 15 on one 2x H200 host in one call (about 8 min with the install), on a machine set up
 # with the gpu extra:
 #   OUT=/tmp/res bash benchmarks/gpu/quality_ab.sh
-# The convergence recipe (GPU 0) beside a variant (GPU 1, VARIANT_B; default: batch 256 from 64,
-# since a step of 64 clips keeps an H200 busy ~10 ms of its ~190), each for TRAIN_SECONDS
-# (default 290) and evaluated on every task (examples/convergence_h200.sh), then both evaluated
-# without guidance on the tasks whose output is measured against ground truth. Each run profiles
+# The convergence recipe (GPU 0) beside a variant (GPU 1, VARIANT_B; default: the glue compiled,
+# fewer ops for a host-bound step), each for TRAIN_SECONDS (default 260) with 12 data workers and
+# evaluated on every task (examples/convergence_h200.sh), then both evaluated again with
+# POST_EVAL_ARGS (default: the raw weights instead of the EMA's, on five tasks). Each run profiles
 # two training steps (torch profiler, where the step's host time goes): $OUT/trace_{a,b}.json.gz.
 # Everything is packed in $OUT/r.tgz; the summary is printed last.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-LOG=$OUT/run.log; DEADLINE=${DEADLINE:-520}  # the call: ~50 s staging install + this
+LOG=$OUT/run.log; DEADLINE=${DEADLINE:-410}  # the call: ~50 s staging install + this
 source "$(dirname "$0")/parts.sh"
 install_checkout
 WORK=/tmp/quality_ab
-VARIANT_B=${VARIANT_B:-train.micro_batch_size=256 train.global_batch_size=256 data.synthetic.workers=16}
+VARIANT_B=${VARIANT_B:-model.compile_glue=true}
+POST_EVAL_ARGS=${POST_EVAL_ARGS:---weights raw --tasks i2v itrans isr icolor iinp}
 
 VARIANT_B="$VARIANT_B logging.profile_dir=$WORK/profile_b" OUT=$OUT/conv WORK=$WORK \
-  TRAIN_SECONDS=${TRAIN_SECONDS:-290} EVAL_SECONDS=${EVAL_SECONDS:-120} EVAL_ARGS="--samples 4" PYTHON=python3 \
-  bash examples/convergence_h200.sh "logging.profile_steps=[600,601]" "logging.profile_dir=$WORK/profile_a" >> "$LOG" 2>&1
+  TRAIN_SECONDS=${TRAIN_SECONDS:-260} EVAL_SECONDS=${EVAL_SECONDS:-100} EVAL_ARGS="--samples 4" PYTHON=python3 \
+  bash examples/convergence_h200.sh data.synthetic.workers=12 "logging.profile_steps=[400,401]" "logging.profile_dir=$WORK/profile_a" >> "$LOG" 2>&1
 
-unguided() {  # $1: GPU, $2: checkpoints, $3: output folder
+post_eval() {  # $1: GPU, $2: checkpoints, $3: output folder
+  # shellcheck disable=SC2086  # POST_EVAL_ARGS is a list of flags
   CUDA_VISIBLE_DEVICES=$1 timeout "$(( $(left) > 20 ? $(left) - 5 : 15 ))" python3 -m tools.evaluate --load "$2" \
-    --config examples/convergence.yaml --samples 4 --guidance-scale 1 --output "$3" \
-    --tasks i2v itrans vexd isr vsr icolor iinp voutp vedit > "$3.log" 2>&1
+    --config examples/convergence.yaml --samples 4 --output "$3" $POST_EVAL_ARGS > "$3.log" 2>&1
 }
-unguided 0 "$WORK/a/checkpoints" "$OUT/conv/unguided" &
-unguided 1 "$WORK/variant_b/checkpoints" "$OUT/conv/variant_b/unguided"
+post_eval 0 "$WORK/a/checkpoints" "$OUT/conv/post" &
+post_eval 1 "$WORK/variant_b/checkpoints" "$OUT/conv/variant_b/post"
 wait
 for v in a b; do gzip -c "$WORK/profile_$v/rank0.json" > "$OUT/trace_$v.json.gz" 2>/dev/null; done
 
 {
-  for log in "$OUT"/conv/eval.log "$OUT"/conv/unguided.log "$OUT"/conv/variant_b/eval.log "$OUT"/conv/variant_b/unguided.log; do
+  for log in "$OUT"/conv/eval.log "$OUT"/conv/post.log "$OUT"/conv/variant_b/eval.log "$OUT"/conv/variant_b/post.log; do
     echo "== $log"; grep -vE "Warning|warn" "$log" 2>/dev/null | tail -n 17
   done
   tail -n 3 "$OUT"/conv/train.log "$OUT"/conv/variant_b/train.log | cut -c1-400

@@ -78,15 +78,18 @@ class LowFrequencyVideoCodec:
 
 
 class HashedTextEncoder:
-    """Prompts -> (states (B, 77, width), mask (B, 77)); deterministic and parameter-free."""
+    """Prompts -> (states (B, 77, width), mask (B, 77)) on ``device``; deterministic and
+    parameter-free."""
 
-    def __init__(self, width: int, max_length: int = 77, seed: int = 0):
+    def __init__(self, width: int, max_length: int = 77, seed: int = 0, device: torch.device | str = "cpu"):
         self.width, self.max_length, self.seed = width, max_length, seed
+        self.device = torch.device(device)
         position = torch.arange(max_length, dtype=torch.float32)[:, None]
         freq = torch.exp(-math.log(10000.0) * torch.arange(0, width, 2, dtype=torch.float32) / width)
-        self.positions = torch.zeros(max_length, width)
-        self.positions[:, 0::2] = torch.sin(position * freq)
-        self.positions[:, 1::2] = torch.cos(position * freq[: width // 2])
+        positions = torch.zeros(max_length, width)
+        positions[:, 0::2] = torch.sin(position * freq)
+        positions[:, 1::2] = torch.cos(position * freq[: width // 2])
+        self.positions = positions.to(self.device)
         self._rows: dict[str, int] = {}  # word -> its row in the table
         self._vectors: list[torch.Tensor] = []
         self._table: torch.Tensor | None = None
@@ -105,18 +108,20 @@ class HashedTextEncoder:
         return self._rows[word]
 
     def _word_table(self) -> torch.Tensor:
-        """(1 + words, width): row 0 zero (padding), then each seen word's vector."""
+        """(1 + words, width) on the device: row 0 zero (padding), then each seen word's vector."""
         if self._table is None:
-            self._table = torch.stack([torch.zeros(self.width), *self._vectors])
+            self._table = torch.stack([torch.zeros(self.width), *self._vectors]).to(self.device)
         return self._table
 
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One gather for the whole batch (a training step encodes every prompt): no per-token
-        tensor work."""
-        rows = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
-        for i, prompt in enumerate(prompts):
+        """One gather for the whole batch, on the device: the states never cross the host link,
+        and a step's prompts cost a fixed handful of ops (an H200 step of 64 spent ~50 ms on
+        this work on the host)."""
+        rows = []
+        for prompt in prompts:
             words = (self.tokenize(prompt) + ["</s>"])[: self.max_length]  # an end token, as T5
-            rows[i, : len(words)] = torch.tensor([self._word_row(word) for word in words])
+            rows.append([self._word_row(word) for word in words] + [0] * (self.max_length - len(words)))
+        rows = torch.tensor(rows, dtype=torch.long).view(len(prompts), self.max_length).to(self.device)
         real = rows > 0
         states = torch.where(real[..., None], self._word_table()[rows] + 0.1 * self.positions, 0.0)
         return states, real.float()

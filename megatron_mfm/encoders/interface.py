@@ -96,9 +96,10 @@ def require_folder(field: str, path: str) -> None:
         raise ValueError(f"{field}={path!r}: no such folder (weights load from local folders only)")
 
 
-def builtin_encoders(text_width: int, max_length: int = 77) -> FrozenEncoders:
-    """The training-free stand-ins (no weights needed): see ``data/builtin_encoders.py``."""
-    return FrozenEncoders(video=LowFrequencyVideoCodec(), text=HashedTextEncoder(text_width, max_length))
+def builtin_encoders(text_width: int, max_length: int = 77, device: torch.device | str = "cpu") -> FrozenEncoders:
+    """The training-free stand-ins (no weights needed): see ``encoders/builtin.py``; the text
+    states are made on ``device``."""
+    return FrozenEncoders(video=LowFrequencyVideoCodec(), text=HashedTextEncoder(text_width, max_length, device=device))
 
 
 @dataclass
@@ -160,7 +161,7 @@ def build_encoders(config: EncoderConfig, text_width: int | None, device: torch.
     if config.kind == "builtin":
         if text_width is None:
             raise ValueError("kind=builtin: the stand-in text encoder needs the model's text width")
-        return builtin_encoders(text_width, config.text_max_length)
+        return builtin_encoders(text_width, config.text_max_length, device)
     from megatron_mfm.encoders.pretrained import load_pretrained_encoders
 
     return load_pretrained_encoders(config, text_width, torch.device(device))
