@@ -10,9 +10,13 @@ from megatron_mfm.diffusion.flow_matching import (
     add_noise,
     per_sample_mse,
     resolution_shift,
-    sample_sigma,
+    sample_sigmas,
 )
 from megatron_mfm.diffusion.sampler import euler_sample, official_time_warp, sigma_schedule
+
+
+def _generators(count: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed) for seed in range(count)]
 
 
 def test_noising_endpoints_and_target():
@@ -23,14 +27,27 @@ def test_noising_endpoints_and_target():
     assert torch.equal(v, noise - x0)
 
 
-def test_logit_normal_and_uniform_sigmas():
-    g = torch.Generator().manual_seed(0)
-    plain = FlowMatchingConfig(shift_base=1.0, shift_max=1.0)
-    s = sample_sigma(plain, 20000, 1024, g)
-    assert 0 < s.min() and s.max() < 1 and abs(s.mean() - 0.5) < 0.01
-    assert abs(s.std() - 0.2083) < 0.01  # std of sigmoid(N(0, 1)), by numerical integration
-    u = sample_sigma(FlowMatchingConfig(distribution="uniform", shift_base=1.0, shift_max=1.0), 20000, 1024, g)
-    assert abs(u.mean() - 0.5) < 0.01 and abs(u.std() - (1 / 12) ** 0.5) < 0.01
+@pytest.mark.parametrize("distribution", ["logit_normal", "uniform"])
+def test_sample_sigmas_follow_the_shifted_distribution(distribution):
+    """Mean and std of many samples' levels against the formula's, integrated numerically:
+    sigmoid(N(mean, std)) or U(0, 1), then the resolution shift."""
+    flow = FlowMatchingConfig(distribution=distribution, logit_mean=0.3, logit_std=0.8, shift_max=3.0)
+    tokens = 4000
+    shift = resolution_shift(flow, tokens)
+    if distribution == "uniform":
+        x = (torch.arange(200_000, dtype=torch.float64) + 0.5) / 200_000
+        weight = torch.full_like(x, 1 / 200_000)
+        base = x
+    else:
+        x = torch.linspace(-10, 10, 200_001, dtype=torch.float64)
+        weight = torch.exp(-x**2 / 2) / (2 * torch.pi) ** 0.5 * (x[1] - x[0])
+        base = torch.sigmoid(x * 0.8 + 0.3)
+    shifted = shift * base / (1 + (shift - 1) * base)
+    mean = (shifted * weight).sum()
+    std = (((shifted - mean) ** 2 * weight).sum()) ** 0.5
+    sigma = sample_sigmas(flow, tokens, _generators(20_000)).double()
+    assert 0 < sigma.min() and sigma.max() < 1
+    assert abs(sigma.mean() - mean) < 0.005 and abs(sigma.std() - std) < 0.005, (sigma.mean(), mean, sigma.std(), std)
 
 
 def test_shift_grows_with_tokens():
@@ -40,8 +57,8 @@ def test_shift_grows_with_tokens():
     assert resolution_shift(config, 90000) == pytest.approx(3.0)
     mid = resolution_shift(config, int((1024 * 22000) ** 0.5))
     assert mid == pytest.approx(3.0**0.5, rel=1e-3)  # log-linear: geometric midpoint
-    g = torch.Generator().manual_seed(0)
-    assert sample_sigma(config, 4000, 22000, g).mean() > sample_sigma(config, 4000, 1024, g).mean() + 0.1
+    large, small = (sample_sigmas(config, tokens, _generators(4000)) for tokens in (22000, 1024))
+    assert large.mean() > small.mean() + 0.1
 
 
 def test_bad_flow_config_names_the_field():

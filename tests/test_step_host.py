@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from benchmarks.op_counts import KernelCounter
 from megatron_mfm.data.rng import Stream, sample_generator
-from megatron_mfm.diffusion.flow_matching import FlowMatchingConfig, sample_sigma
+from megatron_mfm.diffusion.flow_matching import FlowMatchingConfig, resolution_shift, sigma_of_draw
 from megatron_mfm.tasks.builders import TASKS
 from megatron_mfm.training.step import noise_and_sigma, task_loss_report
 
@@ -18,7 +19,32 @@ def test_noise_and_sigma_are_each_samples_own_streams_bit_for_bit():
     for row, sample_id in enumerate(ids.tolist()):
         expected = torch.randn(16, 3, 8, 8, generator=sample_generator(11, sample_id, Stream.NOISE))
         assert torch.equal(noise[row], expected)
-        assert torch.equal(sigma[row:row + 1], sample_sigma(flow, 1, 48, sample_generator(11, sample_id, Stream.SIGMA)))
+        draw = torch.randn((), dtype=torch.float64, generator=sample_generator(11, sample_id, Stream.SIGMA)).item()
+        assert sigma[row].item() == torch.tensor(sigma_of_draw(flow, draw, resolution_shift(flow, 48))).float().item()
+
+
+def test_a_samples_noise_and_sigma_do_not_depend_on_its_batch():
+    """Bitwise the same alone and at another row of a batch of 32: the layout-equivalence tests
+    (DP, PP, CP, packing) compare losses bit for bit."""
+    flow = FlowMatchingConfig(shift_max=3.0)
+    ids = torch.arange(100, 132)
+    alone_noise, alone_sigma = noise_and_sigma(torch.zeros(1, 4, 2, 4, 4), ids[17:18], 5, flow, 5000)
+    noise, sigma = noise_and_sigma(torch.zeros(32, 4, 2, 4, 4), ids, 5, flow, 5000)
+    assert torch.equal(noise[17], alone_noise[0]) and torch.equal(sigma[17].view(1), alone_sigma)
+    assert not torch.equal(sigma[16], sigma[17]) and not torch.equal(noise[16], noise[17])
+
+
+def test_noise_and_sigma_launch_two_ops_a_sample():
+    """A sample's noise and its sigma are one kernel-launching torch op each (a batch of 256 spent
+    ~40 ms of host time on ~10 ops a sample and on reading the ids one by one)."""
+    flow = FlowMatchingConfig()
+    counts = []
+    for batch in (2, 32):
+        latents, ids = torch.zeros(batch, 4, 2, 4, 4), torch.arange(batch)
+        with KernelCounter() as counter:
+            noise_and_sigma(latents, ids, 3, flow, 64)
+        counts.append(counter.counts.total())
+    assert counts[1] - counts[0] <= 2 * 30, counts
 
 
 def test_task_loss_report_sums_in_sample_order_bit_for_bit():

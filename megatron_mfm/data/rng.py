@@ -36,6 +36,11 @@ def sample_generator(seed: int, sample_id: int, stream: Stream) -> torch.Generat
     return torch.Generator().manual_seed((seed * 1_000_003 + sample_id) * STREAMS_PER_SAMPLE + stream)
 
 
+def sample_generators(seed: int, sample_ids: list[int], stream: Stream) -> list[torch.Generator]:
+    """``sample_generator`` of each of ``sample_ids`` (a list: a tensor's ids cost an op each)."""
+    return [sample_generator(seed, sample_id, stream) for sample_id in sample_ids]
+
+
 def keyed_generator(seed: int, *keys: int) -> torch.Generator:
     """A generator for a run-level choice keyed by integers (epoch, shuffle window...)."""
     value = seed

@@ -63,21 +63,34 @@ def resolution_shift(config: FlowMatchingConfig, num_tokens: int) -> float:
     return math.exp((1 - frac) * math.log(config.shift_base) + frac * math.log(config.shift_max))
 
 
-def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+def shift_sigma(sigma: torch.Tensor | float, shift: float) -> torch.Tensor | float:
     """SD3 time shift: more weight on high noise for shift > 1."""
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
-def sample_sigma(
-    config: FlowMatchingConfig, batch: int, num_tokens: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """(batch,) noise levels in (0, 1) for clips of ``num_tokens`` tokens."""
+def sigma_of_draw(config: FlowMatchingConfig, draw: float, shift: float) -> float:
+    """One noise level, in float64, from its raw draw: a standard normal for ``logit_normal``, a
+    uniform in [0, 1) for ``uniform``."""
     if config.distribution == "uniform":
-        sigma = torch.rand(batch, generator=generator)
+        sigma = draw
     else:
-        normal = torch.randn(batch, generator=generator) * config.logit_std + config.logit_mean
-        sigma = torch.sigmoid(normal)
-    return shift_sigma(sigma, resolution_shift(config, num_tokens))
+        sigma = 1.0 / (1.0 + math.exp(-(draw * config.logit_std + config.logit_mean)))
+    return shift_sigma(sigma, shift)
+
+
+def sample_sigmas(config: FlowMatchingConfig, num_tokens: int, generators: list[torch.Generator]) -> torch.Tensor:
+    """(len(generators),) float32 noise levels for clips of ``num_tokens`` tokens, the i-th from
+    ``generators[i]`` alone: one draw (one torch op) per sample and its math in Python float64, so
+    a sample's level is the same whatever batch it is in (a batched float32 sigmoid rounds by
+    position) and the host cost stays small."""
+    draws = torch.empty(len(generators), dtype=torch.float64)
+    for slot, generator in zip(draws.unbind(), generators):
+        if config.distribution == "uniform":
+            slot.uniform_(generator=generator)
+        else:
+            slot.normal_(generator=generator)
+    shift = resolution_shift(config, num_tokens)
+    return torch.tensor([sigma_of_draw(config, draw, shift) for draw in draws.tolist()], dtype=torch.float32)
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
