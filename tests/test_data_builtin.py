@@ -93,10 +93,10 @@ def test_text_encoder_cost_does_not_grow_with_the_batch():
     assert counts[0] == counts[1], counts
 
 
-def _loader(workers: int, dp_rank: int = 0) -> SyntheticLoader:
+def _loader(workers: int, dp_rank: int = 0, pin=None) -> SyntheticLoader:
     config = SyntheticConfig(frames=5, height=16, width=16, workers=workers, prefetch_steps=1)
     return SyntheticLoader(SyntheticVideoDataset(config), TaskMixture(TaskMixtureConfig()), micro_batch_size=2,
-                           global_batch_size=8, dp_rank=dp_rank, dp_size=2, seed=3)
+                           global_batch_size=8, dp_rank=dp_rank, dp_size=2, seed=3, pin=pin)
 
 
 def test_synthetic_workers_render_the_same_batches_ahead_and_resume():
@@ -117,6 +117,34 @@ def test_synthetic_workers_render_the_same_batches_ahead_and_resume():
         assert all(torch.equal(a.pixels, b.pixels) for a, b in zip(resumed, expected))
     finally:
         ahead.close()
+
+
+def test_rendered_batches_are_pinned_off_the_training_thread_and_resume():
+    """With ``pin`` (``MicroBatch.pinned`` on a GPU; here a copy, as pinning needs CUDA), every
+    batch rendered ahead is copied on another thread before the step takes it; the data and a
+    resume with copies in flight stay what one process gives."""
+    import dataclasses
+    import threading
+
+    threads = []
+
+    def copy(batch):
+        threads.append(threading.current_thread())
+        return dataclasses.replace(batch, pixels=batch.pixels.clone(), condition=batch.condition.clone())
+
+    plain, pinned = _loader(workers=0), _loader(workers=2, pin=copy)
+    try:
+        for _ in range(2):
+            for want, got in zip(plain.next_global_batch(), pinned.next_global_batch()):
+                assert torch.equal(want.pixels, got.pixels) and torch.equal(want.condition, got.condition)
+        assert threads and threading.main_thread() not in threads
+        state = plain.state_dict()
+        expected = plain.next_global_batch()
+        pinned.next_global_batch()
+        pinned.load_state_dict(state)
+        assert all(torch.equal(a.pixels, b.pixels) for a, b in zip(pinned.next_global_batch(), expected))
+    finally:
+        pinned.close()
 
 
 def test_workers_outlive_a_preemption_signal():

@@ -13,6 +13,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG=$OUT/run.log; DEADLINE=${DEADLINE:-410}  # the call: ~50 s staging install + this
 source "$(dirname "$0")/parts.sh"
 install_checkout
+part pinned_batches 60 python3 -m pytest -q -rs tests/gpu/test_pinned_batches.py  # the recipe's loader pins on a GPU
 WORK=/tmp/quality_ab
 VARIANT_B=${VARIANT_B:-model.compile_glue=true}
 POST_EVAL_ARGS=${POST_EVAL_ARGS:---weights raw --tasks i2v itrans isr icolor iinp}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,6 +26,12 @@ class MicroBatch:
     """Per sample, the frames whose depth channel the depth model fills in (see TaskSample)."""
     precomputed: list[Precomputed] | None = None
     """Per sample, its sidecar latents and text states (data.shards.precomputed), or None."""
+
+    def pinned(self) -> MicroBatch:
+        """A copy whose clip tensors are in page-locked host memory (needs CUDA): their
+        ``.to(device, non_blocking=True)`` is then an asynchronous DMA instead of a staged copy
+        that holds the training thread (an H200 step of 256 clips spent ~65 ms there)."""
+        return replace(self, pixels=self.pixels.pin_memory(), condition=self.condition.pin_memory())
 
 
 def collate(samples: list[TaskSample], sample_ids: list[int]) -> MicroBatch:

@@ -8,7 +8,10 @@ would have seen. With ``data.synthetic.workers`` the micro-batches of the next s
 rendered ahead by worker processes (the same function of the slot, so the same data), each
 micro-batch whole by one worker, with enough steps in flight to keep every worker busy. Whole
 micro-batches arrive as one shared-memory tensor each: the training process receives them
-without joining parts (a ``torch.cat`` of a step's 75 MB cost it ~45 ms of CPU a step).
+without joining parts (a ``torch.cat`` of a step's 75 MB cost it ~45 ms of CPU a step). With
+``pin``, a thread of the training process copies each arrived micro-batch into page-locked
+memory (``MicroBatch.pinned``) while the model trains, so the step's host-to-device copies
+do not hold it.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from __future__ import annotations
 import multiprocessing
 from collections import deque
 from collections.abc import Mapping
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Callable
 
 import torch
 
@@ -57,7 +61,10 @@ class SyntheticLoader:
     sidecar_misses: Mapping[str, int] = MappingProxyType({})  # and have no sidecars
 
     def __init__(self, dataset: SyntheticVideoDataset, mixture: TaskMixture, micro_batch_size: int,
-                 global_batch_size: int, dp_rank: int, dp_size: int, seed: int):
+                 global_batch_size: int, dp_rank: int, dp_size: int, seed: int,
+                 pin: Callable[[MicroBatch], MicroBatch] | None = None):
+        """``pin``: applied to each micro-batch rendered ahead, on a thread of its own
+        (``MicroBatch.pinned`` on a GPU; ignored without ``workers``)."""
         if global_batch_size % (micro_batch_size * dp_size):
             raise ValueError("global batch size must be a multiple of micro batch size x DP size")
         self.micro_batch = SlotRenderer(dataset, mixture, micro_batch_size, seed)
@@ -68,8 +75,11 @@ class SyntheticLoader:
         self._pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                           initializer=torch.set_num_threads, initargs=(1,))
                       if workers else None)
-        # steps being rendered, from consumed_samples on: each its micro-batches
-        self._queue: deque[list[Future]] = deque()
+        self._pin = pin
+        self._pinner = ThreadPoolExecutor(1, thread_name_prefix="pin") if pin and workers else None
+        # steps being rendered, from consumed_samples on: each its micro-batches' (render, ready)
+        # futures (ready: the pinned copy, or the render itself)
+        self._queue: deque[list[tuple[Future, Future]]] = deque()
         # at least one micro-batch a worker in flight
         self.ahead_steps = max(prefetch, -(-workers // self.num_microbatches) - 1) if workers else 0
 
@@ -88,22 +98,28 @@ class SyntheticLoader:
         else:
             with children_shielded():  # a submit may start a worker
                 while len(self._queue) <= self.ahead_steps:
-                    self._queue.append([self._pool.submit(self.micro_batch, slot)
-                                        for slot in self._slots(len(self._queue))])
-            batches = [future.result() for future in self._queue.popleft()]
+                    self._queue.append([self._submit(slot) for slot in self._slots(len(self._queue))])
+            batches = [ready.result() for _, ready in self._queue.popleft()]
         self.consumed_samples += self.gbs
         return batches
+
+    def _submit(self, slot: int) -> tuple[Future, Future]:
+        render = self._pool.submit(self.micro_batch, slot)
+        return render, (self._pinner.submit(lambda: self._pin(render.result())) if self._pinner else render)
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples}
 
     def load_state_dict(self, state: dict) -> None:
         for step in self._queue:
-            for future in step:
-                future.cancel()
+            for futures in step:
+                for future in futures:
+                    future.cancel()
         self._queue.clear()
         self.consumed_samples = int(state["consumed_samples"])
 
     def close(self) -> None:
+        if self._pinner is not None:
+            self._pinner.shutdown(cancel_futures=True)
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)

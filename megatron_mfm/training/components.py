@@ -16,6 +16,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from torch.utils._triton import has_triton
 
 from megatron_mfm.config import ConfigError, RunConfig
+from megatron_mfm.data.batch import MicroBatch
 from megatron_mfm.data.loader import SyntheticLoader
 from megatron_mfm.data.shards.streaming import ShardLoader
 from megatron_mfm.data.synthetic import SyntheticVideoDataset
@@ -47,7 +48,8 @@ def build_loader(config: RunConfig) -> SyntheticLoader | ShardLoader:
         return ShardLoader(config.data.shards, config.data.stages, config.tasks, train.micro_batch_size,
                            train.global_batch_size, dp_rank, dp_size, seed)
     return SyntheticLoader(SyntheticVideoDataset(config.data.synthetic), TaskMixture(config.tasks),
-                           train.micro_batch_size, train.global_batch_size, dp_rank, dp_size, seed)
+                           train.micro_batch_size, train.global_batch_size, dp_rank, dp_size, seed,
+                           pin=MicroBatch.pinned if torch.cuda.is_available() else None)
 
 
 def check_machine(config: RunConfig) -> None:
