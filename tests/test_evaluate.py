@@ -90,7 +90,7 @@ def test_evaluate_tiny_checkpoint(tmp_path):
     assert {"given_frames_psnr", "codec_given_frames_psnr", "loss_zero_condition"} <= set(report["tasks"]["i2v"])
     isr = report["tasks"]["isr"]
     assert isr["input_psnr"] > isr["psnr"]  # two training steps do not beat bicubic
-    assert {"known_psnr", "generated_psnr"} <= set(report["tasks"]["vinp"])
+    assert {"known_psnr", "generated_psnr", "text_only_generated_psnr"} <= set(report["tasks"]["vinp"])
     sheet = Image.open(tmp_path / "eval" / "contact_sheet.png")
     assert sheet.height == len(tasks) * (3 * 32 + 2)  # condition, sample, truth per task
 

@@ -48,6 +48,9 @@ from megatron_mfm.utils.media import contact_sheet, write_png
 HELD_OUT_START = 10**6
 VALIDATION_SIGMAS = (0.25, 0.5, 0.75)
 REGION_TASKS = ("iinp", "ioutp", "vinp", "voutp")
+TEXT_ONLY_OF = {"iinp": "t2i", "ioutp": "t2i", "vinp": "t2v", "voutp": "t2v"}
+"""The text-only task whose sample of the same clip is a region task's baseline (issue 15: the
+generated region should be closer to the truth than a text-only sample's same region)."""
 RESTORATION_TASKS = ("isr", "vsr", "icolor", "vcolor")
 TEXT_ONLY_TASKS = ("t2v", "t2i")
 
@@ -135,11 +138,17 @@ def evaluate_task(model: torch.nn.Module, encoders: FrozenEncoders, dataset: Syn
     """(mean metrics over ``count`` held-out clips, [condition, sample, truth] of the first); the
     clips are sampled together, in one batch."""
     seeds = [HELD_OUT_START + number for number in range(count)]
-    samples = [task_sample_for(dataset.clip(index, is_image=task in IMAGE_TASKS), task, seed=index) for index in seeds]
+    clips = [dataset.clip(index, is_image=task in IMAGE_TASKS) for index in seeds]
+    samples = [task_sample_for(clip, task, seed=index) for clip, index in zip(clips, seeds)]
     generated = generate_batch(model, encoders, samples, sampling, seeds).float().cpu()
     truth = torch.stack([sample.pixels for sample in samples])
     reconstructed = encoders.decode_video(encoders.encode_video(truth)).cpu()
     rows = [sample_metrics(task, *row) for row in zip(samples, generated, reconstructed)]
+    if task in REGION_TASKS:  # the same clips from their text alone, same noise: the region's baseline
+        text_only = [task_sample_for(clip, TEXT_ONLY_OF[task], seed=index) for clip, index in zip(clips, seeds)]
+        baseline = generate_batch(model, encoders, text_only, sampling, seeds).float().cpu()
+        for row, sample, other in zip(rows, samples, baseline):
+            row["text_only_generated_psnr"] = psnr(other, sample.pixels, sample.condition[-1:] <= 0.5)
     losses = {"loss": validation_losses(model, encoders, samples, seeds)}
     if task not in TEXT_ONLY_TASKS:
         losses["loss_zero_condition"] = validation_losses(model, encoders, samples, seeds, zero_condition=True)
