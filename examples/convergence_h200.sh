@@ -62,5 +62,6 @@ if [ -n "${VARIANT_B:-}" ]; then
 else
   run "$OUT" "$WORK" "$@"
 fi
-cat "$OUT/eval.log" ${VARIANT_B:+"$OUT/variant_b/eval.log"} 2>/dev/null | grep -E "^(evaluated |(i2v|t2v|iinp|isr|icolor):)" || true
+# shellcheck disable=SC2086  # the globs: every backend's log, a stopped evaluation's included
+cat "$OUT"/eval_*.log ${VARIANT_B:+"$OUT"/variant_b/eval_*.log} 2>/dev/null | grep -E "^(evaluated |(i2v|t2v|iinp|isr|icolor):)" || true
 echo "total $(( $(date +%s) - start )) s; results in $OUT"

@@ -35,7 +35,8 @@ wait
 for v in a b; do gzip -c "$WORK/profile_$v/rank0.json" > "$OUT/trace_$v.json.gz" 2>/dev/null; done
 
 {
-  for log in "$OUT"/conv/eval.log "$OUT"/conv/post.log "$OUT"/conv/variant_b/eval.log "$OUT"/conv/variant_b/post.log; do
+  # eval_<backend>.log: also an evaluation stopped by its budget (eval.log is a finished one's copy)
+  for log in "$OUT"/conv/eval_*.log "$OUT"/conv/post.log "$OUT"/conv/variant_b/eval_*.log "$OUT"/conv/variant_b/post.log; do
     echo "== $log"; grep -vE "Warning|warn" "$log" 2>/dev/null | tail -n 17
   done
   tail -n 3 "$OUT"/conv/train.log "$OUT"/conv/variant_b/train.log | cut -c1-400
