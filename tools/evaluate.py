@@ -86,9 +86,14 @@ def frame_difference(clip: torch.Tensor) -> float:
     return float((clip[:, 1:] - clip[:, :-1]).abs().mean()) if clip.shape[1] > 1 else 0.0
 
 
+def known_region(sample: TaskSample) -> torch.Tensor:
+    """(1, F, H, W) True where the task reveals the truth (the condition's mask channel is 1)."""
+    return sample.condition[-1:] > 0.5
+
+
 def sample_metrics(task: str, sample: TaskSample, generated: torch.Tensor, reconstructed: torch.Tensor) -> dict:
     """The task's metrics of one sample; ``reconstructed`` is the ground truth through the codec."""
-    truth, mask = sample.pixels, sample.condition[-1:] > 0.5  # mask channel: 1 = known
+    truth, mask = sample.pixels, known_region(sample)
     if task in GENERATION_TASKS:
         given = mask.flatten(2).all(dim=2)[0]  # (F,) frames revealed whole
         return {"given_frames_psnr": psnr(generated[:, given], truth[:, given]),
@@ -148,7 +153,7 @@ def evaluate_task(model: torch.nn.Module, encoders: FrozenEncoders, dataset: Syn
         text_only = [task_sample_for(clip, TEXT_ONLY_OF[task], seed=index) for clip, index in zip(clips, seeds)]
         baseline = generate_batch(model, encoders, text_only, sampling, seeds).float().cpu()
         for row, sample, other in zip(rows, samples, baseline):
-            row["text_only_generated_psnr"] = psnr(other, sample.pixels, sample.condition[-1:] <= 0.5)
+            row["text_only_generated_psnr"] = psnr(other, sample.pixels, ~known_region(sample))
     losses = {"loss": validation_losses(model, encoders, samples, seeds)}
     if task not in TEXT_ONLY_TASKS:
         losses["loss_zero_condition"] = validation_losses(model, encoders, samples, seeds, zero_condition=True)
