@@ -93,10 +93,11 @@ def test_text_encoder_cost_does_not_grow_with_the_batch():
     assert counts[0] == counts[1], counts
 
 
-def _loader(workers: int, dp_rank: int = 0, pin=None) -> SyntheticLoader:
+def _loader(workers: int, dp_rank: int = 0, pin=None, condition_dtype=torch.float32) -> SyntheticLoader:
     config = SyntheticConfig(frames=5, height=16, width=16, workers=workers, prefetch_steps=1)
     return SyntheticLoader(SyntheticVideoDataset(config), TaskMixture(TaskMixtureConfig()), micro_batch_size=2,
-                           global_batch_size=8, dp_rank=dp_rank, dp_size=2, seed=3, pin=pin)
+                           global_batch_size=8, dp_rank=dp_rank, dp_size=2, seed=3, pin=pin,
+                           condition_dtype=condition_dtype)
 
 
 def test_synthetic_workers_render_the_same_batches_ahead_and_resume():
@@ -117,6 +118,20 @@ def test_synthetic_workers_render_the_same_batches_ahead_and_resume():
         assert all(torch.equal(a.pixels, b.pixels) for a, b in zip(resumed, expected))
     finally:
         ahead.close()
+
+
+def test_workers_hand_over_conditions_in_the_compute_dtype_with_the_steps_bits():
+    """A bf16 run's workers render the condition in bf16: half the bytes to hand over, pin and
+    copy, and the very values the step's own cast to its compute dtype gave before."""
+    plain, bf16 = _loader(workers=0), _loader(workers=2, condition_dtype=torch.bfloat16)
+    try:
+        for _ in range(2):
+            for want, got in zip(plain.next_global_batch(), bf16.next_global_batch()):
+                assert got.condition.dtype == torch.bfloat16 and want.condition.dtype == torch.float32
+                assert torch.equal(got.condition, want.condition.to(torch.bfloat16))
+                assert torch.equal(got.pixels, want.pixels)  # the codec encodes fp32 pixels
+    finally:
+        bf16.close()
 
 
 def test_rendered_batches_are_pinned_off_the_training_thread_and_resume():

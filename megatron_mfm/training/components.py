@@ -40,8 +40,9 @@ def layer_spec_for(config: RunConfig) -> ModuleSpec:
     return default_layer_spec(config.model.backend, attention)
 
 
-def build_loader(config: RunConfig) -> SyntheticLoader | ShardLoader:
-    """This data-parallel rank's loader (ranks of one TP/CP/PP group get the same one)."""
+def build_loader(config: RunConfig, dtype: torch.dtype = torch.float32) -> SyntheticLoader | ShardLoader:
+    """This data-parallel rank's loader (ranks of one TP/CP/PP group get the same one); ``dtype``:
+    the training step's compute dtype, the one synthetic conditions are rendered in."""
     train, seed = config.train, config.train.seed
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     if config.data.source == "shards":
@@ -49,7 +50,7 @@ def build_loader(config: RunConfig) -> SyntheticLoader | ShardLoader:
                            train.global_batch_size, dp_rank, dp_size, seed)
     return SyntheticLoader(SyntheticVideoDataset(config.data.synthetic), TaskMixture(config.tasks),
                            train.micro_batch_size, train.global_batch_size, dp_rank, dp_size, seed,
-                           pin=MicroBatch.pinned if torch.cuda.is_available() else None)
+                           pin=MicroBatch.pinned if torch.cuda.is_available() else None, condition_dtype=dtype)
 
 
 def check_machine(config: RunConfig) -> None:

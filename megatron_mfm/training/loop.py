@@ -76,7 +76,8 @@ def setup(config: RunConfig) -> Trainer:
     device = next(model[0].parameters()).device
     ddp = wrap_ddp(config, model_config, model)
     optimizer, scheduler = build_optimizer(config, model_config, ddp)
-    loader = build_loader(config)
+    dtype = torch.bfloat16 if model_config.bf16 else torch.float32
+    loader = build_loader(config, dtype)
     trainer = Trainer(
         config=config, model_config=model_config, model=model, ddp=ddp, optimizer=optimizer, scheduler=scheduler,
         ema=EMA(model, config.train.ema_decay) if config.train.ema_decay > 0 else None, loader=loader,
@@ -85,7 +86,7 @@ def setup(config: RunConfig) -> Trainer:
                                   config.parallel.distributed_optimizer, config.checkpoint.reshardable_optimizer),
         logger=MetricsLogger(config.logging, config_to_dict(config), config.train.iterations),
         state=TrainingState(), device=device,
-        dtype=torch.bfloat16 if model_config.bf16 else torch.float32,
+        dtype=dtype,
     )
     if config.checkpoint.load:
         iteration = trainer.checkpointer.load(config.checkpoint.load, model, optimizer, scheduler, trainer.ema,
