@@ -9,7 +9,7 @@ rendered ahead by worker processes (the same function of the slot, so the same d
 micro-batch whole by one worker, with enough steps in flight to keep every worker busy. Whole
 micro-batches arrive as one shared-memory tensor each: the training process receives them
 without joining parts (a ``torch.cat`` of a step's 75 MB cost it ~45 ms of CPU a step). With
-``pin``, a thread of the training process copies each arrived micro-batch into page-locked
+``pin``, threads of the training process copy each arrived micro-batch into page-locked
 memory (``MicroBatch.pinned``) while the model trains, so the step's host-to-device copies
 do not hold it.
 """
@@ -31,6 +31,11 @@ from megatron_mfm.data.rng import Stream, sample_generator
 from megatron_mfm.data.synthetic import SyntheticVideoDataset
 from megatron_mfm.tasks.mixture import TaskMixture
 from megatron_mfm.utils.preemption import children_shielded
+
+PIN_THREADS = 4
+"""Micro-batches pinned at once. One thread did not keep up on an H200 at batch 256 (session 9:
+the step waited ~40 ms for data at 256 clips and ~85 ms at 512, in proportion to the bytes, with
+12 or 24 workers alike); the copies release the GIL, so threads share the work."""
 
 
 @dataclass
@@ -84,7 +89,7 @@ class SyntheticLoader:
                                           initializer=torch.set_num_threads, initargs=(1,))
                       if workers else None)
         self._pin = pin
-        self._pinner = ThreadPoolExecutor(1, thread_name_prefix="pin") if pin and workers else None
+        self._pinner = ThreadPoolExecutor(PIN_THREADS, thread_name_prefix="pin") if pin and workers else None
         # steps being rendered, from consumed_samples on: each its micro-batches' (render, ready)
         # futures (ready: the pinned copy, or the render itself)
         self._queue: deque[list[tuple[Future, Future]]] = deque()
