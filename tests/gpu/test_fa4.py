@@ -53,11 +53,13 @@ def output_and_grads(attention, q, k, v, mask, real_queries: int):
 @pytest.mark.parametrize("case", ["self", "self-end-padded", "short-keys", "text-keys"])
 def test_fa4_core_attention_matches_cudnn(case):
     """FA4 against cuDNN; ``short-keys``: 80 unmasked keys; ``text-keys``: the cross-attention
-    module with 21 unmasked text keys (one prompt with its padding dropped), which runs on FA4."""
+    module with 21 unmasked text keys (one prompt with its padding dropped), which runs on FA4
+    with its 4,096 queries folded into the batch as 4 chunks (``fold_query_chunks``)."""
     from megatron_mfm.model.attention_backends.fa4 import FA4CoreAttention
     from megatron_mfm.model.attention_backends.sdpa import SDPACoreAttention
 
-    queries, keys = 1000, {"short-keys": 80, "text-keys": 21}.get(case, 1000)
+    queries = 4096 if case == "text-keys" else 1000
+    keys = {"short-keys": 80, "text-keys": 21}.get(case, queries)
     q, k, v = qkv(queries, keys)
     mask, real_queries = None, queries
     if case == "self-end-padded":  # TokenLayout padding: the last rows of the sequence

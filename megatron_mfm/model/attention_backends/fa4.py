@@ -31,6 +31,13 @@ from megatron_mfm.parallel.ring_attention import BlockKernels
 SUPPORTED_MAJOR_CAPABILITIES = (9, 10)
 """Hopper and Blackwell datacentre GPUs, where FA4 has forward and backward kernels."""
 
+KEY_BLOCK = 128
+"""Keys per CTA of FA4's sm90 backward, which runs one CTA per key block, head and sample."""
+QUERY_CHUNKS = (8, 4, 2)
+"""Chunk counts tried, largest first, for a cross-attention whose keys fit one key block."""
+MIN_CHUNK_QUERIES = 1024
+"""No chunk shorter: short sequences (the small recipe's 48 tokens) keep their one call."""
+
 
 @functools.lru_cache(maxsize=1)
 def fa4_unavailable_reason() -> str | None:
@@ -87,8 +94,24 @@ class FA4CoreAttention(torch.nn.Module):
                 cu_seqlens_k=segments.cu_seqlens, max_seqlen_q=segments.max_seqlen, max_seqlen_k=segments.max_seqlen)
             return out.flatten(1)[:, None]
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # (B, S, heads, D)
-        out, _ = fa4.flash_attn_func(q, k, v)
-        return out.transpose(0, 1).flatten(2)
+        return fold_query_chunks(lambda *qkv: fa4.flash_attn_func(*qkv)[0], q, k, v).transpose(0, 1).flatten(2)
+
+
+def fold_query_chunks(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``attend(q, k, v)`` (bshd) with the queries cut into chunks folded into the batch, each
+    against its sample's keys, when the keys fit one of FA4's backward key blocks: the MfM text
+    cross-attention (77 keys, one block) would otherwise run its backward on one CTA per head and
+    sample, 28 of an H200's 132 SMs, each walking all 22k queries (~1.1 ms a block against 16 ms
+    for the whole self-attention backward: docs/PERFORMANCE.md, session 9). Each query's row is
+    computed as before; dK/dV come back summed over the chunks by autograd."""
+    batch, queries = q.shape[:2]
+    fits = k.shape[1] <= KEY_BLOCK
+    chunks = next((c for c in QUERY_CHUNKS if fits and queries % c == 0 and queries // c >= MIN_CHUNK_QUERIES), 1)
+    if chunks == 1:
+        return attend(q, k, v)
+    folded = q.reshape(batch * chunks, queries // chunks, *q.shape[2:])
+    out = attend(folded, *(t.repeat_interleave(chunks, dim=0) for t in (k, v)))
+    return out.reshape(batch, queries, *out.shape[2:])
 
 
 def _attend(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
