@@ -75,8 +75,8 @@ class SyntheticLoader:
                  global_batch_size: int, dp_rank: int, dp_size: int, seed: int,
                  pin: Callable[[MicroBatch], MicroBatch] | None = None,
                  condition_dtype: torch.dtype = torch.float32):
-        """``pin``: applied to each micro-batch rendered ahead, on a thread of its own
-        (``MicroBatch.pinned`` on a GPU; ignored without ``workers``). ``condition_dtype``: the
+        """``pin``: applied to each micro-batch rendered ahead, on ``PIN_THREADS`` threads of its
+        own (``MicroBatch.pinned`` on a GPU; ignored without ``workers``). ``condition_dtype``: the
         training step's compute dtype (``SlotRenderer``)."""
         if global_batch_size % (micro_batch_size * dp_size):
             raise ValueError("global batch size must be a multiple of micro batch size x DP size")

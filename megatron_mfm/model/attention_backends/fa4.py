@@ -101,8 +101,8 @@ def fold_query_chunks(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
     """``attend(q, k, v)`` (bshd) with the queries cut into chunks folded into the batch, each
     against its sample's keys, when the keys fit one of FA4's backward key blocks: the MfM text
     cross-attention (77 keys, one block) would otherwise run its backward on one CTA per head and
-    sample, 28 of an H200's 132 SMs, each walking all 22k queries (~1.1 ms a block against 16 ms
-    for the whole self-attention backward: docs/PERFORMANCE.md, session 9). Each query's row is
+    sample, 28 of an H200's 132 SMs, each walking all 22k queries (~1.1 ms per transformer block,
+    against 16 ms for the whole self-attention backward: docs/PERFORMANCE.md, session 9). Each query's row is
     computed as before; dK/dV come back summed over the chunks by autograd."""
     batch, queries = q.shape[:2]
     fits = k.shape[1] <= KEY_BLOCK
