@@ -100,10 +100,10 @@ class FA4CoreAttention(torch.nn.Module):
 def fold_query_chunks(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``attend(q, k, v)`` (bshd) with the queries cut into chunks folded into the batch, each
     against its sample's keys, when the keys fit one of FA4's backward key blocks: the MfM text
-    cross-attention (77 keys, one block) would otherwise run its backward on one CTA per head and
-    sample, 28 of an H200's 132 SMs, each walking all 22k queries (~1.1 ms per transformer block,
-    against 16 ms for the whole self-attention backward: docs/PERFORMANCE.md, session 9). Each query's row is
-    computed as before; dK/dV come back summed over the chunks by autograd."""
+    cross-attention (77 keys, one block) would otherwise run its backward on one CTA per head
+    and sample, 28 of an H200's 132 SMs, each walking all 22k queries (~1.1 ms per transformer
+    block, against 16 ms for the whole self-attention backward: docs/PERFORMANCE.md, session 9).
+    Each query's row is computed as before; dK/dV come back summed over the chunks by autograd."""
     batch, queries = q.shape[:2]
     fits = k.shape[1] <= KEY_BLOCK
     chunks = next((c for c in QUERY_CHUNKS if fits and queries % c == 0 and queries // c >= MIN_CHUNK_QUERIES), 1)
