@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +46,8 @@ def time_candidate(name: str, tokens: int, heads: int, head_dim: int, repeats: i
     from flash_attn.cute import interface
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from benchmarks.attention import median_seconds
+
     default = interface._tile_size_bwd_sm90
     config = dataclasses.replace(default(head_dim, head_dim, False, False), **CANDIDATES[name])
     interface._tile_size_bwd_sm90 = lambda *args, **kwargs: config
@@ -65,15 +66,7 @@ def time_candidate(name: str, tokens: int, heads: int, head_dim: int, repeats: i
         F.scaled_dot_product_attention(*leaves).backward(dout.transpose(1, 2))
     errors = {f"d{n}_rel_err": float((g - r.grad.transpose(1, 2)).float().norm() / r.grad.float().norm())
               for n, g, r in zip("qkv", grads, leaves)}
-    times = []
-    for _ in range(repeats + 2):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        backward()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    seconds = statistics.median(times[2:])
+    seconds = median_seconds(backward, repeats)
     return {"candidate": name, "config": dataclasses.asdict(config), "backward_ms": round(seconds * 1e3, 3),
             "tflops": round(8 * heads * tokens ** 2 * head_dim / seconds / 1e12, 1), **errors}
 
