@@ -4,7 +4,8 @@
 # Issue 15 on GPU 0: the convergence recipe (examples/convergence.yaml) trained for TRAIN_SECONDS
 #   (default 450: the issue's "at most 8 minutes on one H200" less the call's margins), then every
 #   task evaluated at the recipe's guidance, split over both GPUs, then the frame-copy tasks at
-#   guidance 1 -> $OUT/conv/{metrics.jsonl,train.log}, $OUT/eval_{a,b,g1}/{metrics.json,contact_sheet.png}.
+#   guidance 1 and five tasks with the raw weights instead of the EMA's
+#   -> $OUT/conv/{metrics.jsonl,train.log}, $OUT/eval_{a,b,g1,raw}/{metrics.json,contact_sheet.png}.
 # Issue 16 on GPU 1 while GPU 0 trains: the FA4 GPU tests (the text cross-attention's folded
 #   query chunks among them), then MfM-2B row (d) (layernorm + mlp_act recompute, 16-bit state) and the official
 #   compiled Transformer3DModel in the same launch (bf16 and FP8 rows) -> $OUT/official.json, then row (d)
@@ -47,11 +48,13 @@ wait "$rows"  # GPU 1's parts end within the training's time (their limits add u
 evaluate 0 "$OUT/eval_a" --tasks t2v i2v itrans vexd vtrans isr vsr icolor &
 evaluate 1 "$OUT/eval_b" --tasks t2i vcolor iinp ioutp vinp voutp vedit
 wait
-evaluate 0 "$OUT/eval_g1" --guidance-scale 1 --tasks i2v itrans vexd vtrans iinp
+evaluate 0 "$OUT/eval_g1" --guidance-scale 1 --tasks i2v itrans vexd vtrans iinp &
+evaluate 1 "$OUT/eval_raw" --weights raw --tasks t2v i2v isr icolor iinp  # EMA 0.998 against the raw weights
+wait
 gzip -c "$WORK/profile/rank0.json" > "$OUT/trace.json.gz" 2>/dev/null
 {
   grep "^==" "$LOG"; tail -n 2 "$OUT/conv/train.log" | cut -c1-300
-  for log in "$OUT"/eval_a.log "$OUT"/eval_b.log "$OUT"/eval_g1.log; do
+  for log in "$OUT"/eval_a.log "$OUT"/eval_b.log "$OUT"/eval_g1.log "$OUT"/eval_raw.log; do
     echo "== $log"; grep -vE "Warning|warn" "$log" | tail -n 10
   done
   echo "total $((SECONDS - START)) s"
