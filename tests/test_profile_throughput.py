@@ -124,6 +124,15 @@ def test_kernel_breakdown_counts_operators_not_the_ranges_around_them():
     assert "aten::mm" in names and "a range around the step" not in names
 
 
+def test_cudnn_layout_transposes_count_with_the_convolutions():
+    """Kernel names from an H200 trace of the recipe's step (session 9)."""
+    from benchmarks.kernel_profile import kernel_category
+
+    for name in ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false>",
+                 "void cudnn::engines_precompiled::nhwcToNchwKernel<__nv_bfloat16, __nv_bfloat16, float, true>"):
+        assert kernel_category(name) == "convolution"
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--precision", "fp8"], "--precision fp8 needs Transformer Engine layers on a GPU"),
     (["--layouts", "tp3x"], "--layouts"),
