@@ -64,7 +64,7 @@ def block_kernel_seconds(d: int, ffn: int, ct: int, heads: int, hd: int, tp: int
 KERNEL_CATEGORIES = (
     ("attention", r"sdpa|flash|fmha|attn|attention"),
     # cuDNN's NCHW <-> NHWC transposes around each adapter convolution count with it (the
-    # recipe's trace: ~60 a step, 12% of its kernel time), not as "other elementwise"
+    # recipe's trace: ~90 a step, 12% of its kernel time), not as "other elementwise"
     ("convolution", r"conv|implicit_gemm|fprop|dgrad|wgrad|nchwToNhwc|nhwcToNchw"),
     ("gemm", r"gemm|nvjet|xmma|cutlass|cublas|matmul|::mm$|::addmm|::bmm"),
     ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|all_?to_?all|send|recv"),
