@@ -105,9 +105,8 @@ def fold_query_chunks(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
     block, against 16 ms for the whole self-attention backward: docs/PERFORMANCE.md, session 9).
     Each query's row is computed as before; dK/dV come back summed over the chunks by autograd."""
     batch, queries = q.shape[:2]
-    fits = k.shape[1] <= KEY_BLOCK
-    chunks = next((c for c in QUERY_CHUNKS if fits and queries % c == 0 and queries // c >= MIN_CHUNK_QUERIES), 1)
-    if chunks == 1:
+    chunks = next((c for c in QUERY_CHUNKS if queries % c == 0 and queries // c >= MIN_CHUNK_QUERIES), 1)
+    if chunks == 1 or k.shape[1] > KEY_BLOCK:
         return attend(q, k, v)
     folded = q.reshape(batch * chunks, queries // chunks, *q.shape[2:])
     out = attend(folded, *(t.repeat_interleave(chunks, dim=0) for t in (k, v)))
