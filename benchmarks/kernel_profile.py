@@ -83,11 +83,13 @@ def kernel_category(name: str) -> str:
 
 def kernel_breakdown(step, top: int = 12) -> dict:
     """One more step under torch.profiler: seconds of GPU kernels per category, their sum (the
-    GPU's busy time, to read against the step time) and the top kernels. On the CPU the
-    operators' own CPU times stand in for kernels."""
+    GPU's busy time, to read against the step time), the top kernels, and the top operators by
+    the kernel time they launch, with their input shapes (a kernel's name such as
+    ``vectorized_elementwise_kernel`` does not say which tensor of the model it touched). On the
+    CPU the operators' own CPU times stand in for kernels."""
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as profiler:
+    with profile(activities=activities, record_shapes=True) as profiler:
         step()
         synchronize()
     kernels = {}
@@ -106,4 +108,18 @@ def kernel_breakdown(step, top: int = 12) -> dict:
     ranked = sorted(kernels.items(), key=lambda item: -item[1][0])[:top]
     return {"kernel_seconds": {k: v for k, v in categories.items() if v > 0},
             "kernel_busy_s": sum(categories.values()),
-            "top_kernels": [{"name": name[:160], "seconds": s, "calls": n} for name, (s, n) in ranked]}
+            "top_kernels": [{"name": name[:160], "seconds": s, "calls": n} for name, (s, n) in ranked],
+            "top_operators": top_operators(profiler, cuda, 3 * top)}
+
+
+def top_operators(profiler, cuda: bool, top: int) -> list[dict]:
+    """Host operators by the kernel time they launch themselves, per input shape."""
+    operators = []
+    for event in profiler.key_averages(group_by_input_shape=True):
+        if event.device_type == DeviceType.CUDA or event.is_user_annotation:
+            continue
+        microseconds = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if microseconds > 0:
+            operators.append({"name": event.key, "shapes": str(event.input_shapes)[:200],
+                              "seconds": microseconds / 1e6, "calls": event.count})
+    return sorted(operators, key=lambda operator: -operator["seconds"])[:top]

@@ -133,6 +133,9 @@ def print_breakdown(rows: list[dict]) -> None:
         print(f"\ntop kernels: {row['recompute']} / {row['glue']} / {cell(row, 'precision').strip()}")
         for kernel in row["top_kernels"]:
             print(f"  {kernel['seconds']:8.4f} s {kernel['calls']:6d} x  {kernel['name'][:110]}")
+        print("top operators (the kernel time each launches, by input shapes)")
+        for operator in row["top_operators"]:
+            print(f"  {operator['seconds']:8.4f} s {operator['calls']:6d} x  {operator['name']} {operator['shapes'][:90]}")
 
 
 def write_results(rows: list[dict], folder: Path) -> None:

@@ -19,9 +19,6 @@ WORK=${WORK:-/tmp/mfm_convergence}
 TRAIN_SECONDS=${TRAIN_SECONDS:-300}
 PY=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if [ -z "${MODEL_BACKEND:-}" ]; then  # Transformer Engine if importable, else the local layers
-  "$PY" -c "import transformer_engine.pytorch" 2>/dev/null && MODEL_BACKEND=te || MODEL_BACKEND=local
-fi
 start=$(date +%s)
 deadline=$(( start + TRAIN_SECONDS + ${EVAL_SECONDS:-150} ))
 
@@ -31,7 +28,7 @@ run() {
   shift 2
   rm -rf "$work" && mkdir -p "$out" "$work"
   timeout --signal=TERM --kill-after=20 "$TRAIN_SECONDS" "$PY" pretrain_mfm.py --config examples/convergence.yaml \
-    model.backend="$MODEL_BACKEND" checkpoint.save="$work/checkpoints" logging.metrics_file="$out/metrics.jsonl" \
+    checkpoint.save="$work/checkpoints" logging.metrics_file="$out/metrics.jsonl" \
     "$@" > "$out/train.log" 2>&1 || status=$?
   if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then  # 124: the time budget stopped it (and it saved)
     tail -n 30 "$out/train.log"; return "$status"

@@ -120,8 +120,12 @@ def test_kernel_breakdown_counts_operators_not_the_ranges_around_them():
             for _ in range(3):
                 (x @ x).relu_()
 
-    names = [kernel["name"] for kernel in kernel_breakdown(step, top=100)["top_kernels"]]
+    breakdown = kernel_breakdown(step, top=100)
+    names = [kernel["name"] for kernel in breakdown["top_kernels"]]
     assert "aten::mm" in names and "a range around the step" not in names
+    operators = {(operator["name"], operator["shapes"]): operator for operator in breakdown["top_operators"]}
+    assert operators["aten::mm", "[[128, 128], [128, 128]]"]["calls"] == 3
+    assert "a range around the step" not in {name for name, _ in operators}
 
 
 def test_cudnn_layout_transposes_count_with_the_convolutions():
