@@ -41,7 +41,7 @@ wait "$training"
 
 evaluate() {  # $1: GPU, $2: output folder; the rest: evaluate.py flags
   local gpu=$1 out=$2; shift 2
-  CUDA_VISIBLE_DEVICES=$gpu timeout "$(( $(left) > 20 ? $(left) - 5 : 15 ))" python3 -m tools.evaluate \
+  CUDA_VISIBLE_DEVICES=$gpu timeout "$(( $(left) > 20 ? $(left) - 5 : 15 ))" python3 -m tools.evaluate --backend local \
     --load "$WORK/checkpoints" --config examples/convergence.yaml --samples 4 --output "$out" "$@" > "$out.log" 2>&1
 }
 wait "$rows"  # GPU 1's parts end within the training's time (their limits add up to 370 s)
