@@ -4,6 +4,7 @@ features (PyTorch's default conv init left it ~1e-6 of them)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -48,3 +49,32 @@ def test_condition_share_at_init_within_10x(hidden_size):
             conditioned = adapter(condition) - adapter(torch.zeros_like(condition))
         share = (_rms_over_revealed_frames(conditioned, condition) / tokens.pow(2).mean().sqrt()).item()
         assert 0.1 < share < 10, (task, share)
+
+
+@pytest.mark.parametrize("frames", [1, 9], ids=["image", "video"])
+def test_channels_last_adapter_computes_the_same_function(frames):
+    """The NHWC/NDHWC layout (the adapter's on CUDA) gives NCHW's output and gradients: its
+    views between the 2D and 3D convolutions keep every frame's pixels and channels in place."""
+    reference = ConditionAdapter(5, 64, channels_last=False)
+    channels_last = ConditionAdapter(5, 64, channels_last=True)
+    channels_last.load_state_dict(reference.state_dict())
+    condition = torch.randn(2, 5, frames, 48, 32, generator=torch.Generator().manual_seed(0))
+    outputs = [adapter(condition) for adapter in (reference, channels_last)]
+    grad = torch.randn(outputs[0].shape, generator=torch.Generator().manual_seed(1))
+    for output in outputs:
+        output.backward(grad)
+    pairs = [("output", outputs[1], outputs[0])] + [
+        (name, actual.grad, expected.grad)
+        for (name, expected), actual in zip(reference.named_parameters(), channels_last.parameters())]
+    for name, actual, expected in pairs:  # fp32 convolutions summed in another order: ~1e-6
+        assert (actual - expected).norm() <= 1e-5 * expected.norm(), name
+
+
+def test_adapter_layout_benchmark_reports_both_layouts(tmp_path):
+    from benchmarks.condition_adapter import main
+
+    rows = main(["--preset", "tiny", "--frames", "5", "--height", "32", "--width", "32", "--iterations", "1",
+                 "--output", str(tmp_path / "adapter.json")])
+    assert [row["layout"] for row in rows] == ["nchw", "channels_last"]
+    assert rows[1]["output_rel_diff"] < 1e-5 and rows[1]["max_grad_rel_diff"] < 1e-5
+    assert json.loads((tmp_path / "adapter.json").read_text()) == rows
