@@ -131,7 +131,8 @@ def profile_one(args, layout: Layout, what: dict) -> tuple[dict, PlainCase | Non
     trainer = setup(config)
     batch, target = random_batch(trainer.model_config, frames, height, width, args.micro_batch_size, trainer.device,
                                  trainer.dtype, config.train.seed)
-    wants_case = args.compare_plain or args.compare_official
+    # under --isolate-rows the official step runs in its own process, not again after ours
+    wants_case = args.compare_plain or (args.compare_official and args.row_process != "ours")
     plain = (PlainCase.before_training(trainer, batch, target, recomputes_whole_blocks(what["recompute"]))
              if wants_case else None)
     grid = token_grid(latent_shape(frames, height, width)[1:], trainer.model_config.patch_size)

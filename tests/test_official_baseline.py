@@ -60,3 +60,18 @@ def test_profiler_rows_get_the_official_columns(tmp_path):
     assert row["official_losses"] == pytest.approx(row["losses"], rel=1e-5)
     assert "enable_cached_compile=False, gradient_checkpointing=None" in row["official_settings"]
     assert row["official_peak_memory_gib"] is None and row["core_attention"] == "SDPACoreAttention"
+
+
+def test_isolated_rows_run_the_official_step_once_in_its_own_process(tmp_path):
+    """With --isolate-rows our row's process times only ours (two H200 launches of session 10
+    ran the official step there too, then again alone, and ran out of time)."""
+    profile = subprocess.run(
+        [sys.executable, str(TOOL), "--presets", "tiny", "--frames", "5", "--height", "32", "--width", "48",
+         "--iterations", "2", "--warmup", "0", "--backend", "local", "--compare-official", str(OFFICIAL),
+         "--isolate-rows", "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=600)
+    assert profile.returncode == 0, profile.stderr[-3000:]
+    (ours,) = json.loads((tmp_path / "rows" / "row0" / "results.json").read_text())
+    (row,) = json.loads((tmp_path / "results.json").read_text())
+    assert "official_step_s" not in ours and row["official_step_s"] > 0
+    assert row["official_losses"] == pytest.approx(row["losses"], rel=1e-5)
