@@ -58,12 +58,16 @@ def launch_losses(losses: list[torch.Tensor], copies: int) -> list[float]:
     return (total / copies).tolist()
 
 
-def full_iteration_graph(forward_backward):
+def full_iteration_graph(forward_backward, seed: int):
     """megatron's full-iteration CUDA graph around ``forward_backward``: eager on the first call,
     captured on the second, replayed after. Its graphs and input buffers live on the class; they
-    are cleared so that each row captures its own."""
+    are cleared so that each row captures its own. The capture registers every CUDA RNG state
+    with the graph, which takes graph-safe generators: megatron's tracker keeps tensors unless
+    seeded with ``use_cudagraphable_rng`` (an H200 row failed on it, session 10)."""
+    from megatron.core import tensor_parallel
     from megatron.core.full_cuda_graph import FullCudaGraphWrapper, StaticBufferLoader
 
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=True, force_reset_rng=True)
     FullCudaGraphWrapper.curr_iteration = {"training": 0, "validation": 0}
     FullCudaGraphWrapper.cuda_graph = {"training": None, "validation": None}
     StaticBufferLoader.static_buffers = {"training": [], "validation": []}
@@ -102,7 +106,7 @@ def our_step(trainer: Trainer, batch: dict, target: torch.Tensor, seq_length: in
     losses = []
     forward_backward = get_forward_backward_func()
     if cuda_graph == "full_iteration":
-        forward_backward = full_iteration_graph(forward_backward)
+        forward_backward = full_iteration_graph(forward_backward, trainer.config.train.seed)
         batch["text_mask"] = None  # all ones, which the model drops anyway, but only after a host sync
 
     def step():
