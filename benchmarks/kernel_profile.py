@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -81,17 +82,21 @@ def kernel_category(name: str) -> str:
     return next(label for label, pattern in KERNEL_CATEGORIES if re.search(pattern, name, re.IGNORECASE))
 
 
-def kernel_breakdown(step, top: int = 12) -> dict:
+def kernel_breakdown(step, top: int = 12, trace: Path | None = None) -> dict:
     """One more step under torch.profiler: seconds of GPU kernels per category, their sum (the
     GPU's busy time, to read against the step time), the top kernels, and the top operators by
     the kernel time they launch, with their input shapes (a kernel's name such as
     ``vectorized_elementwise_kernel`` does not say which tensor of the model it touched). On the
-    CPU the operators' own CPU times stand in for kernels."""
+    CPU the operators' own CPU times stand in for kernels. ``trace``: where to write the step's
+    Chrome trace."""
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities, record_shapes=True) as profiler:
         step()
         synchronize()
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        profiler.export_chrome_trace(str(trace))
     kernels = {}
     for event in profiler.key_averages():
         on_device = event.device_type == DeviceType.CUDA

@@ -148,7 +148,8 @@ def profile_one(args, layout: Layout, what: dict) -> tuple[dict, PlainCase | Non
     peak_memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     data_parallel = data_parallel_size(layout)
     step_losses = launch_losses(losses[-args.iterations:], layout.tp * layout.cp * data_parallel)
-    breakdown = kernel_breakdown(step) if args.kernel_breakdown else {}
+    trace = args.kernel_trace / f"{'_'.join(str(value) for value in what.values())}.json" if args.kernel_trace else None
+    breakdown = kernel_breakdown(step, trace=trace) if args.kernel_breakdown else {}
     row = {
         **what, "tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "dp": data_parallel,
         "tokens": clip_tokens(frames, height, width),

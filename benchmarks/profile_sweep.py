@@ -9,6 +9,7 @@ import itertools
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -155,6 +156,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--row-process", choices=ROW_PROCESSES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--kernel-breakdown", action="store_true",
                         help="profile one more step per row: kernel time per category and the top kernels")
+    parser.add_argument("--kernel-trace", type=Path, metavar="DIR",
+                        help="with --kernel-breakdown: also write each profiled step's Chrome trace here "
+                             "(the timeline shows where the GPU waits on the host)")
     parser.add_argument("--set", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
                         help="extra config overrides for every row, e.g. parallel.context_parallel_comm=p2p")
     parser.add_argument("--backend", default="auto", choices=["auto", "te", "local"])

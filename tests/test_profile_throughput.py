@@ -93,7 +93,7 @@ def test_compiled_glue_rows_and_kernel_breakdown(tmp_path):
     profile = subprocess.run(
         [sys.executable, str(TOOL), "--presets", "tiny", "--frames", "5", "--height", "32", "--width", "48",
          "--recompute", "full", "--glue", "eager", "compiled", "--kernel-breakdown", "--iterations", "2",
-         "--warmup", "1", "--backend", "local", "--output", str(tmp_path)],
+         "--warmup", "1", "--backend", "local", "--output", str(tmp_path), "--kernel-trace", str(tmp_path / "traces")],
         capture_output=True, text=True, timeout=600)
     assert profile.returncode == 0, profile.stderr[-3000:]
     assert "kernel time per step" in profile.stdout and "top kernels: full / compiled" in profile.stdout
@@ -106,6 +106,8 @@ def test_compiled_glue_rows_and_kernel_breakdown(tmp_path):
         assert categories["gemm"] > 0 and categories["attention"] > 0
         assert row["kernel_busy_s"] == pytest.approx(sum(categories.values()))
         assert row["top_kernels"][0]["seconds"] >= row["top_kernels"][-1]["seconds"] > 0
+    traces = sorted((tmp_path / "traces").glob("*.json"))
+    assert len(traces) == 2 and all("aten::mm" in trace.read_text() for trace in traces)
 
 
 def test_kernel_breakdown_counts_operators_not_the_ranges_around_them():
