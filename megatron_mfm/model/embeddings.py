@@ -84,7 +84,8 @@ class ConditionAdapter(nn.Module):
 
     Memory layout: channels-last (NHWC / NDHWC) on CUDA, where cuDNN's kernels take it as it is;
     in NCHW it wraps each full-resolution convolution in layout transposes (MfM-2B, 97 x 352 x
-    640: ~40 ms of a 1.11 s step on an H200). The CPU keeps NCHW. ``channels_last`` overrides.
+    640, H200: forward + backward 50.5 ms in NCHW, 29.5 ms channels-last). The CPU keeps NCHW.
+    ``channels_last`` overrides.
     """
 
     def __init__(self, in_channels: int, hidden_size: int, channels: tuple[int, ...] = ADAPTER_CHANNELS,
