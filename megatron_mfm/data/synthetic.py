@@ -1,7 +1,8 @@
 """A built-in synthetic dataset: procedurally rendered scenes of moving shapes on textures.
 
 Every sample is a pure function of (seed, index): coloured circles, squares and triangles move
-across a striped, checkered, gradient or plain background; the caption says what moves where,
+across a striped, checkered, gradient or plain background, or a photograph the camera pans and
+zooms over (``photo``: scikit-image's sample photos, ``data/photos.py``); the caption says what moves where,
 the depth map knows which shape is in front, and an "edit source" renders the same scene with
 other colours (a video-editing pair whose caption describes the edited clip). Images are single
 static frames. No downloads, any resolution and frame count.
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_mfm.data.photos import Pan, require_photos
 from megatron_mfm.tasks.builders import Clip
 
 COLORS = {
@@ -22,6 +24,8 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = ("plain", "striped", "checkered", "gradient")
+PHOTO_BACKGROUND = "photo"
+"""A photograph panned and zoomed over (needs the ``photos`` extra, so not among the defaults)."""
 DIRECTIONS = {"left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0)}
 
 
@@ -42,7 +46,7 @@ class SyntheticConfig:
     max_objects: int = 3
     """Shapes per scene: 1 to this many."""
     backgrounds: list[str] = field(default_factory=lambda: list(BACKGROUNDS))
-    """Background kinds drawn from (plain, striped, checkered, gradient); fewer make easier data."""
+    """Background kinds drawn from (plain, striped, checkered, gradient, photo); fewer make easier data."""
     workers: int = 0
     """Processes rendering the next steps' micro-batches while the model trains (0: render in
     the step, on its critical path)."""
@@ -60,9 +64,12 @@ class SyntheticConfig:
             raise ValueError("data.synthetic.image_fraction must be within [0, 1]")
         if self.max_objects < 1:
             raise ValueError(f"data.synthetic.max_objects={self.max_objects} must be >= 1")
-        unknown = sorted(set(self.backgrounds) - set(BACKGROUNDS))
+        kinds = [*BACKGROUNDS, PHOTO_BACKGROUND]
+        unknown = sorted(set(self.backgrounds) - set(kinds))
         if unknown or not self.backgrounds:
-            raise ValueError(f"data.synthetic.backgrounds: {unknown or 'empty'}; choose from {list(BACKGROUNDS)}")
+            raise ValueError(f"data.synthetic.backgrounds: {unknown or 'empty'}; choose from {kinds}")
+        if PHOTO_BACKGROUND in self.backgrounds:
+            require_photos()
 
 
 def _background(kind: str, color: torch.Tensor, other: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
@@ -129,24 +136,29 @@ class SyntheticVideoDataset:
                 depth=0.3 + 0.7 * rand(),
             ))
         objects.sort(key=lambda o: o["depth"])  # far to near: nearer shapes drawn last
-        pixels, source, depth = self._render(objects, bg_kind, bg_name, bg_other, frames)
+        pan = Pan.draw(g) if bg_kind == PHOTO_BACKGROUND else None
+        pixels, source, depth = self._render(objects, bg_kind, bg_name, bg_other, frames, pan)
+        background = f"a photo of {pan.subject}" if pan else (
+            f"a {bg_name} background" if bg_kind == "plain" else f"a {bg_name} {bg_kind} background")
         return Clip(
             pixels=pixels,
-            caption=self._caption(objects, bg_kind, bg_name, is_image),
+            caption=self._caption(objects, background, is_image),
             fps=cfg.fps,
             depth=depth,
             edit_source=None if is_image else source,
             key=f"synthetic/{cfg.seed}/{index}",
         )
 
-    def _render(self, objects: list[dict], bg_kind: str, bg_name: str, bg_other: str,
-                frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _render(self, objects: list[dict], bg_kind: str, bg_name: str, bg_other: str, frames: int,
+                pan: Pan | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pixels, edit source, depth): the shapes' masks are computed once for all frames and
-        both colourings; each pixel shows the nearest shape covering it (objects sorted far to near)."""
+        both colourings; each pixel shows the nearest shape covering it (objects sorted far to near).
+        The background is one image (3, H, W), or with ``pan`` a frame each (3, F, H, W)."""
         cfg = self.config
         h, w = cfg.height, cfg.width
         ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
-        background = _background(bg_kind, torch.tensor(COLORS[bg_name]), torch.tensor(COLORS[bg_other]), ys, xs, max(4.0, w / 8))
+        background = pan.render(frames, h, w) if pan else _background(
+            bg_kind, torch.tensor(COLORS[bg_name]), torch.tensor(COLORS[bg_other]), ys, xs, max(4.0, w / 8))
         owner = torch.full((frames, h, w), -1)  # index of the nearest shape on each pixel, -1: background
         for number, obj in enumerate(objects):
             cy, cx = _frame_centres(obj, frames, h, w)
@@ -154,19 +166,17 @@ class SyntheticVideoDataset:
         # One lookup paints everything: 7 channels (RGB, edited RGB, depth) from a table whose
         # first columns are the shapes' values and the rest the background's, pixel by pixel.
         shapes = torch.tensor([[*COLORS[o["color"]], *COLORS[o["edit_color"]], o["depth"]] for o in objects]).T
-        ground = torch.cat([background, background, torch.full((1, h, w), 0.1)]).flatten(1)
+        ground = torch.cat([background, background, torch.full((1, *background.shape[1:]), 0.1)]).flatten(1)
         table = torch.cat([shapes, ground], dim=1)
         table[:6] = table[:6] * 2 - 1  # RGB to [-1, 1]
-        pixel = torch.arange(len(objects), len(objects) + h * w).view(h, w)
+        pixel = torch.arange(len(objects), len(objects) + ground.shape[1]).view(background.shape[1:])
         painted = table.index_select(1, torch.where(owner >= 0, owner, pixel).flatten()).view(7, frames, h, w)
         return painted[:3], painted[3:6], painted[6:]
 
     @staticmethod
-    def _caption(objects, bg_kind, bg_name, is_image) -> str:
+    def _caption(objects, background: str, is_image) -> str:
         parts = []
         for obj in objects:
             text = f"a {obj['color']} {obj['shape']}"
             parts.append(text if is_image else f"{text} moving {obj['direction']}")
-        scene = " and ".join(parts)
-        background = f"a {bg_name} background" if bg_kind == "plain" else f"a {bg_name} {bg_kind} background"
-        return f"{scene} on {background}"
+        return f"{' and '.join(parts)} on {background}"
