@@ -97,9 +97,8 @@ def pan_frames(photo: torch.Tensor, start: tuple[float, float, float], end: tupl
     to ``end`` ((centre y, centre x, side) in units of the photo's shorter side, centred on the
     photo's own centre for its longer side), each resampled with ``grid_sample`` (bilinear, the
     pixel-centre convention of ``F.interpolate(align_corners=False)``)."""
-    steps = torch.linspace(0, 1, frames, dtype=torch.float64) if frames > 1 else torch.zeros(1, dtype=torch.float64)
-    window = torch.tensor(start, dtype=torch.float64) + steps[:, None] * (
-        torch.tensor(end, dtype=torch.float64) - torch.tensor(start, dtype=torch.float64))
+    window = torch.lerp(torch.tensor(start, dtype=torch.float64), torch.tensor(end, dtype=torch.float64),
+                        torch.linspace(0, 1, frames, dtype=torch.float64)[:, None])  # (F, 3); one frame: start
     _, h, w = photo.shape
     short = min(h, w)
     # window centres and half sides in pixels of the photo, the square placed in its middle
