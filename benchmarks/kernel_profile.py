@@ -88,10 +88,10 @@ def kernel_breakdown(step, top: int = 12, trace: Path | None = None) -> dict:
     the kernel time they launch, with their input shapes (a kernel's name such as
     ``vectorized_elementwise_kernel`` does not say which tensor of the model it touched). On the
     CPU the operators' own CPU times stand in for kernels. ``trace``: where to write the step's
-    Chrome trace."""
+    Chrome trace, with Python stacks (``benchmarks/trace_gaps.py`` names the code the GPU waited on)."""
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities, record_shapes=True) as profiler:
+    with profile(activities=activities, record_shapes=True, with_stack=trace is not None) as profiler:
         step()
         synchronize()
     if trace is not None:

@@ -7,7 +7,8 @@
 # 2. row (d) eager and under megatron's full-iteration CUDA graph: the difference is the host's
 #    share of the step -> $OUT/graph.json;
 # 3. row (d)'s profiled step with its Chrome trace (the timeline of the gaps) -> $OUT/trace_row.json, r.tgz;
-# 4. the recipe for 80 s with two profiled steps (150-151, away from checkpoints) -> r.tgz.
+# 4. the recipe for 80 s with two profiled steps (150-151, away from checkpoints) -> r.tgz;
+# 5. each trace's idle intervals and what the GPU waited on (benchmarks/trace_gaps.py) -> $OUT/gaps_*.json.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG=$OUT/run.log; DEADLINE=${DEADLINE:-295}  # the boot takes ~30 s of the call
@@ -23,6 +24,8 @@ part trace 60 python3 "${ROWS[@]}" --kernel-breakdown --kernel-trace "$WORK/trac
 cp "$WORK/trace/results.json" "$OUT/trace_row.json" 2>/dev/null
 part recipe 100 env TRAIN_SECONDS=80 EVAL_SECONDS=0 PYTHON=python3 OUT="$WORK/recipe" WORK="$WORK/recipe_work" \
   bash examples/convergence_h200.sh "logging.profile_steps=[150,151]" "logging.profile_dir=$WORK/recipe_profile"
+for trace in "$WORK"/traces/*.json; do python3 benchmarks/trace_gaps.py "$trace" --output "$OUT/gaps_row.json" >/dev/null; done
+python3 benchmarks/trace_gaps.py "$WORK/recipe_profile/rank0.json" --output "$OUT/gaps_recipe.json" >/dev/null
 gzip -f "$WORK"/traces/*.json "$WORK"/recipe_profile/*.json 2>/dev/null
 tar czf "$OUT/r.tgz" -C "$WORK" traces recipe_profile recipe/train.log 2>/dev/null
 grep "^==" "$LOG"; echo "total $((SECONDS - START)) s"

@@ -99,7 +99,8 @@ class ProfileWindow:
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
                 torch.cuda.profiler.start()
-            self.profiler = torch.profiler.profile(activities=activities)
+            # stacks name the code behind each gap in the device's timeline (benchmarks/trace_gaps.py)
+            self.profiler = torch.profiler.profile(activities=activities, with_stack=True)
             self.profiler.start()
 
     def after_step(self, iteration: int) -> None:
