@@ -3,7 +3,8 @@
 # call 600 s), on a machine set up with the gpu extra:
 #   OUT=/tmp/res bash benchmarks/gpu/quality_ab.sh
 # The convergence recipe (GPU 0) beside a variant (GPU 1, VARIANT_B; default: lr 2e-3, twice the
-# recipe's since session 9), each for TRAIN_SECONDS (default 370) with 12 data workers and evaluated on every
+# recipe's since session 9; COMMON_ARGS: overrides for both), each for TRAIN_SECONDS (default 370)
+# with 12 data workers and evaluated on every
 # task (examples/convergence_h200.sh), then both evaluated again with POST_EVAL_ARGS (default: the
 # raw weights instead of the EMA's, without guidance, on the frame-copy and SR tasks). Each run
 # profiles two training steps (torch profiler, where the step's host time goes):
@@ -22,7 +23,8 @@ POST_EVAL_ARGS=${POST_EVAL_ARGS:---weights raw --guidance-scale 1 --tasks i2v it
 
 VARIANT_B="$VARIANT_B logging.profile_dir=$WORK/profile_b" OUT=$OUT/conv WORK=$WORK \
   TRAIN_SECONDS=${TRAIN_SECONDS:-370} EVAL_SECONDS=${EVAL_SECONDS:-110} EVAL_ARGS="--samples 4" PYTHON=python3 \
-  bash examples/convergence_h200.sh data.synthetic.workers=12 "logging.profile_steps=[400,401]" "logging.profile_dir=$WORK/profile_a" >> "$LOG" 2>&1
+  bash examples/convergence_h200.sh data.synthetic.workers=12 "logging.profile_steps=[400,401]" "logging.profile_dir=$WORK/profile_a" \
+  ${COMMON_ARGS:-} >> "$LOG" 2>&1
 
 post_eval() {  # $1: GPU, $2: checkpoints, $3: output folder
   # shellcheck disable=SC2086  # POST_EVAL_ARGS is a list of flags

@@ -34,7 +34,7 @@ MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.fl
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
-    """tiny, small, mfm-2b or mfm-8b."""
+    """tiny, small, base, mfm-2b or mfm-8b (``model/presets.py``)."""
     num_layers: int = 0
     """Blocks of the model (0: the preset's); fewer for a reduced-depth run of a large preset."""
     backend: str = "auto"

@@ -12,6 +12,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(num_layers=2, hidden_size=128, num_attention_heads=4, text_hidden_size=64),
     # from-scratch checks on one GPU (examples/convergence.yaml): MfM's heads of 64, ~1/45 of MfM-2B
     "small": dict(num_layers=8, hidden_size=512, num_attention_heads=8, text_hidden_size=512),
+    # small at twice the width (~4x the GEMM FLOPs, the same kernels): the recipe's step is set by
+    # the host's launches, not by the GPU (docs/TRAINING.md), so width costs little time there
+    "base": dict(num_layers=8, hidden_size=1024, num_attention_heads=16, text_hidden_size=512),
     "mfm-2b": dict(num_layers=28, hidden_size=1792, num_attention_heads=28, text_hidden_size=2048),
     "mfm-8b": dict(num_layers=40, hidden_size=3072, num_attention_heads=48, text_hidden_size=2048),
 }
