@@ -19,7 +19,8 @@ from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.geometry import clip_tokens, latent_shape, token_grid
 from megatron_mfm.model.recompute_budget import after_optimizer_step
 from megatron_mfm.training.flops import gpu_peak_tflops, training_flops
-from megatron_mfm.training.loop import Trainer, setup
+from megatron_mfm.training.loop import Trainer, finite_and_stop, setup
+from megatron_mfm.training.optimizer_step import optimizer_step
 
 
 def random_batch(config: MfMConfig, frames: int, height: int, width: int, batch: int, device: torch.device,
@@ -117,10 +118,12 @@ def our_step(trainer: Trainer, batch: dict, target: torch.Tensor, seq_length: in
             forward_step_func=forward_step, data_iterator=iter([batch]), model=trainer.ddp, num_microbatches=1,
             seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False,
         )
-        trainer.optimizer.step()
-        after_optimizer_step(trainer.model)
-        # a copy: a replayed graph rewrites its output in place
-        losses.append(reported[0]["loss"].clone() if reported else torch.zeros((), device=trainer.device))
+        loss = reported[0]["loss"] if reported else torch.zeros((), device=trainer.device)
+        finite, _ = finite_and_stop(loss.view(1), trainer.ddp, False)  # the training loop's one wait a step
+        if finite:
+            optimizer_step(trainer.optimizer)
+            after_optimizer_step(trainer.model)
+        losses.append(loss.clone())  # a copy: a replayed graph rewrites its output in place
 
     return step, losses
 

@@ -38,6 +38,7 @@ from megatron_mfm.training.flops import gpu_peak_tflops, training_flops
 from megatron_mfm.training.logger import MetricsLogger
 from megatron_mfm.training.observability import (IntervalMeter, ProfileWindow, StepResult, StepTimer, memory_gb,
                                                  phase, rank_spread, to_host)
+from megatron_mfm.training.optimizer_step import optimizer_step
 from megatron_mfm.training.schedule import batch_tokens, reduce_task_losses, run_schedule
 from megatron_mfm.training.step import make_forward_step
 from megatron_mfm.training.validation import validation_loss
@@ -97,7 +98,7 @@ def setup(config: RunConfig) -> Trainer:
     return trainer
 
 
-def _finite_and_stop(task_losses: torch.Tensor, ddp: list[DistributedDataParallel],
+def finite_and_stop(task_losses: torch.Tensor, ddp: list[DistributedDataParallel],
                      stop_requested: bool) -> tuple[bool, bool]:
     """(loss and every gradient buffer finite on every rank, some rank asked to stop): one
     all-reduce and the step's one host read (the skip decision precedes the optimizer step)."""
@@ -151,7 +152,7 @@ def train_step(trainer: Trainer, stop_requested: bool = False) -> StepResult:
     with phase("forward-backward"):
         reports = run_schedule(config, ddp, micro_batches, forward_step, forward_only=False)
     task_losses = reduce_task_losses(reports, trainer.device)
-    finite, stop = _finite_and_stop(task_losses, ddp, stop_requested)
+    finite, stop = finite_and_stop(task_losses, ddp, stop_requested)
     result = partial(StepResult, task_losses, flops=flops, tokens=tokens, data_seconds=data_seconds, stop=stop)
     if not finite:
         trainer.state.skipped_steps += 1
@@ -163,7 +164,7 @@ def train_step(trainer: Trainer, stop_requested: bool = False) -> StepResult:
         trainer.scheduler.step(increment=config.train.global_batch_size)
         return result(None, False)
     with phase("optimizer"):
-        _, grad_norm, _ = trainer.optimizer.step()
+        _, grad_norm = optimizer_step(trainer.optimizer)
         after_optimizer_step(trainer.model)
         trainer.scheduler.step(increment=config.train.global_batch_size)
         if trainer.ema is not None:

@@ -1,0 +1,66 @@
+"""training/optimizer_step.py: megatron's optimizer step with the gradient clipping kept on the
+device gives megatron's weights, bit for bit, and its clipping reads nothing on the host."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from megatron_mfm.config import load_config
+from megatron_mfm.training.loop import setup
+from megatron_mfm.training.optimizer_step import clip_by_norm, global_grad_norm, optimizer_step
+
+TINY = ["model.backend=local", "model.num_layers=1", "train.micro_batch_size=1", "train.global_batch_size=1",
+        "data.synthetic.frames=5", "data.synthetic.height=32", "data.synthetic.width=32", "checkpoint.save="]
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the operators that bring a tensor's value to the host (``.item()``, ``float()``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def set_gradients(trainer, step: int) -> None:
+    """The same pseudo-random gradients in every trainer's buffers (the DDP grad buffers are what
+    megatron's optimizers read)."""
+    generator = torch.Generator().manual_seed(step)
+    for chunk in trainer.ddp:
+        for buffer in chunk.buffers:
+            buffer.grad_data.copy_(torch.randn(buffer.grad_data.shape, generator=generator))
+
+
+@pytest.mark.parametrize("clip", [0.5, 1e6], ids=["clipping", "not-clipping"])
+@pytest.mark.parametrize("setting", [["train.precision=fp32"], ["train.precision=bf16"],
+                                     ["train.precision=bf16", "parallel.distributed_optimizer=true"]],
+                         ids=["fp32", "bf16", "bf16-distributed"])
+def test_device_clipping_gives_megatrons_weights(single_process_world, setting, clip):
+    overrides = [*TINY, *setting, f"optimizer.clip_grad={clip}"]
+    ours, megatrons = setup(load_config(overrides=overrides)), setup(load_config(overrides=overrides))
+    for step in range(3):
+        for trainer in (ours, megatrons):
+            set_gradients(trainer, step)
+        applied, norm = optimizer_step(ours.optimizer)
+        megatron_applied, megatron_norm, _ = megatrons.optimizer.step()
+        assert applied and megatron_applied
+        assert norm.item() == megatron_norm or clip > 1e5  # megatron reports 0 when it does not clip
+    assert (norm.item() > clip) == (clip < 1e5), "the gradients must exceed the clip in one case only"
+    for (name, param), reference in zip(ours.model.named_parameters(), megatrons.model.parameters()):
+        assert torch.equal(param, reference), name
+
+
+def test_clipping_reads_nothing_on_the_host(single_process_world):
+    trainer = setup(load_config(overrides=[*TINY, "optimizer.clip_grad=0.5"]))
+    set_gradients(trainer, 0)
+    trainer.optimizer.prepare_grads()
+    with HostReads() as ours:
+        clip_by_norm(trainer.optimizer, global_grad_norm(trainer.optimizer))
+    with HostReads() as megatrons:
+        trainer.optimizer.clip_grad_norm(0.5)
+    assert ours.count == 0 and megatrons.count >= 1
