@@ -4,6 +4,8 @@ baselines of the row take from it (our initial weights, the inputs, the target).
 
 from __future__ import annotations
 
+import contextlib
+
 import megatron.core
 import torch
 import torch.distributed as dist
@@ -130,7 +132,17 @@ def our_step(trainer: Trainer, batch: dict, target: torch.Tensor, seq_length: in
 
 def profile_one(args, layout: Layout, what: dict) -> tuple[dict, PlainCase | None]:
     """Our row (``what`` names it), and with --compare-plain or --compare-official what the plain
-    or official step of the row needs (only that under ``--row-process official``)."""
+    or official step of the row needs (only that under ``--row-process official``).
+
+    A full-iteration graph's row runs on a side stream from the start: DDP keeps each weight's
+    gradient accumulator on the stream current when it was built, and a capture cannot make the
+    legacy default stream wait on it (an H200 row failed so, session 11)."""
+    graphed = what["cuda_graph"] == "full_iteration" and torch.cuda.is_available()
+    with torch.cuda.stream(torch.cuda.Stream()) if graphed else contextlib.nullcontext():
+        return _profile_row(args, layout, what)
+
+
+def _profile_row(args, layout: Layout, what: dict) -> tuple[dict, PlainCase | None]:
     frames, height, width = what["frames"], what["height"], what["width"]
     config = row_config(args, layout, what)
     if args.row_process == "official":
