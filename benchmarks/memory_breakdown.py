@@ -29,7 +29,7 @@ from benchmarks.profile_row import random_batch, velocity_loss
 from megatron_mfm.config import load_config
 from megatron_mfm.parallel.initialize import destroy_parallel
 from megatron_mfm.training.loop import setup
-from megatron_mfm.training.optimizer_step import optimizer_step
+from megatron_mfm.training.optimizer_step import apply_update, prepare_update
 from megatron_mfm.utils.atomic import atomic_write_text
 
 GIB = 2**30
@@ -116,7 +116,7 @@ def breakdown(args) -> dict:
 
         get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch]), model=trainer.ddp,
                                     num_microbatches=1, seq_length=1, micro_batch_size=1, forward_only=False)
-        optimizer_step(trainer.optimizer)
+        apply_update(trainer.optimizer, prepare_update(trainer.optimizer))
 
     result, recording = {}, False
     step()  # allocates the optimizer state; compiles

@@ -85,7 +85,7 @@ def _phases(counter: KernelCounter, trainer: loop.Trainer) -> contextlib.ExitSta
         stack.enter_context(_patched(step, name, counter.labelled(f"step.{name}", getattr(step, name))))
     stack.enter_context(_patched(megatron_schedules, "backward_step",
                                  counter.labelled("backward", megatron_schedules.backward_step)))
-    for name in ("reduce_task_losses", "finite_and_stop", "_step_totals", "optimizer_step"):
+    for name in ("reduce_task_losses", "finite_and_stop", "_step_totals", "prepare_update", "apply_update"):
         stack.enter_context(_patched(loop, name, counter.labelled(name.strip("_"), getattr(loop, name))))
     parts = [(trainer.loader, "next_global_batch", "data"),
              (trainer.optimizer, "zero_grad", "zero_grad")] + ([(trainer.ema, "update", "ema.update")]

@@ -22,7 +22,7 @@ from megatron_mfm.model.geometry import clip_tokens, latent_shape, token_grid
 from megatron_mfm.model.recompute_budget import after_optimizer_step
 from megatron_mfm.training.flops import gpu_peak_tflops, training_flops
 from megatron_mfm.training.loop import Trainer, finite_and_stop, setup
-from megatron_mfm.training.optimizer_step import optimizer_step
+from megatron_mfm.training.optimizer_step import apply_update, prepare_update
 
 
 def random_batch(config: MfMConfig, frames: int, height: int, width: int, batch: int, device: torch.device,
@@ -121,9 +121,10 @@ def our_step(trainer: Trainer, batch: dict, target: torch.Tensor, seq_length: in
             seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False,
         )
         loss = reported[0]["loss"] if reported else torch.zeros((), device=trainer.device)
-        finite, _ = finite_and_stop(loss.view(1), trainer.ddp, False)  # the training loop's one wait a step
+        grad_norm = prepare_update(trainer.optimizer)
+        finite, _ = finite_and_stop(loss.view(1), grad_norm, False)  # the training loop's one wait a step
         if finite:
-            optimizer_step(trainer.optimizer)
+            apply_update(trainer.optimizer, grad_norm)
             after_optimizer_step(trainer.model)
         losses.append(loss.clone())  # a copy: a replayed graph rewrites its output in place
 

@@ -87,7 +87,8 @@ def measure(trainer: loop.Trainer, repeats: int) -> dict[str, float]:
         "loss_and_report": lambda: _loss(target, batch.tasks, 1.0, output)[1]["task_loss"],
         "reduce_task_losses": lambda: reduce_task_losses(reports, device),
         "step_totals": lambda: loop._step_totals(trainer, [batch]),
-        "finite_and_stop": lambda: loop.finite_and_stop(reduce_task_losses(reports, device), trainer.ddp, False),
+        "finite_and_stop": lambda: loop.finite_and_stop(reduce_task_losses(reports, device),
+                                                         torch.ones((), device=device), False),
         "ema_update": lambda: trainer.ema.update(trainer.state.iteration),
         "metrics_line": lambda: loop._metrics(trainer, meter),
     }

@@ -1,5 +1,6 @@
 """training/optimizer_step.py: megatron's optimizer step with the gradient clipping kept on the
-device gives megatron's weights, bit for bit, and its clipping reads nothing on the host."""
+device gives megatron's weights, bit for bit; its clipping reads nothing on the host; the
+gradient norm is the skip decision's gradient check."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_mfm.config import load_config
-from megatron_mfm.training.loop import setup
-from megatron_mfm.training.optimizer_step import clip_by_norm, global_grad_norm, optimizer_step
+from megatron_mfm.training.loop import finite_and_stop, setup
+from megatron_mfm.training.optimizer_step import apply_update, clip_by_norm, global_grad_norm, prepare_update
 
 TINY = ["model.backend=local", "model.num_layers=1", "train.micro_batch_size=1", "train.global_batch_size=1",
         "data.synthetic.frames=5", "data.synthetic.height=32", "data.synthetic.width=32", "checkpoint.save="]
@@ -46,7 +47,8 @@ def test_device_clipping_gives_megatrons_weights(single_process_world, setting, 
     for step in range(3):
         for trainer in (ours, megatrons):
             set_gradients(trainer, step)
-        applied, norm = optimizer_step(ours.optimizer)
+        norm = prepare_update(ours.optimizer)
+        applied = apply_update(ours.optimizer, norm)
         megatron_applied, megatron_norm, _ = megatrons.optimizer.step()
         assert applied and megatron_applied
         assert norm.item() == megatron_norm or clip > 1e5  # megatron reports 0 when it does not clip
@@ -64,3 +66,14 @@ def test_clipping_reads_nothing_on_the_host(single_process_world):
     with HostReads() as megatrons:
         trainer.optimizer.clip_grad_norm(0.5)
     assert ours.count == 0 and megatrons.count >= 1
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_gradient_with_a_finite_loss_skips_the_step(single_process_world, bad):
+    trainer = setup(load_config(overrides=TINY))
+    set_gradients(trainer, 0)
+    trainer.ddp[0].buffers[0].grad_data[-1] = bad
+    finite, stop = finite_and_stop(torch.zeros(3), prepare_update(trainer.optimizer), stop_requested=False)
+    assert not finite and not stop
+    set_gradients(trainer, 0)
+    assert finite_and_stop(torch.zeros(3), prepare_update(trainer.optimizer), stop_requested=True) == (True, True)

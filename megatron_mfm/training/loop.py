@@ -38,7 +38,7 @@ from megatron_mfm.training.flops import gpu_peak_tflops, training_flops
 from megatron_mfm.training.logger import MetricsLogger
 from megatron_mfm.training.observability import (IntervalMeter, ProfileWindow, StepResult, StepTimer, memory_gb,
                                                  phase, rank_spread, to_host)
-from megatron_mfm.training.optimizer_step import optimizer_step
+from megatron_mfm.training.optimizer_step import apply_update, prepare_update
 from megatron_mfm.training.schedule import batch_tokens, reduce_task_losses, run_schedule
 from megatron_mfm.training.step import make_forward_step
 from megatron_mfm.training.validation import validation_loss
@@ -98,14 +98,12 @@ def setup(config: RunConfig) -> Trainer:
     return trainer
 
 
-def finite_and_stop(task_losses: torch.Tensor, ddp: list[DistributedDataParallel],
-                     stop_requested: bool) -> tuple[bool, bool]:
-    """(loss and every gradient buffer finite on every rank, some rank asked to stop): one
-    all-reduce and the step's one host read (the skip decision precedes the optimizer step)."""
-    checks = [task_losses.isfinite().all()] + [buffer.grad_data.isfinite().all()
-                                                for chunk in ddp for buffer in chunk.buffers]
-    flags = torch.stack([torch.stack(checks).all(), torch.tensor(not stop_requested, device=task_losses.device)])
-    flags = flags.float()
+def finite_and_stop(task_losses: torch.Tensor, grad_norm: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
+    """(loss and gradient norm finite on every rank, some rank asked to stop): one all-reduce and
+    the step's one host read (the skip decision precedes the update). The norm is non-finite
+    when any gradient is (``optimizer_step.prepare_update``)."""
+    finite = task_losses.isfinite().all() & grad_norm.isfinite()
+    flags = torch.stack([finite, torch.tensor(not stop_requested, device=task_losses.device)]).float()
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     finite, go_on = to_host(flags).tolist()
     return finite == 1.0, go_on == 0.0
@@ -152,7 +150,9 @@ def train_step(trainer: Trainer, stop_requested: bool = False) -> StepResult:
     with phase("forward-backward"):
         reports = run_schedule(config, ddp, micro_batches, forward_step, forward_only=False)
     task_losses = reduce_task_losses(reports, trainer.device)
-    finite, stop = finite_and_stop(task_losses, ddp, stop_requested)
+    with phase("optimizer"):
+        grad_norm = prepare_update(trainer.optimizer)
+    finite, stop = finite_and_stop(task_losses, grad_norm, stop_requested)
     result = partial(StepResult, task_losses, flops=flops, tokens=tokens, data_seconds=data_seconds, stop=stop)
     if not finite:
         trainer.state.skipped_steps += 1
@@ -164,7 +164,7 @@ def train_step(trainer: Trainer, stop_requested: bool = False) -> StepResult:
         trainer.scheduler.step(increment=config.train.global_batch_size)
         return result(None, False)
     with phase("optimizer"):
-        _, grad_norm = optimizer_step(trainer.optimizer)
+        apply_update(trainer.optimizer, grad_norm)
         after_optimizer_step(trainer.model)
         trainer.scheduler.step(increment=config.train.global_batch_size)
         if trainer.ema is not None:

@@ -6,9 +6,10 @@ for the whole backward, and the GPU then idles while the host prepares the updat
 gap in an MfM-2B step's trace on an H200, session 11). Here the norm, the factor
 ``min(1, clip / (norm + 1e-6))`` and the scaling stay on the device, from the same gradients
 and with the same fp64 factor as megatron's (scaling by 1.0 where megatron skips the scaling
-changes no bit), and the norm is read only when a log line prints it. The phases
-around the clipping are megatron's own (``prepare_grads``, ``step_with_ready_grads``), so the
-distributed optimizer's sharding and parameter gather are unchanged.
+changes no bit). The training loop's skip decision reads whether the norm is finite, with the
+loss, in its one read a step; the value itself is read only when a log line prints it. The
+phases around the clipping are megatron's own (``prepare_grads``, ``step_with_ready_grads``), so
+the distributed optimizer's sharding and parameter gather are unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ import torch.distributed as dist
 
 CLIP_EPSILON = 1.0e-6
 """megatron's: ``clip / (norm + 1e-6)``."""
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _members(optimizer) -> list:
@@ -39,7 +44,7 @@ def global_grad_norm(optimizer) -> torch.Tensor:
     if grads:
         squared = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))) ** 2
     else:
-        squared = torch.zeros((), device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        squared = torch.zeros((), device=_device())
     dist.all_reduce(squared, group=optimizer.get_grad_stats_parallel_group())
     return squared.double().sqrt()
 
@@ -59,11 +64,18 @@ def clip_by_norm(optimizer, norm: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def optimizer_step(optimizer) -> tuple[bool, torch.Tensor | None]:
-    """megatron's step with the clipping on the device: (applied, gradient norm as a device
-    scalar). Not applied when megatron's fp16 loss scaler finds non-finite gradients."""
+def prepare_update(optimizer) -> torch.Tensor:
+    """megatron's ``prepare_grads``, then the global gradient norm: non-finite when any gradient
+    is (and when megatron's fp16 loss scaler found one), so the step's one host read, the skip
+    decision, reads it. Launched before that read, the host does this while the GPU finishes
+    the backward."""
     if optimizer.prepare_grads():
-        return False, None
-    norm = global_grad_norm(optimizer)
+        return torch.full((), float("nan"), dtype=torch.float64, device=_device())
+    return global_grad_norm(optimizer)
+
+
+@torch.no_grad()
+def apply_update(optimizer, norm: torch.Tensor) -> bool:
+    """Clip by ``norm`` on the device and take megatron's step (its ``step_with_ready_grads``)."""
     clip_by_norm(optimizer, norm)
-    return optimizer.step_with_ready_grads(), norm
+    return optimizer.step_with_ready_grads()
