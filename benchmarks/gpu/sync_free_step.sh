@@ -18,7 +18,7 @@ install_checkout
 WORK=/tmp/sync_free
 ROW=(benchmarks/profile_throughput.py --presets mfm-2b --frames 97 --height 352 --width 640 --glue compiled
      --attention-backend fa4 --iterations 3 --warmup 2 --recompute outputs --optimizer-state bf16 --kernel-breakdown)
-part headline 400 python3 "${ROW[@]}" --precision bf16 fp8 --fp8-recipe delayed --isolate-rows \
+part headline 430 python3 "${ROW[@]}" --precision bf16 fp8 --fp8-recipe delayed --isolate-rows \
   --compare-official "$OFFICIAL" --output "$WORK/headline"
 cp "$WORK/headline/results.json" "$OUT/headline.json" 2>/dev/null
 part tuned 100 env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 python3 "${ROW[@]}" --precision bf16 --output "$WORK/tuned"
