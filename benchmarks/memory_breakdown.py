@@ -116,7 +116,7 @@ def breakdown(args) -> dict:
 
         get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch]), model=trainer.ddp,
                                     num_microbatches=1, seq_length=1, micro_batch_size=1, forward_only=False)
-        apply_update(trainer.optimizer, prepare_update(trainer.optimizer))
+        apply_update(trainer.optimizer, prepare_update(trainer.optimizer).item())
 
     result, recording = {}, False
     step()  # allocates the optimizer state; compiles

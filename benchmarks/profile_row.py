@@ -121,8 +121,7 @@ def our_step(trainer: Trainer, batch: dict, target: torch.Tensor, seq_length: in
             seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False,
         )
         loss = reported[0]["loss"] if reported else torch.zeros((), device=trainer.device)
-        grad_norm = prepare_update(trainer.optimizer)
-        finite, _ = finite_and_stop(loss.view(1), grad_norm, False)  # the training loop's one wait a step
+        finite, _, grad_norm = finite_and_stop(loss.view(1), prepare_update(trainer.optimizer), False)  # one read
         if finite:
             apply_update(trainer.optimizer, grad_norm)
             after_optimizer_step(trainer.model)

@@ -88,8 +88,7 @@ def test_interval_averages_weigh_samples_and_applied_steps():
     def result(loss: float, samples: int, grad_norm: float | None) -> StepResult:
         report = torch.zeros(2, len(TASKS))
         report[:, 0] = torch.tensor([loss * samples, samples])
-        norm = None if grad_norm is None else torch.tensor(grad_norm, dtype=torch.float64)
-        return StepResult(report, norm, grad_norm is not None, flops=10**12, tokens=100, data_seconds=0.5)
+        return StepResult(report, grad_norm, grad_norm is not None, flops=10**12, tokens=100, data_seconds=0.5)
 
     meter = IntervalMeter(seconds=6.0)
     for step in (result(1.0, 2, 3.0), result(4.0, 6, None), result(2.0, 2, 5.0)):

@@ -98,15 +98,17 @@ def setup(config: RunConfig) -> Trainer:
     return trainer
 
 
-def finite_and_stop(task_losses: torch.Tensor, grad_norm: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
-    """(loss and gradient norm finite on every rank, some rank asked to stop): one all-reduce and
-    the step's one host read (the skip decision precedes the update). The norm is non-finite
-    when any gradient is (``optimizer_step.prepare_update``)."""
+def finite_and_stop(task_losses: torch.Tensor, grad_norm: torch.Tensor,
+                    stop_requested: bool) -> tuple[bool, bool, float]:
+    """(loss and gradients finite on every rank, some rank asked to stop, the gradient norm):
+    one all-reduce and the step's one host read, which precedes the update. The norm (the same
+    on every rank) is non-finite when any gradient is (``optimizer_step.prepare_update``)."""
     finite = task_losses.isfinite().all() & grad_norm.isfinite()
-    flags = torch.stack([finite, torch.tensor(not stop_requested, device=task_losses.device)]).float()
+    flags = torch.stack([finite.double(), torch.tensor(float(not stop_requested), device=task_losses.device),
+                         grad_norm.double()])
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    finite, go_on = to_host(flags).tolist()
-    return finite == 1.0, go_on == 0.0
+    finite, go_on, norm = to_host(flags).tolist()
+    return finite == 1.0, go_on == 0.0, norm
 
 
 def _step_totals(trainer: Trainer, micro_batches: list) -> tuple[int, int]:
@@ -152,7 +154,7 @@ def train_step(trainer: Trainer, stop_requested: bool = False) -> StepResult:
     task_losses = reduce_task_losses(reports, trainer.device)
     with phase("optimizer"):
         grad_norm = prepare_update(trainer.optimizer)
-    finite, stop = finite_and_stop(task_losses, grad_norm, stop_requested)
+    finite, stop, grad_norm = finite_and_stop(task_losses, grad_norm, stop_requested)
     result = partial(StepResult, task_losses, flops=flops, tokens=tokens, data_seconds=data_seconds, stop=stop)
     if not finite:
         trainer.state.skipped_steps += 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,8 +126,7 @@ class StepResult(NamedTuple):
 
     task_losses: torch.Tensor
     """(2, tasks) loss sums and sample counts over all ranks, on the device."""
-    grad_norm: torch.Tensor | None
-    """The gradient norm, a device scalar (read when a log line prints it); None when not applied."""
+    grad_norm: float | None
     applied: bool
     """False when the step was skipped for non-finite loss or gradients."""
     flops: int
@@ -150,7 +150,7 @@ class IntervalMeter:
     flops: int = 0
     tokens: int = 0
     skipped: int = 0
-    grad_norms: list[torch.Tensor] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
     task_losses: torch.Tensor = field(default_factory=lambda: torch.zeros(2, len(TASKS)))
 
     def add(self, result: StepResult) -> None:
@@ -167,10 +167,7 @@ class IntervalMeter:
     def averages(self, world_size: int, peak_tflops: float) -> dict:
         """The interval's per-iteration means (loss: over its samples; grad norm: over its
         applied steps)."""
-        size = self.task_losses.numel()
-        norms = torch.stack(self.grad_norms).to(self.task_losses) if self.grad_norms else self.task_losses.new_zeros(0)
-        read = to_host(torch.cat([self.task_losses.flatten(), norms]))  # the losses and grad norms: one read
-        (sums, counts), norms = read[:size].view_as(self.task_losses), read[size:]
+        sums, counts = to_host(self.task_losses)
         samples = counts.sum().item()
         tflops_per_gpu = self.flops / self.seconds / world_size / 1e12
         metrics = {
@@ -179,7 +176,7 @@ class IntervalMeter:
             "throughput per GPU (TFLOP/s/GPU)": tflops_per_gpu,
             "MFU": tflops_per_gpu / peak_tflops if peak_tflops else None,
             "loss": (sums.sum() / counts.sum()).item() if samples else float("nan"),
-            "grad norm": norms.mean().item() if len(norms) else None,
+            "grad norm": statistics.fmean(self.grad_norms) if self.grad_norms else None,
             "number of skipped iterations": self.skipped,
             "samples/s": samples / self.seconds,
             "tokens/s": self.tokens / self.seconds,
