@@ -2,8 +2,9 @@
 """Where the GPU waits on the host, read from a torch.profiler Chrome trace: every interval in
 which no kernel, copy or memset runs, with the host call that ended just before it (a
 synchronisation shows as a ``cuda*Synchronize`` or blocking copy ending where the gap begins)
-and the host stack that launched the kernel ending it (what the GPU was waiting for). Stacks
-name Python functions when the trace was recorded ``with_stack=True``, operators otherwise.
+and the host stack that launched the kernel ending it (what the GPU was waiting for); and the
+time spent in the project's Python functions. Stacks name Python functions when the trace was
+recorded ``with_stack=True``, operators otherwise.
 
   python benchmarks/trace_gaps.py TRACE.json[.gz] [--min-gap-ms 0.2] [--output gaps.json]
 """
@@ -114,13 +115,37 @@ def find_gaps(events: list[dict], min_gap_ms: float, depth: int = 6) -> dict:
             "largest": sorted(gaps, key=lambda gap: -gap["idle_ms"])[:25]}
 
 
+def host_functions(events: list[dict], marks: tuple[str, ...], top: int = 30) -> dict[str, float]:
+    """Milliseconds inside each Python function whose name contains one of ``marks`` (recorded
+    ``with_stack=True``), a call nested in another of the same name counted once: where a
+    host-bound step's time goes."""
+    spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for event in events:
+        if event.get("cat") == "python_function" and any(mark in event["name"] for mark in marks):
+            spans[event["name"]].append((event["ts"], event["ts"] + event["dur"]))
+    totals = {}
+    for name, intervals in spans.items():
+        total, reach = 0.0, float("-inf")
+        for start, end in sorted(intervals):
+            if end > reach:
+                total += end - max(start, reach)
+                reach = end
+        totals[name] = total / 1e3
+    return dict(sorted(totals.items(), key=lambda item: -item[1])[:top])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trace", type=Path)
     parser.add_argument("--min-gap-ms", type=float, default=0.2)
     parser.add_argument("--output", type=Path)
+    parser.add_argument("--host-functions", nargs="*", default=["megatron_mfm/", "megatron/core/"], metavar="MARK",
+                        help="also the time spent in Python functions whose name contains one of these")
     args = parser.parse_args(argv)
-    report = find_gaps(load_events(args.trace), args.min_gap_ms)
+    events = load_events(args.trace)
+    report = find_gaps(events, args.min_gap_ms)
+    if args.host_functions:
+        report["host_functions_ms"] = host_functions(events, tuple(args.host_functions))
     text = json.dumps(report, indent=1)
     if args.output:
         args.output.write_text(text)

@@ -4,7 +4,7 @@ device's idle intervals, the blocking call before each and the code whose launch
 import gzip
 import json
 
-from benchmarks.trace_gaps import find_gaps, load_events
+from benchmarks.trace_gaps import find_gaps, host_functions, load_events
 
 
 def event(cat, name, ts, dur, tid=1, **args):
@@ -55,3 +55,14 @@ def test_gaps_name_the_blocking_call_and_the_launch_that_ends_them(tmp_path):
 def test_no_gap_below_the_threshold():
     report = find_gaps([e for e in trace_events() if e.get("ph") == "X"], min_gap_ms=2.0)
     assert report["gaps"] == 0 and report["idle_ms"] == 0
+
+
+def test_host_time_per_function_counts_a_nested_call_of_the_same_function_once():
+    events = [event("python_function", "megatron_mfm/x.py(1): step", 0, 1000),
+              event("python_function", "megatron_mfm/x.py(1): step", 200, 300),  # recursion
+              event("python_function", "megatron_mfm/y.py(2): block", 100, 400),
+              event("python_function", "megatron_mfm/y.py(2): block", 600, 200),
+              event("python_function", "torch/nn/module.py(3): __call__", 0, 1000),
+              event("cpu_op", "aten::mm", 0, 900)]
+    assert host_functions(events, ("megatron_mfm/",)) == {"megatron_mfm/x.py(1): step": 1.0,
+                                                          "megatron_mfm/y.py(2): block": 0.6}
