@@ -36,6 +36,15 @@ def load_dist_checkpoint(sharded_state_dict: dict, path: str | Path, **kwargs) -
     return dist_checkpointing.load(sharded_state_dict, str(path), common_strategy=_common_reader(), **kwargs)
 
 
+def grads_for_grad_norm(optimizer) -> list:
+    """The gradients a megatron optimizer's global gradient norm covers (shared and tensor-parallel
+    duplicate weights once). 0.19 renamed the method; its separately clipped grad-norm groups,
+    which it leaves out, are not used by MfM."""
+    if AT_LEAST_0_19:
+        return optimizer.get_grads_for_grad_norm()
+    return optimizer.get_main_grads_for_grad_norm()
+
+
 def _common_reader():
     from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
+from megatron_mfm.parallel.mcore_version import grads_for_grad_norm
+
 
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -34,7 +36,7 @@ def global_grad_norm(optimizer) -> torch.Tensor:
     weights counted once, summed over the ranks megatron sums over), as a float64 device scalar
     and without a host read: each tensor's norm in fp32, then the norm of those, squared and
     summed over ranks, as megatron computes it."""
-    grads = [grad for member in _members(optimizer) for grad in member.get_main_grads_for_grad_norm()]
+    grads = [grad for member in _members(optimizer) for grad in grads_for_grad_norm(member)]
     if grads:
         squared = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))) ** 2
     else:
