@@ -45,6 +45,6 @@ def test_checkpoint_resumes_under_the_other_version(tmp_path, saver, loader):
 def test_the_split_optimizer_step_equals_megatrons_under_the_other_version():
     """training/optimizer_step.py calls megatron's optimizer phases by name (0.19 renamed one)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_optimizer_step.py"],
-                            env={**os.environ, **environment("other")}, cwd=root, capture_output=True, text=True)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_optimizer_step.py"]
+    result = subprocess.run(command, env={**os.environ, **environment("other")}, cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:]
