@@ -8,8 +8,10 @@ norm on the device, before the read, so the host prepares it while the GPU finis
 the skip decision reads the norm with its flags (``training/loop.finite_and_stop``); and
 ``apply_update`` clips with megatron's ``clip_grad_by_total_norm_fp32`` and that host norm (so
 no scaling at all when the factor is 1) and takes megatron's ``step_with_ready_grads``. The
-distributed optimizer's sharding and parameter gather are megatron's, and the weights are
-megatron's bit for bit (``tests/test_optimizer_step.py``).
+distributed optimizer's sharding and parameter gather are megatron's. On the CPU the norm and
+the weights are megatron's bit for bit (``tests/test_optimizer_step.py``); on a GPU megatron sums
+the norm with Transformer Engine's multi-tensor kernel and this with torch's, so a clipped step's
+factor can differ in its last bits.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def global_grad_norm(optimizer) -> torch.Tensor:
     """The L2 norm of every gradient the optimizer updates (shared and tensor-parallel duplicate
     weights counted once, summed over the ranks megatron sums over), as a float64 device scalar
     and without a host read: each tensor's norm in fp32, then the norm of those, squared and
-    summed over ranks, as megatron computes it."""
+    summed over ranks, as megatron's own (CPU) fallback computes it."""
     grads = [grad for member in _members(optimizer) for grad in grads_for_grad_norm(member)]
     if grads:
         squared = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))) ** 2
