@@ -18,6 +18,7 @@ from benchmarks.isolated_rows import ROW_PROCESSES
 from benchmarks.plain_baseline import SDPA_BACKENDS
 from megatron_mfm.config import FP8_RECIPES, RunConfig, load_config
 from megatron_mfm.model.attention_backends import ATTENTION_BACKENDS
+from megatron_mfm.model.presets import TUNED_GLUE
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ RECOMPUTE = {
     "outputs": ["model.recompute=false", "model.recompute_modules=[layernorm, mlp_act]"],
     "auto": ["model.recompute=auto"],
 }
+GLUE = {"eager": False, "compiled": True, "tuned": TUNED_GLUE}
+"""--glue -> model.compile_glue."""
 OPTIMIZER_STATES = {
     "fp32": [],
     "bf16": ["optimizer.grad_dtype=bf16", "optimizer.moments_dtype=bf16", "parallel.distributed_optimizer=true"],
@@ -93,7 +96,7 @@ def row_config(args, layout: Layout, what: dict) -> RunConfig:
     data_parallel = data_parallel_size(layout)
     overrides = [
         f"model.preset={what['preset']}", f"model.backend={args.backend}", *recompute_overrides(what["recompute"]),
-        f"model.compile_glue={what['glue'] == 'compiled'}", f"model.attention_backend={what['attention_backend']}",
+        f"model.compile_glue={GLUE[what['glue']]}", f"model.attention_backend={what['attention_backend']}",
         f"parallel.tensor_parallel={layout.tp}", f"parallel.pipeline_parallel={layout.pp}",
         f"parallel.context_parallel={layout.cp}", f"parallel.sequence_parallel={layout.tp > 1}",
         f"train.precision={what['precision']}",
@@ -134,9 +137,9 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer-state", nargs="+", default=["fp32"], choices=sorted(OPTIMIZER_STATES),
                         help="gradient buffers and Adam moments to sweep: fp32, or bf16 (with the distributed "
                              "optimizer and Transformer Engine's FusedAdam)")
-    parser.add_argument("--glue", nargs="+", default=["eager"], choices=["eager", "compiled"],
-                        help="the blocks' norm/modulation/RoPE/gate glue: eager, or fused by torch.compile "
-                             "(model.compile_glue)")
+    parser.add_argument("--glue", nargs="+", default=["eager"], choices=list(GLUE),
+                        help="the blocks' norm/modulation/RoPE/gate glue: eager, fused by torch.compile, or "
+                             "fused with tuned kernels (model.compile_glue)")
     parser.add_argument("--attention-backend", nargs="+", default=["auto"], choices=ATTENTION_BACKENDS,
                         help="core attentions to sweep (model.attention_backend)")
     parser.add_argument("--cuda-graph", nargs="+", default=["none"], choices=["none", "full_iteration"],

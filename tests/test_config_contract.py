@@ -57,3 +57,9 @@ def test_packing_is_off_by_default_and_a_negative_budget_names_the_field():
     assert load_config().data.packing.token_budget == 0
     with pytest.raises(ConfigError, match=r"data.packing.token_budget=-1 must be >= 0"):
         load_config(overrides=["data.packing.token_budget=-1"])
+
+
+def test_compile_glue_takes_tuned_and_a_bad_value_names_the_field():
+    assert load_config(overrides=["model.compile_glue=tuned"]).to_model_config().compile_glue == "tuned"
+    with pytest.raises(ConfigError, match="model.compile_glue='fast': choose true, false or tuned"):
+        load_config(overrides=["model.compile_glue=fast"])

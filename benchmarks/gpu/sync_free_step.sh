@@ -6,7 +6,8 @@
 # 1. the headline rows, the host to itself: row (d) bf16 and FP8 against the official compiled
 #    step, each in its own process, with their kernel profiles (GPU busy against the step) -> $OUT/headline.json
 #    (244 s in session 11);
-# 2. row (d) bf16 with inductor's coordinate-descent tuning of the compiled glue's kernels
+# 2. row (d) bf16 with the compiled glue's kernels tuned (`--glue tuned`: model.compile_glue=tuned,
+#    inductor's coordinate-descent tuning; session 12: the glue 75 -> 60 ms, the step -8 ms)
 #    (the QK-norm + RoPE kernels moved ~1.5 TB/s in session 10; 100 s was too little) -> $OUT/tuned.json;
 # 3. the full-iteration CUDA graph's GPU test (its row now starts on a side stream).
 set -uo pipefail
@@ -22,7 +23,7 @@ ROW=(benchmarks/profile_throughput.py --presets mfm-2b --frames 97 --height 352 
 part headline 300 python3 "${ROW[@]}" --precision bf16 fp8 --fp8-recipe delayed --isolate-rows \
   --compare-official "$OFFICIAL" --output "$WORK/headline"
 cp "$WORK/headline/results.json" "$OUT/headline.json" 2>/dev/null
-part tuned 150 env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 python3 "${ROW[@]}" --precision bf16 --output "$WORK/tuned"
+part tuned 150 python3 "${ROW[@]}" --glue tuned --precision bf16 --output "$WORK/tuned"
 cp "$WORK/tuned/results.json" "$OUT/tuned.json" 2>/dev/null
 part graph_test 60 python3 -m pytest -q -x tests/gpu/test_full_iteration_graph.py
 python3 benchmarks/summarise_profile.py "$OUT" headline.json tuned.json 2>&1 | tee "$OUT/summary.txt"

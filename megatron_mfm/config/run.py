@@ -45,6 +45,28 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.optimizer.check_precision(self.train.precision, self.parallel.distributed_optimizer)
+        self._check_cuda_graphs()
+
+    def _check_cuda_graphs(self) -> None:
+        """What a captured step cannot hold (``model/cuda_graphs.py``)."""
+        if not self.model.cuda_graphs:
+            return
+        parallel, model = self.parallel, self.model
+        unsupported = {
+            "model.backend must be local (Transformer Engine's modules are not tested under capture)":
+                model.backend != "local",
+            "parallel.tensor_parallel, pipeline_parallel and context_parallel must be 1 (no collectives inside "
+            "a graph)": max(parallel.tensor_parallel, parallel.pipeline_parallel, parallel.context_parallel) > 1,
+            "model.recompute must be false and model.recompute_modules hold only layernorm and mlp_act (block "
+            "recompute restores random states)": bool(model.recompute) or bool(model.recompute_options().get(
+                "recompute_modules")),
+            "train.precision must not be fp8": self.train.precision == "fp8",
+            "data.packing.token_budget must be 0 (each packed micro-batch has its own shape)":
+                self.data.packing.token_budget > 0,
+        }
+        reasons = [reason for reason, present in unsupported.items() if present]
+        if reasons:
+            raise ConfigError(f"model.cuda_graphs=true: {'; '.join(reasons)}")
 
     def to_model_config(self) -> MfMConfig:
         """The megatron ``TransformerConfig`` of this run: preset, depth, parallel layout,
@@ -65,6 +87,7 @@ class RunConfig:
             moe_token_dispatcher_type="alltoall",  # no MoE here; megatron's check for variable lengths
             init_seed=self.train.seed,
             compile_glue=self.model.compile_glue,
+            cuda_graphs=self.model.cuda_graphs,
             sequence_parallel=self.parallel.sequence_parallel,
             **self.train.precision_options(),
             **self.model.recompute_options(),

@@ -13,7 +13,7 @@ from megatron_mfm.data.shards.stages import StageConfig
 from megatron_mfm.data.shards.streaming import ShardDataConfig
 from megatron_mfm.data.synthetic import SyntheticConfig
 from megatron_mfm.model.presets import (
-    ATTENTION_BACKENDS, CONTEXT_PARALLEL_COMM, OUTPUT_RECOMPUTE_MODULES, PRESETS, SELECTIVE_RECOMPUTE_MODULES,
+    ATTENTION_BACKENDS, CONTEXT_PARALLEL_COMM, OUTPUT_RECOMPUTE_MODULES, PRESETS, SELECTIVE_RECOMPUTE_MODULES, TUNED_GLUE,
 )
 
 
@@ -55,10 +55,19 @@ class ModelConfig:
     attention_backend: str = "auto"
     """Core attention (``model/attention_backends``): auto (FlashAttention-4 where it runs, else
     cuDNN; the CPU keeps torch's SDPA), fa4, cudnn or sdpa (SDPA timed fastest per shape)."""
-    compile_glue: bool = False
+    compile_glue: bool | str = False
     """Fuse each block's fp32 glue (norms, modulation, QK-norm + RoPE, gated residuals) with
     torch.compile (``model/glue.py``): fewer kernels, and only 16-bit activations kept for
-    backward. The first steps of each new clip shape pay the compilation."""
+    backward. The first steps of each new clip shape pay the compilation. tuned: also tune each
+    kernel's launch on the GPU (about a minute more compilation per shape; MfM-2B's step 0.7%
+    faster on an H200)."""
+    cuda_graphs: bool = False
+    """Replay each training step's forward and backward from CUDA graphs, captured on the first
+    step of each clip shape (``model/cuda_graphs.py``), for small clips, where launching the
+    kernels takes longer than running them. GPU; torch-native layers (``backend: local``);
+    tensor, pipeline and context parallel 1; no block recompute; no packing. Each clip shape
+    keeps its own activation memory. Known: an H200 run of the `base` preset at micro-batch 256
+    failed with an illegal memory access (128 and 64 train; docs/TRAINING.md)."""
 
     def recompute_options(self) -> dict:
         """megatron TransformerConfig fields for full, selective, no or measured (auto) activation
@@ -94,6 +103,8 @@ class ModelConfig:
             raise ConfigError(f"model.backend={self.backend!r}: choose auto, te or local")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"model.attention_backend={self.attention_backend!r}: choose one of {ATTENTION_BACKENDS}")
+        if self.compile_glue not in (True, False, TUNED_GLUE):
+            raise ConfigError(f"model.compile_glue={self.compile_glue!r}: choose true, false or {TUNED_GLUE}")
         if self.recompute not in (True, False, "auto"):
             raise ConfigError(f"model.recompute={self.recompute!r}: choose true, false or auto")
         unknown = sorted(set(self.recompute_modules) - set(SELECTIVE_RECOMPUTE_MODULES))

@@ -58,9 +58,14 @@ class MfMConfig(TransformerConfig):
     init_seed: int = 0
     """Seed of the (CPU) weight initialisation; each layer draws from its own stream."""
 
-    compile_glue: bool = False
+    compile_glue: bool | str = False
     """Fuse the block's fp32 glue (norms, modulation, QK-norm + RoPE, gated residuals) with
-    ``torch.compile`` (``model/glue.py``): fewer kernels and far less activation memory."""
+    ``torch.compile`` (``model/glue.py``): fewer kernels and far less activation memory; "tuned":
+    and tune each kernel's launch (``glue.TUNED``)."""
+
+    cuda_graphs: bool = False
+    """Replay the training forward and backward from CUDA graphs captured per input shape
+    (``model/cuda_graphs.py``): a step whose kernels are smaller than their launches."""
 
     recompute_auto: bool = False
     """Pick the number of recomputed blocks from measured memory (``model/recompute_budget.py``);

@@ -30,6 +30,7 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 from megatron.core.utils import make_viewless_tensor
 
 from megatron_mfm.model.config import MfMConfig
+from megatron_mfm.model.cuda_graphs import CapturedSteps
 from megatron_mfm.model.geometry import pixel_shape
 from megatron_mfm.model.embeddings import ConditionAdapter, PatchEmbed, TimestepMLP
 from megatron_mfm.model.glue import block_glue
@@ -77,6 +78,8 @@ class MfMDiT(MegatronModule):
                 torch.nn.init.zeros_(linear.weight)
                 torch.nn.init.zeros_(linear.bias)
         self.input_tensor: torch.Tensor | None = None
+        # training forwards and backwards replayed from CUDA graphs (model/cuda_graphs.py)
+        self.captured_steps = CapturedSteps(self.capturable_forward, self) if config.cuda_graphs else None
         if config.params_dtype != torch.float32:
             self.to(config.params_dtype)
 
@@ -142,6 +145,16 @@ class MfMDiT(MegatronModule):
                                  motion_score)]
         if isinstance(latents, (list, tuple)):
             return self.forward_packed(list(latents), timestep, text, text_mask, condition, motion_score)
+        if self.captured_steps is not None and self.training and torch.is_grad_enabled():
+            return self.captured_steps(latents, timestep, text, text_mask, condition, motion_score)
+        return self.forward_clip(latents, timestep, *fit_text(text, text_mask, self.row_multiple), condition,
+                                 motion_score)
+
+    def forward_clip(self, latents: torch.Tensor, timestep: torch.Tensor, text_keys: torch.Tensor,
+                     key_mask: torch.Tensor | None, condition: torch.Tensor | None,
+                     motion_score: torch.Tensor | None) -> torch.Tensor:
+        """``forward`` of one clip shape, the text already the cross-attention's (L, B, C) keys
+        with their (B, L) mask (``fit_text``)."""
         batch, _, frames, height, width = latents.shape
         p = self.config.patch_size
         grid = (frames, height // p, width // p)
@@ -153,12 +166,20 @@ class MfMDiT(MegatronModule):
             x, c = self.input_tensor[:-1], self.input_tensor[-1]
         cos, sin = pad_rope(*rope_cos_sin(grid, self.config.kv_channels, self.config.rope_theta, latents.device), layout)
         token_mask = layout.key_padding_mask(batch, latents.device)
-        text_sbh, mask = fit_text(text, text_mask, self.row_multiple)
         with fp8_context(self.config):
-            x = self.run_blocks(x, c, text_sbh, mask, cos, sin, token_mask)
+            x = self.run_blocks(x, c, text_keys, key_mask, cos, sin, token_mask)
         if not self.post_process:
             return make_viewless_tensor(torch.cat([x, c[None]]), requires_grad=True, keep_graph=True)
         return self.head(x, c, grid, layout)
+
+    def capturable_forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                           text_mask: torch.Tensor | None, condition: torch.Tensor | None,
+                           motion_score: torch.Tensor | None) -> torch.Tensor:
+        """``forward`` without reading the text mask on the host (a CUDA graph cannot): all the
+        text rows stay keys, the masked ones masked (the same result as trimming them)."""
+        keys = text.transpose(0, 1)
+        return self.forward_clip(latents, timestep, keys, None if text_mask is None else text_mask.bool(), condition,
+                                 motion_score)
 
     def scatter(self, tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """(S, B, D) embedded tokens -> this rank's padded rows (its CP chunk, its SP part)."""

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from megatron_mfm.model.norms import layer_norm, rms_norm
+from megatron_mfm.model.presets import TUNED_GLUE
 from megatron_mfm.model.rope import apply_rope
 
 # ----------------------------------------------------------------------------- eager (definition)
@@ -237,8 +238,9 @@ EAGER_GLUE = BlockGlue(layer_norm_modulate, rms_norm_modulate, rms_norm, norm_ro
 
 
 @functools.cache
-def fused_glue(compiled: bool) -> BlockGlue:
-    """The autograd regions over the fused kernels, compiled or (to test the math) not."""
+def fused_glue(compiled: bool, tuned: bool = False) -> BlockGlue:
+    """The autograd regions over the fused kernels, compiled (its kernels ``tuned`` or not) or
+    (to test the math) not."""
     if compiled:
         # One specialised kernel per clip shape: static sizes ran the MfM-2B step 8% faster than
         # symbolic ones on an H100. A run meets a few dozen (buckets and tasks change the shape,
@@ -246,16 +248,18 @@ def fused_glue(compiled: bool) -> BlockGlue:
         # the limit a kernel runs uncompiled rather than failing the step (no fullgraph).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
+    options = {"coordinate_descent_tuning": True} if tuned else None
+
     def fused(region: Region) -> Callable[..., torch.Tensor]:
         if compiled:
-            region = dataclasses.replace(region, forward=torch.compile(region.forward, dynamic=False),
-                                         backward=torch.compile(region.backward, dynamic=False))
+            region = dataclasses.replace(region, forward=torch.compile(region.forward, dynamic=False, options=options),
+                                         backward=torch.compile(region.backward, dynamic=False, options=options))
         return functools.partial(_FusedRegion.apply, region)
 
     return BlockGlue(**{name: fused(region) for name, region in REGIONS.items()})
 
 
-def block_glue(compiled: bool) -> BlockGlue:
-    """The glue of ``model.compile_glue``: eager ops, or the fused regions compiled (shared by
-    all blocks, so each kernel is traced once per shape)."""
-    return fused_glue(True) if compiled else EAGER_GLUE
+def block_glue(compiled: bool | str) -> BlockGlue:
+    """The glue of ``model.compile_glue`` (false, true or ``TUNED_GLUE``): eager ops, or the fused
+    regions compiled (shared by all blocks, so each kernel is traced once per shape)."""
+    return fused_glue(True, compiled == TUNED_GLUE) if compiled else EAGER_GLUE

@@ -32,3 +32,8 @@ no block recompute, so they combine with full or auto recompute of the blocks.""
 
 ATTENTION_BACKENDS = ("auto", "fa4", "cudnn", "sdpa")
 """Core attentions of ``model.attention_backend`` (``model/attention_backends``)."""
+
+TUNED_GLUE = "tuned"
+"""``model.compile_glue: tuned``: inductor's coordinate-descent tuning of each compiled kernel's
+launch configuration, at ~1 min more compilation per clip shape (MfM-2B on an H200: the glue's
+kernels 75 -> 60 ms a step, the step 1.097 -> 1.089 s; docs/PERFORMANCE.md, session 12)."""

@@ -67,6 +67,8 @@ def check_machine(config: RunConfig) -> None:
     if config.data.packing.token_budget and ring and torch.cuda.is_available():
         raise ConfigError("data.packing.token_budget with parallel.context_parallel_comm=p2p: the ring over a packed "
                           "sequence has masked block kernels only on the CPU; use context_parallel_comm=a2a on a GPU")
+    if config.model.cuda_graphs and not torch.cuda.is_available():
+        raise ConfigError("model.cuda_graphs=true captures CUDA graphs: it needs a GPU (set it false on the CPU)")
     if config.model.recompute == "auto" and not torch.cuda.is_available():
         raise ConfigError("model.recompute=auto measures GPU memory: it needs a GPU (use true or false on the CPU)")
     check_fused_adam(config.optimizer)
@@ -80,9 +82,16 @@ def wrap_ddp(config: RunConfig, model_config: MfMConfig, model: ModelChunks) -> 
         grad_reduce_in_fp32=config.optimizer.grad_dtype == "fp32",
         use_distributed_optimizer=config.parallel.distributed_optimizer, overlap_grad_reduce=overlap,
     )
-    # only the first chunk's gradients are bucketed for overlap (megatron's rule)
-    ddp = [DistributedDataParallel(model_config, ddp_config, chunk, disable_bucketing=i > 0)
-           for i, chunk in enumerate(model)]
+    # DDP makes each weight's gradient accumulator, which keeps the stream current then: a CUDA
+    # graph's backward cannot make the legacy default stream wait on its capture (an H200 run
+    # failed so, session 12), so with graphs they are made on a stream of their own
+    side = torch.cuda.Stream() if model_config.cuda_graphs and torch.cuda.is_available() else None
+    with torch.cuda.stream(side):  # None: the current stream
+        # only the first chunk's gradients are bucketed for overlap (megatron's rule)
+        ddp = [DistributedDataParallel(model_config, ddp_config, chunk, disable_bucketing=i > 0)
+               for i, chunk in enumerate(model)]
+    if side is not None:
+        torch.cuda.current_stream().wait_stream(side)  # the zeroed gradient buffers
     model_config.finalize_model_grads_func = finalize_model_grads
     if overlap:  # the schedule holds the reduction back until the last micro-batch's backward
         no_sync, start = [c.no_sync for c in ddp], [c.start_grad_sync for c in ddp]
