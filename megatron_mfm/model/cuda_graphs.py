@@ -5,8 +5,8 @@ convergence recipe (48 tokens a clip) launches ~2,700 kernels a step in its mode
 backward, against ~25 ms of GPU work in a ~200 ms step (docs/TRAINING.md). Captured once per
 input shape, the forward and the backward each replay as one launch: on an H200 the recipe's
 `base` model at batch 64 steps in 50 ms instead of ~120 ms, with the same losses (session 12).
-Known: at batch 256 that run fails with an illegal memory access in its first steps (batch 128
-runs; cause not found, docs/TRAINING.md).
+Known: at batch 256 the runs with FA4's or cuDNN's self-attention failed with an illegal memory
+access in their first steps (cause not found; docs/PERFORMANCE.md, session 12).
 
 A replay runs the captured kernels on the captured addresses: each step's inputs are copied into
 the captured ones; parameters keep their storage (the optimizer, the EMA and checkpoint loads

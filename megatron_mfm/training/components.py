@@ -31,10 +31,16 @@ from megatron_mfm.training.precision_aware import check_fused_adam, load_remaind
 
 def layer_spec_for(config: RunConfig) -> ModuleSpec:
     """The layer spec of ``model.backend`` with the core attention of ``model.attention_backend``
-    (auto resolved for this machine and precision)."""
+    (auto resolved for this machine and precision; under ``model.cuda_graphs`` to SDPA)."""
     te = uses_transformer_engine(config.model.backend)
+    requested = config.model.attention_backend
+    if config.model.cuda_graphs and requested == "auto":
+        # graphs pay for small clips, whose attention costs little; and the graphed H200 runs of
+        # the convergence recipe with FA4 or cuDNN self-attention failed (illegal memory access)
+        # where every one with SDPA's timed choice ran (docs/PERFORMANCE.md, session 12)
+        requested = "sdpa"
     try:
-        attention = resolve_attention_backend(config.model.attention_backend, config.train.precision != "fp32", te)
+        attention = resolve_attention_backend(requested, config.train.precision != "fp32", te)
     except AttentionBackendUnavailable as error:
         raise ConfigError(f"model.attention_backend={config.model.attention_backend}: {error}") from None
     return default_layer_spec(config.model.backend, attention)

@@ -16,7 +16,9 @@ from megatron_mfm.training.loop import setup, train_step
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 STEPS = 5
-RUN = ["model.backend=local", "model.num_layers=2", "train.micro_batch_size=4", "train.global_batch_size=8",
+# attention: SDPA in both runs, auto's choice under graphs
+RUN = ["model.backend=local", "model.attention_backend=sdpa", "model.num_layers=2", "train.micro_batch_size=4",
+       "train.global_batch_size=8",
        "data.synthetic.frames=5", "data.synthetic.height=32", "data.synthetic.width=32",
        "data.synthetic.image_fraction=0.5", "checkpoint.save=", "checkpoint.interval=0", "train.ema_decay=0.9"]
 # bf16: the graphs' cross-attention keeps all 77 text rows (masked) where eager mode trims them,
