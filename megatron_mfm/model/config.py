@@ -61,7 +61,7 @@ class MfMConfig(TransformerConfig):
     compile_glue: bool | str = False
     """Fuse the block's fp32 glue (norms, modulation, QK-norm + RoPE, gated residuals) with
     ``torch.compile`` (``model/glue.py``): fewer kernels and far less activation memory; "tuned":
-    and tune each kernel's launch (``glue.TUNED``)."""
+    and tune each kernel's launch (``presets.TUNED_GLUE``)."""
 
     cuda_graphs: bool = False
     """Replay the training forward and backward from CUDA graphs captured per input shape
