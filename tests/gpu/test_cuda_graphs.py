@@ -45,3 +45,48 @@ def test_captured_steps_train_as_eager(single_process_world, precision):
         torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance, msg=f"step {step}")
     for got, want in zip(weights, eager_weights):
         torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("backend", ["fa4", "cudnn", "sdpa"])
+def test_core_attention_replays_as_eager_at_the_recipe_shape(backend):
+    """Each core attention's forward and backward captured alone at the convergence recipe's
+    video self-attention (256 clips of 48 tokens, 16 heads of 64, bf16) and replayed on new
+    inputs gives what eager mode gives. The recipe's graphed runs at batch 256 failed with an
+    illegal memory access with FA4 and cuDNN self-attention (docs/PERFORMANCE.md, session 12)."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_mfm.model.attention_backends import core_attention_spec, unavailable_reason
+
+    reason = unavailable_reason(backend, sixteen_bit=True)
+    if reason:
+        pytest.skip(f"{backend}: {reason}")
+    attention = build_module(core_attention_spec(backend, False), config=None, cross_attention=False)
+    generator = torch.Generator("cuda").manual_seed(0)
+
+    def inputs() -> list[torch.Tensor]:
+        return [torch.randn(48, 256, 16, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+                for _ in range(4)]  # q, k, v (S, B, heads, D) and the output's gradient
+
+    def step(q, k, v, grad):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        out = attention(q, k, v)
+        return (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+    static = inputs()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        captured = step(*static)
+    for _ in range(3):
+        given = inputs()
+        for into, value in zip(static, given):
+            into.copy_(value)
+        graph.replay()
+        for got, want in zip(captured, step(*given)):  # backward kernels may sum in another order
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    torch.cuda.synchronize()
