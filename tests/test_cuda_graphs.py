@@ -1,5 +1,5 @@
 """``model.cuda_graphs``: what a captured step computes, and the settings it refuses before a run
-starts (the capture itself needs a GPU: tests/gpu/test_cuda_graphs.py)."""
+starts (the capture itself needs a GPU: tests/gpu/test_cuda_graphs_gpu.py)."""
 
 from __future__ import annotations
 

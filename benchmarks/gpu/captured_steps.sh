@@ -10,7 +10,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG=$OUT/run.log; DEADLINE=${DEADLINE:-420}
 source "$(dirname "$0")/parts.sh"
 install_checkout
-part graph_test 150 python3 -m pytest -q -x -rs tests/gpu/test_cuda_graphs.py
+part graph_test 150 python3 -m pytest -q -x -rs tests/gpu/test_cuda_graphs_gpu.py
 VARIANTS=("$@"); [ $# -gt 0 ] || VARIANTS=("" "model.cuda_graphs=true")
 part recipe_steps 220 env OUT="$OUT" STEP_SECONDS="${STEP_SECONDS:-80}" bash benchmarks/gpu/recipe_steps.sh "${VARIANTS[@]}"
 grep -E "^==|passed|failed|Error" "$LOG" | tail -n 20; cat "$OUT/recipe_steps.jsonl" 2>/dev/null

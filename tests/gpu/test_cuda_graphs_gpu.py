@@ -2,7 +2,7 @@
 from the same seed, one replaying each micro-batch shape's forward and backward from CUDA graphs
 (images and videos: two captures), give the same per-task losses and the same weights.
 
-    python -m pytest tests/gpu/test_cuda_graphs.py -v
+    python -m pytest tests/gpu/test_cuda_graphs_gpu.py -v
 """
 
 from __future__ import annotations
