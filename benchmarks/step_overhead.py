@@ -43,7 +43,7 @@ from megatron_mfm.training.schedule import reduce_task_losses
 from megatron_mfm.training.step import _condition, _latents, _loss, _text, noise_and_sigma
 from megatron_mfm.utils.atomic import atomic_write_text
 
-DEFAULT_OVERRIDES = ("model.preset=tiny", "model.backend=local", "train.precision=fp32",
+DEFAULT_OVERRIDES = ("model.preset=tiny", "model.backend=local", "model.cuda_graphs=false", "train.precision=fp32",
                      "data.synthetic.workers=0", "logging.interval=1000000")
 
 

@@ -11,12 +11,13 @@
 # (each takes half of data.synthetic.workers' default unless an argument sets it).
 # CPU smoke test (a minute or two):
 #   EVAL_ARGS="--samples 1 --steps 2" bash examples/convergence_h200.sh model.preset=tiny train.iterations=5 \
-#     train.micro_batch_size=2 train.global_batch_size=2 train.precision=fp32 data.synthetic.workers=1
+#     train.micro_batch_size=2 train.global_batch_size=2 train.precision=fp32 data.synthetic.workers=1 \
+#     model.cuda_graphs=false
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/convergence}
 WORK=${WORK:-/tmp/mfm_convergence}
-TRAIN_SECONDS=${TRAIN_SECONDS:-300}
+TRAIN_SECONDS=${TRAIN_SECONDS:-370}
 PY=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 start=$(date +%s)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend
 
 from megatron_mfm.checkpoint.model_state import fill_from_global
 from megatron_mfm.config import ConfigError, load_config
 from megatron_mfm.export.key_map import from_official
 from megatron_mfm.model import MfMDiT, local_layer_spec
+from megatron_mfm.model.attention_backends.sdpa import SDPACoreAttention
 from megatron_mfm.model.config import make_config
 from megatron_mfm.training.components import check_machine
 from mfm_cases import make_inputs, make_reference, megatron_config_kwargs
@@ -46,6 +48,8 @@ def test_capturable_forward_equals_the_forward(single_process_world, frames):
     ("model.recompute_modules=[mlp]", "model.recompute must be false"),
     ("train.precision=fp8", "train.precision must not be fp8"),
     ("data.packing.token_budget=4096", "data.packing.token_budget must be 0"),
+    ("model.attention_backend=fa4", "model.attention_backend must be auto or sdpa"),
+    ("model.attention_backend=cudnn", "model.attention_backend must be auto or sdpa"),
 ])
 def test_settings_a_capture_cannot_hold_fail_when_the_config_loads(override, reason):
     with pytest.raises(ConfigError, match=f"model.cuda_graphs=true: .*{reason}"):
@@ -55,6 +59,18 @@ def test_settings_a_capture_cannot_hold_fail_when_the_config_loads(override, rea
 def test_output_recompute_is_allowed():
     config = load_config(overrides=[*GRAPHS, "model.recompute_modules=[layernorm,mlp_act]"])
     assert config.model.cuda_graphs
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_graphed_model_never_times_cudnns_fused_attention(graphs):
+    """Graphed H200 runs whose SDPA could pick cuDNN's fused attention died with an illegal memory
+    access (docs/PERFORMANCE.md, session 13): under graphs its timed choice leaves cuDNN out."""
+    model = MfMDiT(make_config(**megatron_config_kwargs(), cuda_graphs=graphs), local_layer_spec())
+    attentions = [m for m in model.modules() if isinstance(m, SDPACoreAttention)]
+    assert len(attentions) == 2 * len(model.layers)  # self- and cross-attention of each block
+    for attention in attentions:
+        assert (SDPBackend.CUDNN_ATTENTION in attention.candidates) is not graphs
+        assert SDPBackend.EFFICIENT_ATTENTION in attention.candidates
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's refusal")

@@ -61,6 +61,9 @@ class RunConfig:
             "recompute restores random states)": bool(model.recompute) or bool(model.recompute_options().get(
                 "recompute_modules")),
             "train.precision must not be fp8": self.train.precision == "fp8",
+            "model.attention_backend must be auto or sdpa (fa4's masked attention and cudnn run cuDNN's fused "
+            "attention, which died under capture with an illegal memory access on an H200)":
+                model.attention_backend in ("fa4", "cudnn"),
             "data.packing.token_budget must be 0 (each packed micro-batch has its own shape)":
                 self.data.packing.token_budget > 0,
         }

@@ -66,9 +66,9 @@ class ModelConfig:
     step of each clip shape (``model/cuda_graphs.py``), for small clips, where launching the
     kernels takes longer than running them. GPU; torch-native layers (``backend: local``);
     tensor, pipeline and context parallel 1; no block recompute; no packing. Each clip shape
-    keeps its own activation memory. ``attention_backend: auto`` is SDPA here. Known: H200 runs
-    of the `base` preset at micro-batch 256 with FA4 or cuDNN attention failed with an illegal
-    memory access (docs/PERFORMANCE.md, session 12)."""
+    keeps its own activation memory. ``attention_backend`` auto or sdpa: SDPA's flash or
+    memory-efficient kernels, never cuDNN's fused attention, which died under capture with an
+    illegal memory access on an H200 (docs/PERFORMANCE.md, session 13)."""
 
     def recompute_options(self) -> dict:
         """megatron TransformerConfig fields for full, selective, no or measured (auto) activation

@@ -4,9 +4,9 @@ With small clips a step's kernels are tiny and the host's launches set the step 
 convergence recipe (48 tokens a clip) launches ~2,700 kernels a step in its model's forward and
 backward, against ~25 ms of GPU work in a ~200 ms step (docs/TRAINING.md). Captured once per
 input shape, the forward and the backward each replay as one launch: on an H200 the recipe's
-`base` model at batch 64 steps in 50 ms instead of ~120 ms, with the same losses (session 12).
-Known: at batch 256 the runs with FA4's or cuDNN's self-attention failed with an illegal memory
-access in their first steps (cause not found; docs/PERFORMANCE.md, session 12).
+`base` model at batch 64 steps in 50-55 ms instead of ~120 ms, with the same losses (sessions
+12-13). Attention runs on SDPA's flash or memory-efficient kernels: graphed runs that could reach
+cuDNN's fused attention died with an illegal memory access (docs/PERFORMANCE.md, session 13).
 
 A replay runs the captured kernels on the captured addresses: each step's inputs are copied into
 the captured ones; parameters keep their storage (the optimizer, the EMA and checkpoint loads

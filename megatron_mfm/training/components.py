@@ -35,9 +35,8 @@ def layer_spec_for(config: RunConfig) -> ModuleSpec:
     te = uses_transformer_engine(config.model.backend)
     requested = config.model.attention_backend
     if config.model.cuda_graphs and requested == "auto":
-        # graphs pay for small clips, whose attention costs little; and the graphed H200 runs of
-        # the convergence recipe with FA4 or cuDNN self-attention failed (illegal memory access)
-        # where every one with SDPA's timed choice ran (docs/PERFORMANCE.md, session 12)
+        # graphs pay for small clips, whose attention costs little; SDPA without cuDNN's fused
+        # attention is the one that trains under capture (RunConfig, docs/PERFORMANCE.md session 13)
         requested = "sdpa"
     try:
         attention = resolve_attention_backend(requested, config.train.precision != "fp32", te)

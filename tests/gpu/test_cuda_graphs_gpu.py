@@ -47,29 +47,30 @@ def test_captured_steps_train_as_eager(single_process_world, precision):
         torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("backend", ["fa4", "cudnn", "sdpa"])
-def test_core_attention_replays_as_eager_at_the_recipe_shape(backend):
-    """Each core attention's forward and backward captured alone at the convergence recipe's
-    video self-attention (256 clips of 48 tokens, 16 heads of 64, bf16) and replayed on new
-    inputs gives what eager mode gives. The recipe's graphed runs at batch 256 failed with an
-    illegal memory access with FA4 and cuDNN self-attention (docs/PERFORMANCE.md, session 12)."""
-    from megatron.core.transformer.spec_utils import build_module
+@pytest.mark.parametrize("keys", [48, 77], ids=["self", "masked-cross"])
+def test_graphed_sdpa_replays_as_eager_at_the_recipe_shape(keys):
+    """The core attention of a graphed model, captured alone at the convergence recipe's video
+    attentions (256 clips of 48 tokens, 16 heads of 64, bf16; the text cross-attention's 77 keys
+    partly masked) and replayed on new inputs, gives what eager mode gives, on a backend timed
+    without cuDNN's fused attention (graphed recipe runs that could reach it died with an illegal
+    memory access; docs/PERFORMANCE.md, session 13)."""
+    from torch.nn.attention import SDPBackend
 
-    from megatron_mfm.model.attention_backends import core_attention_spec, unavailable_reason
+    from megatron_mfm.model.attention_backends.sdpa import SDPACoreAttention, fastest_sdpa_backend
+    from megatron_mfm.model.config import make_config
 
-    reason = unavailable_reason(backend, sixteen_bit=True)
-    if reason:
-        pytest.skip(f"{backend}: {reason}")
-    attention = build_module(core_attention_spec(backend, False), config=None, cross_attention=False)
+    config = make_config(num_layers=1, hidden_size=1024, num_attention_heads=16, cuda_graphs=True)
+    attention = SDPACoreAttention(config, cross_attention=keys != 48)
+    mask = (torch.arange(keys, device="cuda") < keys - 20).expand(256, keys) if keys != 48 else None
     generator = torch.Generator("cuda").manual_seed(0)
 
-    def inputs() -> list[torch.Tensor]:
-        return [torch.randn(48, 256, 16, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
-                for _ in range(4)]  # q, k, v (S, B, heads, D) and the output's gradient
+    def inputs() -> list[torch.Tensor]:  # q, k, v (S, B, heads, D) and the output's gradient
+        return [torch.randn(rows, 256, 16, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+                for rows in (48, keys, keys, 48)]
 
     def step(q, k, v, grad):
         q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        out = attention(q, k, v)
+        out = attention(q, k, v, mask)
         return (out, *torch.autograd.grad(out, (q, k, v), grad))
 
     static = inputs()
@@ -90,3 +91,5 @@ def test_core_attention_replays_as_eager_at_the_recipe_shape(backend):
         for got, want in zip(captured, step(*given)):  # backward kernels may sum in another order
             torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     torch.cuda.synchronize()
+    shapes = ((256, 16, 48, 64), (256, 16, keys, 64), torch.bfloat16, static[0].device, mask is not None)
+    assert fastest_sdpa_backend(*shapes, attention.candidates) != SDPBackend.CUDNN_ATTENTION

@@ -12,6 +12,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from megatron_mfm.model.packing import Segments
 
 GPU_SDPA_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+CAPTURABLE_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+"""The timed choices under ``model.cuda_graphs``: cuDNN's fused attention is left out, as graphed
+H200 runs that could reach it died with an illegal memory access and those without it trained
+(docs/PERFORMANCE.md, session 13)."""
 CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 
@@ -20,13 +24,15 @@ class SDPACoreAttention(torch.nn.Module):
     is materialised by the fused backends. ``kernel`` "timed": on a GPU each shape runs on the
     backend timed fastest for it (``fastest_sdpa_backend``); "cudnn": cuDNN, memory-efficient only
     for inputs cuDNN refuses. The CPU takes
-    torch's choice either way (a timed choice would make CPU runs differ in the last bits)."""
+    torch's choice either way (a timed choice would make CPU runs differ in the last bits). A
+    model replayed from CUDA graphs (``config.cuda_graphs``) times only flash and memory-efficient."""
 
     def __init__(self, config, cross_attention: bool, kernel: str = "timed"):
         super().__init__()
         if kernel not in ("timed", "cudnn"):
             raise ValueError(f"SDPACoreAttention kernel={kernel!r}: choose timed or cudnn")
         self.kernel = kernel
+        self.candidates = CAPTURABLE_SDPA_BACKENDS if config is not None and config.cuda_graphs else GPU_SDPA_BACKENDS
 
     def runs_ring(self, query: torch.Tensor, key_padding_mask: torch.Tensor | None) -> bool:
         """SDPA sees only local tokens: ring CP goes through ``ring_attention``."""
@@ -50,7 +56,8 @@ class SDPACoreAttention(torch.nn.Module):
         else:
             # a packed sequence's block mask: the kernels that take a full mask (flash takes none)
             backends = (CUDNN_FIRST if self.kernel == "cudnn" or isinstance(key_padding_mask, Segments) else
-                        [fastest_sdpa_backend(tuple(q.shape), tuple(k.shape), q.dtype, q.device, mask is not None)])
+                        [fastest_sdpa_backend(tuple(q.shape), tuple(k.shape), q.dtype, q.device, mask is not None,
+                                                 self.candidates)])
             with sdpa_kernel(backends, set_priority=True):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return out.permute(2, 0, 1, 3).flatten(2)
@@ -58,9 +65,9 @@ class SDPACoreAttention(torch.nn.Module):
 
 @functools.lru_cache(maxsize=64)
 def fastest_sdpa_backend(q_shape: tuple, kv_shape: tuple, dtype: torch.dtype, device: torch.device,
-                         masked: bool) -> SDPBackend:
-    """The SDPA backend that runs these shapes fastest on this GPU, forward + backward, timed once
-    per shape on random inputs (one choice whatever the grad mode, so a recomputed forward
+                         masked: bool, candidates: tuple[SDPBackend, ...] = GPU_SDPA_BACKENDS) -> SDPBackend:
+    """The SDPA backend of ``candidates`` that runs these shapes fastest on this GPU, forward +
+    backward, timed once per shape on random inputs (one choice whatever the grad mode, so a recomputed forward
     repeats the original exactly). torch's own pick varies between runs and versions; at
     MfM-2B's self-attention on an H100 flash is 1.47x slower than cuDNN."""
     generator = torch.Generator(device).manual_seed(0)  # leaves the training's random streams alone
@@ -77,7 +84,7 @@ def fastest_sdpa_backend(q_shape: tuple, kv_shape: tuple, dtype: torch.dtype, de
             F.scaled_dot_product_attention(q, k, v, attn_mask=mask).backward(grad)
 
     timings = {}
-    for backend in GPU_SDPA_BACKENDS:
+    for backend in candidates:
         try:
             with sdpa_kernel(backend):
                 step()  # warm-up, and raises when the backend does not take these inputs
