@@ -22,9 +22,10 @@ def test_chosen_backend_runs_the_shape_and_matches_math(masked):
     mask = torch.ones(batch, keys, device="cuda", dtype=torch.bool) if masked else None
     if masked:
         mask[0, 60:] = False
-    out = SDPACoreAttention(None, cross_attention=masked)(q, k, v, mask)
+    attention = SDPACoreAttention(None, cross_attention=masked)
+    out = attention(q, k, v, mask)
     shapes = ((batch, heads, tokens, dim), (batch, heads, keys, dim), torch.bfloat16, q.device, masked)
-    backend = fastest_sdpa_backend(*shapes)
+    backend = fastest_sdpa_backend(*shapes, attention.candidates)
     assert backend in GPU_SDPA_BACKENDS and not (masked and backend == SDPBackend.FLASH_ATTENTION)
     assert fastest_sdpa_backend.cache_info().hits >= 1
     with sdpa_kernel(SDPBackend.MATH):

@@ -65,11 +65,11 @@ class SDPACoreAttention(torch.nn.Module):
 
 @functools.lru_cache(maxsize=64)
 def fastest_sdpa_backend(q_shape: tuple, kv_shape: tuple, dtype: torch.dtype, device: torch.device,
-                         masked: bool, candidates: tuple[SDPBackend, ...] = GPU_SDPA_BACKENDS) -> SDPBackend:
+                         masked: bool, candidates: tuple[SDPBackend, ...]) -> SDPBackend:
     """The SDPA backend of ``candidates`` that runs these shapes fastest on this GPU, forward +
-    backward, timed once per shape on random inputs (one choice whatever the grad mode, so a recomputed forward
-    repeats the original exactly). torch's own pick varies between runs and versions; at
-    MfM-2B's self-attention on an H100 flash is 1.47x slower than cuDNN."""
+    backward, timed once per shape on random inputs (one choice whatever the grad mode, so a
+    recomputed forward repeats the original exactly). torch's own pick varies between runs and
+    versions; at MfM-2B's self-attention on an H100 flash is 1.47x slower than cuDNN."""
     generator = torch.Generator(device).manual_seed(0)  # leaves the training's random streams alone
 
     def normal(shape: tuple, requires_grad: bool = False) -> torch.Tensor:
