@@ -64,9 +64,10 @@ def test_graphed_sdpa_replays_as_eager_at_the_recipe_shape(keys):
     mask = (torch.arange(keys, device="cuda") < keys - 20).expand(256, keys) if keys != 48 else None
     generator = torch.Generator("cuda").manual_seed(0)
 
-    def inputs() -> list[torch.Tensor]:  # q, k, v (S, B, heads, D) and the output's gradient
-        return [torch.randn(rows, 256, 16, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
-                for rows in (48, keys, keys, 48)]
+    def inputs() -> list[torch.Tensor]:  # q, k, v (S, B, heads, D) and the output's (S, B, heads*D) gradient
+        q, k, v, grad = (torch.randn(rows, 256, 16, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+                         for rows in (48, keys, keys, 48))
+        return [q, k, v, grad.flatten(2)]
 
     def step(q, k, v, grad):
         q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
