@@ -9,6 +9,8 @@
 # Two variants on two GPUs at once: VARIANT_B="optimizer.lr=1e-3 ..." trains the recipe with the
 # arguments on GPU 0 into $OUT and with the arguments plus VARIANT_B on GPU 1 into $OUT/variant_b
 # (each takes half of data.synthetic.workers' default unless an argument sets it).
+# STAGE=train or STAGE=evaluate: only that half, for a run longer than one call allows (train in
+# one call; evaluate the checkpoints left in $WORK in the next call, on the same warm machine).
 # CPU smoke test (a minute or two):
 #   EVAL_ARGS="--samples 1 --steps 2" bash examples/convergence_h200.sh model.preset=tiny train.iterations=5 \
 #     train.micro_batch_size=2 train.global_batch_size=2 train.precision=fp32 data.synthetic.workers=1 \
@@ -17,7 +19,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/convergence}
 WORK=${WORK:-/tmp/mfm_convergence}
-TRAIN_SECONDS=${TRAIN_SECONDS:-370}
+STAGE=${STAGE:-both}
+TRAIN_SECONDS=${TRAIN_SECONDS:-370}; [ "$STAGE" != evaluate ] || TRAIN_SECONDS=0
 PY=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 start=$(date +%s)
@@ -27,14 +30,19 @@ deadline=$(( start + TRAIN_SECONDS + ${EVAL_SECONDS:-150} ))
 run() {
   local out=$1 work=$2 status=0
   shift 2
-  rm -rf "$work" && mkdir -p "$out" "$work"
-  timeout --signal=TERM --kill-after=20 "$TRAIN_SECONDS" "$PY" pretrain_mfm.py --config examples/convergence.yaml \
-    checkpoint.save="$work/checkpoints" logging.metrics_file="$out/metrics.jsonl" \
-    "$@" > "$out/train.log" 2>&1 || status=$?
-  if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then  # 124: the time budget stopped it (and it saved)
-    tail -n 30 "$out/train.log"; return "$status"
+  mkdir -p "$out"
+  if [ "$STAGE" != evaluate ]; then
+    rm -rf "$work" && mkdir -p "$work"
+    timeout --signal=TERM --kill-after=20 "$TRAIN_SECONDS" "$PY" pretrain_mfm.py --config examples/convergence.yaml \
+      checkpoint.save="$work/checkpoints" logging.metrics_file="$out/metrics.jsonl" \
+      "$@" > "$out/train.log" 2>&1 || status=$?
+    if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then  # 124: the time budget stopped it (and it saved)
+      tail -n 30 "$out/train.log"; return "$status"
+    fi
+    echo "$out: trained $(( $(date +%s) - start )) s"
+    "$PY" -m tools.summarize_run "$out/metrics.jsonl"
   fi
-  echo "$out: trained $(( $(date +%s) - start )) s"
+  [ "$STAGE" != train ] || return 0
   # the model's own layers first; the torch-native ones if those fail (the evaluation is what a
   # run is for: two H200 runs lost theirs to a loading bug)
   local backend left
@@ -47,7 +55,6 @@ run() {
       > "$out/eval_$backend.log" 2>&1 && { cp "$out/eval_$backend.log" "$out/eval.log"; break; }
     echo "$out: evaluation with the $backend layers failed or ran past the deadline:"; tail -n 5 "$out/eval_$backend.log"
   done
-  "$PY" -m tools.summarize_run "$out/metrics.jsonl"
 }
 
 if [ -n "${VARIANT_B:-}" ]; then

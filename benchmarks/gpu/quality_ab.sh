@@ -13,6 +13,8 @@
 # VARIANT_B="model.preset=base optimizer.lr=7e-4" COMMON_ARGS="checkpoint.interval=100000", session
 # 13 with the graphed batch sizes 128 against 64 and 64 against 32 (TRAIN_SECONDS=370 and 400,
 # DEADLINE=545 and 555; docs/TRAINING.md).
+# Eight minutes of training: STAGE=train (TRAIN_SECONDS default 480, no evaluation; ~530 s), then
+# STAGE=evaluate in the next call on the same warm machine (the checkpoints stay in /tmp/quality_ab).
 # Everything is packed in $OUT/r.tgz; the summary is printed last.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -22,13 +24,14 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG=$OUT/run.log; DEADLINE=${DEADLINE:-545}
 source "$(dirname "$0")/parts.sh"
 install_checkout
-part pinned_batches 60 python3 -m pytest -q -rs tests/gpu/test_pinned_batches.py  # the recipe's loader pins on a GPU
+export STAGE=${STAGE:-both}
+[ "$STAGE" != both ] || part pinned_batches 60 python3 -m pytest -q -rs tests/gpu/test_pinned_batches.py  # the recipe's loader pins on a GPU
 WORK=/tmp/quality_ab
 VARIANT_B=${VARIANT_B:-train.iterations=16000}
 POST_EVAL_ARGS=${POST_EVAL_ARGS:---weights raw --guidance-scale 1 --tasks i2v itrans isr iinp}
 
 VARIANT_B="$VARIANT_B logging.profile_dir=$WORK/profile_b" OUT=$OUT/conv WORK=$WORK \
-  TRAIN_SECONDS=${TRAIN_SECONDS:-370} EVAL_SECONDS=${EVAL_SECONDS:-110} EVAL_ARGS="--samples 4" PYTHON=python3 \
+  TRAIN_SECONDS=${TRAIN_SECONDS:-$([ "$STAGE" = train ] && echo 480 || echo 370)} EVAL_SECONDS=${EVAL_SECONDS:-110} EVAL_ARGS="--samples 4" PYTHON=python3 \
   bash examples/convergence_h200.sh data.synthetic.workers=12 "logging.profile_steps=[400,401]" "logging.profile_dir=$WORK/profile_a" \
   ${COMMON_ARGS:-} >> "$LOG" 2>&1
 
@@ -38,9 +41,11 @@ post_eval() {  # $1: GPU, $2: checkpoints, $3: output folder; only with 40 s or 
   CUDA_VISIBLE_DEVICES=$1 timeout --kill-after=5 "$(( $(left) - 10 ))" python3 -m tools.evaluate --load "$2" \
     --config examples/convergence.yaml --samples 4 --output "$3" $POST_EVAL_ARGS > "$3.log" 2>&1
 }
-post_eval 0 "$WORK/a/checkpoints" "$OUT/conv/post" &
-post_eval 1 "$WORK/variant_b/checkpoints" "$OUT/conv/variant_b/post"
-wait
+if [ "$STAGE" != train ]; then
+  post_eval 0 "$WORK/a/checkpoints" "$OUT/conv/post" &
+  post_eval 1 "$WORK/variant_b/checkpoints" "$OUT/conv/variant_b/post"
+  wait
+fi
 for v in a b; do gzip -c "$WORK/profile_$v/rank0.json" > "$OUT/trace_$v.json.gz" 2>/dev/null; done
 
 {
