@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/convergence}
 WORK=${WORK:-/tmp/mfm_convergence}
 STAGE=${STAGE:-both}
-TRAIN_SECONDS=${TRAIN_SECONDS:-370}; [ "$STAGE" != evaluate ] || TRAIN_SECONDS=0
+TRAIN_SECONDS=${TRAIN_SECONDS:-480}; [ "$STAGE" != evaluate ] || TRAIN_SECONDS=0
 PY=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 start=$(date +%s)

@@ -2,17 +2,17 @@
 # Issue 15 on one 2x H200 host in one call (about 9.5 min with the staging's install: give the
 # call 600 s), on a machine set up with the gpu extra:
 #   OUT=/tmp/res bash benchmarks/gpu/quality_ab.sh
-# The convergence recipe (GPU 0) beside a variant (GPU 1, VARIANT_B; default: the recipe's 8,000
-# iterations doubled, so that its cosine stays near the peak rate within the time instead of ~3/4
-# through it; COMMON_ARGS: overrides for both), each for TRAIN_SECONDS (default 370) with 12 data
+# The convergence recipe (GPU 0) beside a variant (GPU 1, VARIANT_B; default: the recipe with
+# another seed, the spread that every A/B's differences need and no session has measured;
+# COMMON_ARGS: overrides for both), each for TRAIN_SECONDS (default 370) with 12 data
 # workers and evaluated on every task (examples/convergence_h200.sh), then both evaluated again with
-# POST_EVAL_ARGS (default: the raw weights instead of the EMA's, without guidance, on the frame-copy
-# and SR tasks). Each run profiles two training steps (torch profiler, where the step's host time
+# POST_EVAL_ARGS (default: without guidance, on the frame-copy, SR and colourisation tasks; the raw
+# weights with --weights raw). Each run profiles two training steps (torch profiler, where the step's host time
 # goes): $OUT/trace_{a,b}.json.gz. Session 8 ran it with VARIANT_B=model.compile_glue=true and
 # VARIANT_B="train.micro_batch_size=256 ...", session 9 with optimizer.lr=1e-3, session 11 with
 # VARIANT_B="model.preset=base optimizer.lr=7e-4" COMMON_ARGS="checkpoint.interval=100000", session
 # 13 with the graphed batch sizes 128 against 64 and 64 against 32 (TRAIN_SECONDS=370 and 400,
-# DEADLINE=545 and 555; docs/TRAINING.md).
+# DEADLINE=545 and 555), session 14 in two stages (below; docs/TRAINING.md).
 # Eight minutes of training: STAGE=train (TRAIN_SECONDS default 480, no evaluation; ~530 s), then
 # STAGE=evaluate in the next call on the same warm machine (the checkpoints stay in /tmp/quality_ab).
 # Everything is packed in $OUT/r.tgz; the summary is printed last.
@@ -27,8 +27,8 @@ install_checkout
 export STAGE=${STAGE:-both}
 [ "$STAGE" != both ] || part pinned_batches 60 python3 -m pytest -q -rs tests/gpu/test_pinned_batches.py  # the recipe's loader pins on a GPU
 WORK=/tmp/quality_ab
-VARIANT_B=${VARIANT_B:-train.iterations=16000}
-POST_EVAL_ARGS=${POST_EVAL_ARGS:---weights raw --guidance-scale 1 --tasks i2v itrans isr iinp}
+VARIANT_B=${VARIANT_B:-train.seed=4321}
+POST_EVAL_ARGS=${POST_EVAL_ARGS:---guidance-scale 1 --tasks i2v itrans isr iinp icolor}
 
 VARIANT_B="$VARIANT_B logging.profile_dir=$WORK/profile_b" OUT=$OUT/conv WORK=$WORK \
   TRAIN_SECONDS=${TRAIN_SECONDS:-$([ "$STAGE" = train ] && echo 480 || echo 370)} EVAL_SECONDS=${EVAL_SECONDS:-110} EVAL_ARGS="--samples 4" PYTHON=python3 \
