@@ -37,3 +37,23 @@ def test_a_stop_request_on_a_rank_is_reported_by_the_step(single_process_world):
     assert train_step(trainer, stop_requested=True).stop
     assert not train_step(trainer).stop
     assert torch.isfinite(train_step(trainer).task_losses).all()
+
+
+def test_the_next_batch_is_fetched_before_the_steps_host_read(single_process_world):
+    """The fetch overlaps the device's backward (training/step_batches.py): in the step's
+    profile the second "data" range ends before the "skip decision" range (the host read) begins,
+    the step trains its own batch, and the batch fetched ahead is the next step's."""
+    trainer = setup(load_config(overrides=TINY))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        train_step(trainer, fetch_next=True)
+    ranges = {}
+    for event in profile.events():
+        if event.name in ("data", "skip decision"):
+            ranges.setdefault(event.name, []).append(event.time_range)
+    fetches, decisions = sorted(ranges["data"], key=lambda r: r.start), ranges["skip decision"]
+    assert len(fetches) == 2 and len(decisions) == 1
+    assert fetches[1].end <= decisions[0].start
+    assert trainer.batches.consumed_samples == 4 and trainer.loader.consumed_samples == 8
+    assert trainer.batches.loader_state() == {"consumed_samples": 4}
+    train_step(trainer)  # trains the batch fetched ahead: the loader has not moved
+    assert trainer.batches.loader_state() == trainer.loader.state_dict() == {"consumed_samples": 8}

@@ -2,13 +2,13 @@
 
     validate config -> process groups -> model (DDP) -> optimizer + LR schedule -> EMA
     -> resume -> for each iteration: micro-batches -> forward/backward (megatron schedule)
-       -> finite check -> optimizer step -> EMA -> log / sample / save
+       -> the next step's micro-batches -> finite check -> optimizer step -> EMA
+       -> log / sample / save
 """
 
 from __future__ import annotations
 
 import signal
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -22,7 +22,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_mfm.config import RunConfig, config_to_dict
 from megatron_mfm.encoders.interface import FrozenEncoders, build_encoders
 from megatron_mfm.data.loader import SyntheticLoader
-from megatron_mfm.data.packing import pack_micro_batches, parts_of
+from megatron_mfm.data.packing import parts_of
 from megatron_mfm.data.shards.streaming import ShardLoader
 from megatron_mfm.data.synthetic import SyntheticVideoDataset
 from megatron_mfm.diffusion.generation import SamplingConfig, generate, task_sample_for
@@ -41,6 +41,7 @@ from megatron_mfm.training.observability import (IntervalMeter, ProfileWindow, S
 from megatron_mfm.training.optimizer_step import apply_update, prepare_update
 from megatron_mfm.training.schedule import batch_tokens, reduce_task_losses, run_schedule
 from megatron_mfm.training.step import make_forward_step
+from megatron_mfm.training.step_batches import StepBatch, StepBatches
 from megatron_mfm.training.validation import validation_loss
 from megatron_mfm.utils.media import contact_sheet, write_mp4, write_png
 
@@ -63,6 +64,8 @@ class Trainer:
     scheduler: OptimizerParamScheduler
     ema: EMA | None
     loader: SyntheticLoader | ShardLoader
+    batches: StepBatches
+    """The loader's batches step by step, the next fetched during the step before."""
     encoders: FrozenEncoders
     checkpointer: Checkpointer
     logger: MetricsLogger
@@ -82,6 +85,7 @@ def setup(config: RunConfig) -> Trainer:
     trainer = Trainer(
         config=config, model_config=model_config, model=model, ddp=ddp, optimizer=optimizer, scheduler=scheduler,
         ema=EMA(model, config.train.ema_decay) if config.train.ema_decay > 0 else None, loader=loader,
+        batches=StepBatches(loader, config.data.packing.token_budget),
         encoders=build_encoders(config.encoders, model_config.text_hidden_size, device),
         checkpointer=Checkpointer(config.checkpoint.save, config.checkpoint.keep_last, config.checkpoint.async_save,
                                   config.parallel.distributed_optimizer, config.checkpoint.reshardable_optimizer),
@@ -111,16 +115,15 @@ def finite_and_stop(task_losses: torch.Tensor, grad_norm: torch.Tensor,
     return finite == 1.0, go_on == 0.0, norm
 
 
-def _step_totals(trainer: Trainer, micro_batches: list) -> tuple[int, int]:
+def _step_totals(trainer: Trainer, batch: StepBatch) -> tuple[int, int]:
     """FLOPs and video tokens of the whole step, summed over data-parallel ranks (token-budget
     micro-batches differ in size between ranks); also sums the ranks' skipped-sample and
     sidecar-miss counts. Host values, summed over the CPU (gloo) group: no wait for the GPU."""
     flops = sum(training_flops(trainer.model_config, latent_shape(*part.pixels.shape[2:])[1:],
                                trainer.encoders.text.max_length) * len(part.prompts)
-                for mb in micro_batches for part in parts_of(mb))
-    tokens = sum(batch_tokens(mb) for mb in micro_batches)
-    loader = trainer.loader
-    totals = [flops, tokens, loader.skipped_samples, sum(loader.sidecar_misses.values())]
+                for mb in batch.micro_batches for part in parts_of(mb))
+    tokens = sum(batch_tokens(mb) for mb in batch.micro_batches)
+    totals = [flops, tokens, batch.skipped_samples, batch.sidecar_misses]
     if parallel_state.get_data_parallel_world_size() > 1:
         summed = torch.tensor(totals, dtype=torch.float64)
         dist.all_reduce(summed, group=parallel_state.get_data_parallel_group_gloo())
@@ -129,21 +132,18 @@ def _step_totals(trainer: Trainer, micro_batches: list) -> tuple[int, int]:
     return totals[0], totals[1]
 
 
-def train_step(trainer: Trainer, stop_requested: bool = False) -> StepResult:
+def train_step(trainer: Trainer, stop_requested: bool = False, fetch_next: bool = False) -> StepResult:
     """One optimizer step. Each micro-batch's mean loss is weighted by its share of the step's
     video tokens (images and clips of several sizes count by their tokens, not equally).
-    ``stop_requested``: this rank's SIGTERM, agreed over ranks with the finite check."""
+    ``stop_requested``: this rank's SIGTERM, agreed over ranks with the finite check.
+    ``fetch_next``: a step follows; its batch is fetched while the device runs this step's backward."""
     config, ddp = trainer.config, trainer.ddp
-    data_start = time.perf_counter()
-    with phase("data"):
-        micro_batches = trainer.loader.next_global_batch()
-        if config.data.packing.token_budget:  # this rank's samples regrouped by tokens
-            micro_batches = pack_micro_batches(micro_batches, config.data.packing.token_budget)
-    data_seconds = time.perf_counter() - data_start
+    batch = trainer.batches.next()
+    micro_batches = batch.micro_batches
     for chunk in ddp:
         chunk.zero_grad_buffer()
     trainer.optimizer.zero_grad()
-    flops, tokens = _step_totals(trainer, micro_batches)
+    flops, tokens = _step_totals(trainer, batch)
     # megatron divides by the micro-batches, DDP averages over DP: this weight undoes both
     slots = len(micro_batches) * parallel_state.get_data_parallel_world_size()
     forward_step = make_forward_step(trainer.encoders, config.flow_matching, config.train.seed,
@@ -154,8 +154,11 @@ def train_step(trainer: Trainer, stop_requested: bool = False) -> StepResult:
     task_losses = reduce_task_losses(reports, trainer.device)
     with phase("optimizer"):
         grad_norm = prepare_update(trainer.optimizer)
-    finite, stop, grad_norm = finite_and_stop(task_losses, grad_norm, stop_requested)
-    result = partial(StepResult, task_losses, flops=flops, tokens=tokens, data_seconds=data_seconds, stop=stop)
+    if fetch_next:
+        trainer.batches.fetch_ahead()
+    with phase("skip decision"):
+        finite, stop, grad_norm = finite_and_stop(task_losses, grad_norm, stop_requested)
+    result = partial(StepResult, task_losses, flops=flops, tokens=tokens, data_seconds=batch.fetch_seconds, stop=stop)
     if not finite:
         trainer.state.skipped_steps += 1
         if trainer.state.skipped_steps > config.train.max_skipped_steps:
@@ -180,14 +183,15 @@ def _metrics(trainer: Trainer, meter: IntervalMeter) -> dict:
     config = trainer.config
     peak, _ = gpu_peak_tflops("bf16", config.logging.peak_tflops)
     metrics = {
-        "consumed samples": trainer.loader.consumed_samples,
+        "consumed samples": trainer.batches.consumed_samples,
         "learning rate": trainer.optimizer.param_groups[0]["lr"],
         **meter.averages(dist.get_world_size(), peak),
         "skipped steps": trainer.state.skipped_steps,
         "skipped samples": trainer.state.skipped_samples,
         "sidecar misses": trainer.state.sidecar_misses,
         # clips shorter than every frame count of their stage, passed over by the planner
-        "too-short clips": trainer.loader.planner.state["too_short"] if isinstance(trainer.loader, ShardLoader) else 0,
+        "too-short clips": (trainer.batches.loader_state()["planner"]["too_short"]
+                            if isinstance(trainer.loader, ShardLoader) else 0),
         **rank_spread(meter.seconds / meter.steps, meter.data_seconds / meter.steps, trainer.device),
         **memory_gb(),
     }
@@ -244,7 +248,7 @@ class _StopFlag:
 def save(trainer: Trainer) -> None:
     trainer.checkpointer.save(
         trainer.state.iteration, trainer.model, trainer.optimizer, trainer.scheduler, trainer.ema,
-        trainer.loader.state_dict(), trainer.state, config_to_dict(trainer.config),
+        trainer.batches.loader_state(), trainer.state, config_to_dict(trainer.config),
     )
 
 
@@ -286,7 +290,7 @@ def _train_loop(trainer: Trainer) -> None:
     while trainer.state.iteration < last_iteration:
         profile.before_step(trainer.state.iteration + 1)
         timer.start()
-        result = train_step(trainer, stop.requested)
+        result = train_step(trainer, stop.requested, fetch_next=trainer.state.iteration + 1 < last_iteration)
         timer.stop()
         trainer.state.iteration += 1
         iteration = trainer.state.iteration
