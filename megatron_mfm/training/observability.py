@@ -134,7 +134,8 @@ class StepResult(NamedTuple):
     tokens: int
     """Video tokens of the step over all ranks."""
     data_seconds: float
-    """This rank's wait for the step's micro-batches."""
+    """This rank's host time fetching the step's micro-batches (the loop fetches them during the
+    step before, overlapping that step's device work: ``training/step_batches.py``)."""
     stop: bool = False
     """Some rank was asked to stop (SIGTERM) before this step's finite check."""
 

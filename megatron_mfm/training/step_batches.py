@@ -3,8 +3,9 @@
 A step waits for the device once, at its skip decision (``loop.finite_and_stop``), which reads
 the backward's gradient norm. When the next step's batch was fetched after that read, the device
 idled through the fetch: a host-bound step (small clips under CUDA graphs, whose batch arrives
-from worker processes) spent ~6-8 ms of each ~53 ms step there on an H200 (docs/PERFORMANCE.md,
-session 14's traces). Fetched before the read, the fetch overlaps the backward instead.
+from worker processes) spent ~6-8 ms of each ~53 ms step there on an H200 (the logged data wait
+of the convergence recipe; docs/PERFORMANCE.md, session 14). Fetched before the read, the fetch
+overlaps the backward instead.
 
 What a checkpoint stores and what the log reports stay those of the batches trained: each
 fetched step keeps the loader's state and counters as they were right after its own fetch,
