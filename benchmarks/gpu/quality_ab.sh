@@ -13,18 +13,20 @@
 # VARIANT_B="model.preset=base optimizer.lr=7e-4" COMMON_ARGS="checkpoint.interval=100000", session
 # 13 with the graphed batch sizes 128 against 64 and 64 against 32 (TRAIN_SECONDS=370 and 400,
 # DEADLINE=545 and 555), session 14 in two stages (below; docs/TRAINING.md).
-# Eight minutes of training: STAGE=train (TRAIN_SECONDS default 480, no evaluation; ~530 s), then
-# STAGE=evaluate in the next call on the same warm machine (the checkpoints stay in /tmp/quality_ab).
+# Eight minutes of training: STAGE=train (TRAIN_SECONDS default 480, then only i2v and inpainting
+# evaluated, ~20 s: what is kept if the machine goes back before the next call, as session 14's
+# second pair's did; ~550 s), then STAGE=evaluate in the next call on the same warm machine (the
+# checkpoints stay in /tmp/quality_ab).
 # Everything is packed in $OUT/r.tgz; the summary is printed last.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # the call: this + the packing at the end, ~570 s at 545 on a machine already set up (session 13);
 # in the call that installs the staging (~30-40 s more) give DEADLINE=500 and TRAIN_SECONDS=340
 # (session 11's call, at 530, was killed at 600 s before its summary)
-LOG=$OUT/run.log; DEADLINE=${DEADLINE:-545}
+export STAGE=${STAGE:-both}
+LOG=$OUT/run.log; DEADLINE=${DEADLINE:-$([ "$STAGE" = train ] && echo 585 || echo 545)}
 source "$(dirname "$0")/parts.sh"
 install_checkout
-export STAGE=${STAGE:-both}
 [ "$STAGE" != both ] || part pinned_batches 60 python3 -m pytest -q -rs tests/gpu/test_pinned_batches.py  # the recipe's loader pins on a GPU
 WORK=/tmp/quality_ab
 VARIANT_B=${VARIANT_B:-train.seed=4321}
@@ -35,17 +37,17 @@ VARIANT_B="$VARIANT_B logging.profile_dir=$WORK/profile_b" OUT=$OUT/conv WORK=$W
   bash examples/convergence_h200.sh data.synthetic.workers=12 "logging.profile_steps=[400,401]" "logging.profile_dir=$WORK/profile_a" \
   ${COMMON_ARGS:-} >> "$LOG" 2>&1
 
-post_eval() {  # $1: GPU, $2: checkpoints, $3: output folder; only with 40 s or more left
-  [ "$(left)" -ge 40 ] || { echo "no time left for $3" >> "$LOG"; return; }
-  # shellcheck disable=SC2086  # POST_EVAL_ARGS is a list of flags
-  CUDA_VISIBLE_DEVICES=$1 timeout --kill-after=5 "$(( $(left) - 10 ))" python3 -m tools.evaluate --load "$2" \
-    --config examples/convergence.yaml --samples 4 --output "$3" $POST_EVAL_ARGS > "$3.log" 2>&1
+post_eval() {  # $1: GPU, $2: checkpoints, $3: output folder, the rest: evaluate.py flags; with 30 s or more left
+  local gpu=$1 checkpoints=$2 out=$3; shift 3
+  [ "$(left)" -ge 30 ] || { echo "no time left for $out" >> "$LOG"; return; }
+  CUDA_VISIBLE_DEVICES=$gpu timeout --kill-after=5 "$(( $(left) - 10 ))" python3 -m tools.evaluate --load "$checkpoints" \
+    --config examples/convergence.yaml --samples 4 --output "$out" "$@" > "$out.log" 2>&1
 }
-if [ "$STAGE" != train ]; then
-  post_eval 0 "$WORK/a/checkpoints" "$OUT/conv/post" &
-  post_eval 1 "$WORK/variant_b/checkpoints" "$OUT/conv/variant_b/post"
-  wait
-fi
+# shellcheck disable=SC2086  # POST_EVAL_ARGS is a list of flags
+if [ "$STAGE" = train ]; then set -- --tasks i2v iinp; else set -- $POST_EVAL_ARGS; fi
+post_eval 0 "$WORK/a/checkpoints" "$OUT/conv/post" "$@" &
+post_eval 1 "$WORK/variant_b/checkpoints" "$OUT/conv/variant_b/post" "$@"
+wait
 for v in a b; do gzip -c "$WORK/profile_$v/rank0.json" > "$OUT/trace_$v.json.gz" 2>/dev/null; done
 
 {
