@@ -33,7 +33,6 @@ class StepBatch:
     """Host time the fetch took (spent during the previous step when fetched ahead)."""
     loader_state: dict
     """The loader's state once this step's samples are consumed: what a checkpoint after it holds."""
-    consumed_samples: int
     skipped_samples: int
     sidecar_misses: int
 
@@ -56,8 +55,8 @@ class StepBatches:
             if self.token_budget:
                 micro_batches = pack_micro_batches(micro_batches, self.token_budget)
         loader = self.loader
-        return StepBatch(micro_batches, time.perf_counter() - start, loader.state_dict(), loader.consumed_samples,
-                         loader.skipped_samples, sum(loader.sidecar_misses.values()))
+        return StepBatch(micro_batches, time.perf_counter() - start, loader.state_dict(), loader.skipped_samples,
+                         sum(loader.sidecar_misses.values()))
 
     def next(self) -> StepBatch:
         """This step's batch: the one fetched ahead, else fetched now."""
@@ -74,4 +73,4 @@ class StepBatches:
 
     @property
     def consumed_samples(self) -> int:
-        return self.current.consumed_samples if self.current else self.loader.consumed_samples
+        return self.loader_state()["consumed_samples"]
