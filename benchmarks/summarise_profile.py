@@ -13,16 +13,17 @@ from pathlib import Path
 
 
 def row_line(row: dict) -> str:
-    what = (f"{row['precision']:>5} {row['attention_backend']:>6} {row['recompute']:>7} "
+    what = (f"{row.get('layout', '')} {row['precision']:>5} {row['attention_backend']:>6} {row['recompute']:>7} "
             f"state {row.get('optimizer_state', 'fp32'):>4}")
     if "error" in row:
         return f"{what}: {row['error']}"
     decision = row.get("recompute_decision", {})
     auto = (f", auto recomputes {decision['recomputed_blocks']}, predicted peak "
             f"{decision['predicted_peak_bytes'] / 2**30:.1f} GiB" if decision else "")
-    return (f"{what}: step {row['step_s']:.3f} s, MFU {row['mfu'] or 0:.1%}, peak {row['peak_memory_gib']:.1f} GiB, "
-            f"official {row.get('official_step_s', 0):.3f} s / {row.get('official_peak_memory_gib') or 0:.1f} GiB, "
-            f"speedup {row.get('speedup_vs_official', 0):.2f}x {row.get('official_error', '')}{auto}")
+    official = (f", official {row['official_step_s']:.3f} s / {row.get('official_peak_memory_gib') or 0:.1f} GiB, "
+                f"speedup {row.get('speedup_vs_official', 0):.2f}x" if row.get("official_step_s") else "")
+    return (f"{what}: step {row['step_s']:.3f} s, MFU {row['mfu'] or 0:.1%}, peak {row['peak_memory_gib'] or 0:.1f} GiB"
+            f"{official} {row.get('official_error', '')}{auto}")
 
 
 def memory_line(memory: dict) -> str:

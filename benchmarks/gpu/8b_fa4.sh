@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue 16 item 5 on 4 H200 (one call per phase, < 10 min each), with the gpu extra installed
+# (Transformer Engine, flash-attn-4): MfM-8B at 97x720x1280 (90k tokens) with all of issue 16 on:
+# FA4 attention, compiled glue, recompute=auto (plus the layernorm and mlp_act output recompute),
+# distributed optimizer. On a machine without network, wheels put in .gpu/extra/ are installed first.
+#   PHASE=cp4 bash benchmarks/gpu/8b_fa4.sh      CP4 (all-to-all): bf16 and FP8 delayed, then bf16
+#                                                 with bf16 gradients and Adam moments
+#   PHASE=tp2cp2 bash benchmarks/gpu/8b_fa4.sh   TP2 x CP2 (sequence parallel): bf16 and FP8 delayed
+# Results under $OUT (8b_<phase>*.json, all logs in 8b_<phase>.log), a summary printed last.
+set -uo pipefail
+PHASE=${PHASE:-cp4}
+OUT=${OUT:-/tmp/out}; WORK=/tmp/8b; mkdir -p "$OUT" "$WORK"
+LOG=$OUT/8b_$PHASE.log; DEADLINE=${DEADLINE:-570}
+source "$(dirname "$0")/parts.sh"
+SIZE=(--presets mfm-8b --frames 97 --height 720 --width 1280 --backend te --distributed-optimizer --glue compiled
+      --attention-backend fa4 --recompute auto --set "model.recompute_modules=[layernorm,mlp_act]"
+      --fp8-recipe delayed --iterations 2 --warmup 2)
+[ -f "$WORK/installed" ] || { install_checkout; touch "$WORK/installed"; }
+profile() {  # $1: name, $2: seconds at most; the rest: profiler arguments
+  local name=$1 limit=$2; shift 2
+  part "$name" "$limit" torchrun --standalone --nproc-per-node 4 benchmarks/profile_throughput.py "${SIZE[@]}" "$@" \
+    --output "$WORK/$name"
+  cp "$WORK/$name/results.json" "$OUT/8b_$name.json" 2>/dev/null
+}
+case $PHASE in
+  cp4) profile cp4 380 --layouts cp4 --precision bf16 fp8
+       profile cp4_bf16_state 200 --layouts cp4 --precision bf16 --optimizer-state bf16
+       files=(8b_cp4.json 8b_cp4_bf16_state.json) ;;
+  tp2cp2) profile tp2cp2 500 --layouts tp2cp2 --precision bf16 fp8
+       files=(8b_tp2cp2.json) ;;
+  *) echo "PHASE=$PHASE: choose cp4 or tp2cp2"; exit 2 ;;
+esac
+python3 benchmarks/summarise_profile.py "$OUT" "${files[@]}" | tee "$OUT/8b_${PHASE}_summary.txt"
+grep -E "Error|error" "$LOG" | grep -v "^== " | tail -5
