@@ -6,6 +6,8 @@
 #   PHASE=cp4 bash benchmarks/gpu/8b_fa4.sh      CP4 (all-to-all): bf16 and FP8 delayed, then bf16
 #                                                 with bf16 gradients and Adam moments
 #   PHASE=tp2cp2 bash benchmarks/gpu/8b_fa4.sh   TP2 x CP2 (sequence parallel): bf16 and FP8 delayed
+#   PHASE=cp2 bash benchmarks/gpu/8b_fa4.sh      2 GPUs: 20 of MfM-8B's 40 blocks at CP2, FA4 bf16 and FP8,
+#                                                 then cuDNN bf16 (recompute=auto's prediction against the peak)
 # Results under $OUT (8b_<phase>*.json, all logs in 8b_<phase>.log), a summary printed last.
 set -uo pipefail
 PHASE=${PHASE:-cp4}
@@ -13,12 +15,12 @@ OUT=${OUT:-/tmp/out}; WORK=/tmp/8b; mkdir -p "$OUT" "$WORK"
 LOG=$OUT/8b_$PHASE.log; DEADLINE=${DEADLINE:-570}
 source "$(dirname "$0")/parts.sh"
 SIZE=(--presets mfm-8b --frames 97 --height 720 --width 1280 --backend te --distributed-optimizer --glue compiled
-      --attention-backend fa4 --recompute auto --set "model.recompute_modules=[layernorm,mlp_act]"
-      --fp8-recipe delayed --iterations 2 --warmup 2)
+      --attention-backend fa4 --recompute auto --fp8-recipe delayed --iterations 2 --warmup 2)
+SET=("model.recompute_modules=[layernorm,mlp_act]")
 [ -f "$WORK/installed" ] || { install_checkout; touch "$WORK/installed"; }
 profile() {  # $1: name, $2: seconds at most; the rest: profiler arguments
   local name=$1 limit=$2; shift 2
-  part "$name" "$limit" torchrun --standalone --nproc-per-node 4 benchmarks/profile_throughput.py "${SIZE[@]}" "$@" \
+  part "$name" "$limit" torchrun --standalone --nproc-per-node "${GPUS:-4}" benchmarks/profile_throughput.py "${SIZE[@]}" --set "${SET[@]}" "$@" \
     --output "$WORK/$name"
   cp "$WORK/$name/results.json" "$OUT/8b_$name.json" 2>/dev/null
 }
@@ -28,7 +30,11 @@ case $PHASE in
        files=(8b_cp4.json 8b_cp4_bf16_state.json) ;;
   tp2cp2) profile tp2cp2 500 --layouts tp2cp2 --precision bf16 fp8
        files=(8b_tp2cp2.json) ;;
-  *) echo "PHASE=$PHASE: choose cp4 or tp2cp2"; exit 2 ;;
+  cp2) GPUS=2; SET+=(model.num_layers=20)
+       profile cp2 330 --layouts cp2 --precision bf16 fp8
+       profile cp2_cudnn 200 --layouts cp2 --precision bf16 --attention-backend cudnn
+       files=(8b_cp2.json 8b_cp2_cudnn.json) ;;
+  *) echo "PHASE=$PHASE: choose cp4, tp2cp2 or cp2"; exit 2 ;;
 esac
 python3 benchmarks/summarise_profile.py "$OUT" "${files[@]}" | tee "$OUT/8b_${PHASE}_summary.txt"
 grep -E "Error|error" "$LOG" | grep -v "^== " | tail -5

@@ -29,7 +29,7 @@ from megatron_mfm.diffusion.generation import SamplingConfig, generate, task_sam
 from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.dit import ModelChunks
 from megatron_mfm.model.geometry import latent_shape
-from megatron_mfm.model.recompute_budget import after_optimizer_step
+from megatron_mfm.model.recompute_budget import after_optimizer_step, describe
 from megatron_mfm.parallel.pipeline import PipelinedModel
 from megatron_mfm.checkpoint.training_state import Checkpointer, TrainingState
 from megatron_mfm.training.components import build_loader, build_model, build_optimizer, wrap_ddp
@@ -170,7 +170,8 @@ def train_step(trainer: Trainer, stop_requested: bool = False, fetch_next: bool 
         return result(None, False)
     with phase("optimizer"):
         apply_update(trainer.optimizer, grad_norm)
-        after_optimizer_step(trainer.model)
+        for decision in after_optimizer_step(trainer.model):
+            trainer.logger.print(describe(decision))
         trainer.scheduler.step(increment=config.train.global_batch_size)
         if trainer.ema is not None:
             trainer.ema.update(trainer.state.iteration)
