@@ -36,7 +36,8 @@ def test_capturable_forward_equals_the_forward(single_process_world, frames):
     (want, want_grads), (got, got_grads) = results
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for got_grad, want_grad in zip(got_grads, want_grads):
-        torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+        # fp32 sums over another number of keys: rounding relative to the gradient's scale
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-5 * want_grad.abs().max().item())
 
 
 @pytest.mark.parametrize("override,reason", [
