@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from megatron_mfm.model.recompute_budget import describe
+
 
 def row_line(row: dict) -> str:
     what = (f"{row.get('layout', '')} {row['precision']:>5} {row['attention_backend']:>6} {row['recompute']:>7} "
@@ -18,9 +20,7 @@ def row_line(row: dict) -> str:
     if "error" in row:
         return f"{what}: {row['error']}"
     decision = row.get("recompute_decision", {})
-    auto = (f", auto recomputes {decision['recomputed_blocks']} of {decision['blocks']}, predicted peak "
-            f"{decision['predicted_peak_bytes'] / 2**30:.1f} GiB (measured with {decision['blocks'] - 1}: "
-            f"{decision['measured_peak_bytes'] / 2**30:.1f})" if decision else "")
+    auto = f", {describe(decision)}" if decision else ""
     official = (f", official {row['official_step_s']:.3f} s / {row.get('official_peak_memory_gib') or 0:.1f} GiB, "
                 f"speedup {row.get('speedup_vs_official', 0):.2f}x" if row.get("official_step_s") else "")
     return (f"{what}: step {row['step_s']:.3f} s, MFU {row['mfu'] or 0:.1%}, peak {row['peak_memory_gib'] or 0:.1f} GiB"
