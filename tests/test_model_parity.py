@@ -148,20 +148,23 @@ def test_recompute_gives_the_same_gradients_and_saves_less(single_process_world)
 
 def test_text_keys_fit_the_prompts_and_fp8_rows():
     """Trailing text tokens masked in every sample are dropped (no mask left for one prompt), and
-    FP8 pads the rows to a multiple of 16 with masked keys."""
+    FP8 pads the rows to a multiple of 16 with masked keys, saying how many are real when only
+    the added rows are masked (two different prompts keep their mask)."""
     from megatron_mfm.model.dit import fit_text
 
     text = torch.randn(2, 77, 8)
-    padded, mask = fit_text(text, None, row_multiple=16)
+    padded, mask, real = fit_text(text, None, row_multiple=16)
     assert padded.shape == (80, 2, 8) and torch.equal(padded[:77], text.transpose(0, 1))
-    assert mask[:, :77].all() and not mask[:, 77:].any()
-    keys, mask = fit_text(text, None)
-    assert torch.equal(keys, text.transpose(0, 1)) and mask is None
+    assert mask[:, :77].all() and not mask[:, 77:].any() and real == 77
+    keys, mask, real = fit_text(text, None)
+    assert torch.equal(keys, text.transpose(0, 1)) and mask is None and real is None
     prompts = torch.arange(77)[None] < torch.tensor([[12], [30]])  # two prompts, end-padded
-    keys, mask = fit_text(text, prompts)
-    assert keys.shape == (30, 2, 8) and torch.equal(mask, prompts[:, :30])
-    keys, mask = fit_text(text[:1], prompts[:1])
-    assert keys.shape == (12, 1, 8) and mask is None
+    keys, mask, real = fit_text(text, prompts)
+    assert keys.shape == (30, 2, 8) and torch.equal(mask, prompts[:, :30]) and real is None
+    keys, mask, real = fit_text(text, prompts, row_multiple=16)
+    assert keys.shape == (32, 2, 8) and torch.equal(mask[:, :30], prompts[:, :30]) and real is None
+    keys, mask, real = fit_text(text[:1], prompts[:1])
+    assert keys.shape == (12, 1, 8) and mask is None and real is None
 
 
 def test_dropping_masked_text_keys_keeps_the_output(single_process_world):
@@ -173,6 +176,32 @@ def test_dropping_masked_text_keys_keeps_the_output(single_process_world):
     whole = model(**inputs)
     trimmed = model(**{**inputs, "text": inputs["text"][:, :used], "text_mask": None})
     torch.testing.assert_close(whole, trimmed, rtol=1e-5, atol=1e-6)
+
+
+def test_fp8_text_rows_cut_or_masked_keep_the_output(single_process_world):
+    """FP8's added text rows, cut off after the key projection (the real row count known) or
+    masked, give the output and gradients of the unpadded prompt."""
+    from megatron_mfm.model.dit import fit_text
+
+    model = tiny_model(False, torch.float32)
+    with torch.no_grad():  # no zero-initialised gate or projection may hide the text
+        for param in model.parameters():
+            param.normal_(std=0.2)
+    inputs = make_inputs(1, batch=2)
+    keys, mask, real = fit_text(inputs["text"], None, row_multiple=16)
+    assert real == inputs["text"].shape[1] and keys.shape[0] % 16 == 0
+    results = []
+    for fitted in (fit_text(inputs["text"], None), (keys, mask, real), (keys, mask, None)):
+        model.zero_grad()
+        out = model.forward_clip(inputs["latents"], inputs["timestep"], *fitted, inputs["condition"],
+                                 inputs.get("motion_score"))
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (expected, expected_grads), *others = results
+    for out, grads in others:
+        assert relative_error(out, expected) < 1e-6
+        for grad, expected_grad in zip(grads, expected_grads):
+            assert relative_error(grad, expected_grad) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -39,6 +39,29 @@ def without_sequence_parallel(config: MfMConfig) -> MfMConfig:
     return dataclasses.replace(config, sequence_parallel=False)
 
 
+@dataclass(frozen=True)
+class RealRows:
+    """How many leading rows of a clip's padded sequences are real, the same in every sample (so
+    known on the host); None where nothing is padded or the mask must stay."""
+
+    tokens: int | None = None
+    """Video tokens: ``TokenLayout`` pads for FP8, SP or CP divisibility."""
+    text: int | None = None
+    """Text keys: FP8 pads one prompt's keys to a multiple of 16 rows (``dit.fit_text``)."""
+
+
+def attend(core_attention: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           key_mask: torch.Tensor | Segments | None, real_keys: int | None) -> torch.Tensor:
+    """The core attention over whole (padded) sequences. End-padded keys are cut to the real ones
+    where the core attention prefers that to a mask (``cuts_padded_keys``): FA4 then runs
+    unmasked, where a mask would send it to cuDNN (its masked backward is wrong on sm90), and
+    FP8 pads most clips and every prompt. Padded query rows attend to the real keys either way
+    and are dropped later."""
+    if real_keys is not None and isinstance(key_mask, torch.Tensor) and core_attention.cuts_padded_keys:
+        return core_attention(q, k[:real_keys], v[:real_keys])
+    return core_attention(q, k, v, key_mask)
+
+
 @dataclass
 class SelfAttentionSubmodules:
     linear_qkv: ModuleSpec | type
@@ -113,10 +136,12 @@ class SelfAttention(MegatronModule):
         self.glue = block_glue(config.compile_glue)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | Segments | None = None
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | Segments | None = None,
+        real_tokens: int | None = None,
     ) -> torch.Tensor:
         """x (S/cp/sp, B, D); key_mask (B, S) marks real tokens when the sequence is padded, or
-        is a packed sequence's ``Segments`` over the whole padded sequence."""
+        is a packed sequence's ``Segments`` over the whole padded sequence; ``real_tokens``: how
+        many of a padded clip's tokens are real (they come first in every sample)."""
         qkv, _ = self.linear_qkv(x)  # (S/cp, B, 3*hidden/tp): this CP rank's tokens, SP gathered
         q, k, v = qkv.unflatten(-1, (self.heads, 3, -1)).unbind(dim=3)  # (S/cp, B, heads, D) each
         q, k = norm_rope(self.q_norm, q, rope, self.glue), norm_rope(self.k_norm, k, rope, self.glue)
@@ -129,9 +154,9 @@ class SelfAttention(MegatronModule):
                                  self.core_attention.ring_kernels, masks)
         elif self.all_to_all:
             q, k, v = (sequence_to_heads(t) for t in (q, k, v))  # all tokens, heads/cp
-            out = heads_to_sequence(self.core_attention(q, k, v, key_mask), batch=x.shape[1])
+            out = heads_to_sequence(attend(self.core_attention, q, k, v, key_mask, real_tokens), batch=x.shape[1])
         else:
-            out = self.core_attention(q, k, v, key_mask)
+            out = attend(self.core_attention, q, k, v, key_mask, real_tokens)
         out, _ = self.linear_proj(out)
         return out
 
@@ -165,13 +190,15 @@ class CrossAttention(MegatronModule):
         text: torch.Tensor,
         text_mask: torch.Tensor | Segments | None,
         rope: tuple[torch.Tensor, torch.Tensor],
+        real_keys: int | None = None,
     ) -> torch.Tensor:
         """x (S/cp/sp, B, D), text (L, B, C_text); text_mask (B, L) True for real text tokens, or
-        a packed sequence's ``Segments`` (this rank's rows against the packed text)."""
+        a packed sequence's ``Segments`` (this rank's rows against the packed text); ``real_keys``:
+        how many of the text rows are real when only FP8's row padding is masked."""
         q, _ = self.linear_q(x)  # (S, B, hidden/tp)
         kv, _ = self.linear_kv(text)  # (L, B, 2*hidden/tp)
         k, v = kv.unflatten(-1, (self.heads, 2, -1)).unbind(dim=3)  # (L, B, heads, D) each
         q = norm_rope(self.q_norm, q.unflatten(-1, (self.heads, -1)), rope, self.glue)
         k = norm_rope(self.k_norm, k, None, self.glue)
-        out, _ = self.linear_proj(self.core_attention(q, k, v, text_mask))
+        out, _ = self.linear_proj(attend(self.core_attention, q, k, v, text_mask, real_keys))
         return out

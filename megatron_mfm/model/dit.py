@@ -29,6 +29,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron.core.transformer.utils import sharded_state_dict_default
 from megatron.core.utils import make_viewless_tensor
 
+from megatron_mfm.model.attention import RealRows
 from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.cuda_graphs import CapturedSteps
 from megatron_mfm.model.geometry import pixel_shape
@@ -151,10 +152,10 @@ class MfMDiT(MegatronModule):
                                  motion_score)
 
     def forward_clip(self, latents: torch.Tensor, timestep: torch.Tensor, text_keys: torch.Tensor,
-                     key_mask: torch.Tensor | None, condition: torch.Tensor | None,
+                     key_mask: torch.Tensor | None, real_text_keys: int | None, condition: torch.Tensor | None,
                      motion_score: torch.Tensor | None) -> torch.Tensor:
         """``forward`` of one clip shape, the text already the cross-attention's (L, B, C) keys
-        with their (B, L) mask (``fit_text``)."""
+        with their (B, L) mask and real row count (``fit_text``)."""
         batch, _, frames, height, width = latents.shape
         p = self.config.patch_size
         grid = (frames, height // p, width // p)
@@ -167,7 +168,8 @@ class MfMDiT(MegatronModule):
         cos, sin = pad_rope(*rope_cos_sin(grid, self.config.kv_channels, self.config.rope_theta, latents.device), layout)
         token_mask = layout.key_padding_mask(batch, latents.device)
         with fp8_context(self.config):
-            x = self.run_blocks(x, c, text_keys, key_mask, cos, sin, token_mask)
+            real_rows = RealRows(None if token_mask is None else layout.tokens, real_text_keys)
+            x = self.run_blocks(x, c, text_keys, key_mask, cos, sin, token_mask, real_rows=real_rows)
         if not self.post_process:
             return make_viewless_tensor(torch.cat([x, c[None]]), requires_grad=True, keep_graph=True)
         return self.head(x, c, grid, layout)
@@ -178,8 +180,8 @@ class MfMDiT(MegatronModule):
         """``forward`` without reading the text mask on the host (a CUDA graph cannot): all the
         text rows stay keys, the masked ones masked (the same result as trimming them)."""
         keys = text.transpose(0, 1)
-        return self.forward_clip(latents, timestep, keys, None if text_mask is None else text_mask.bool(), condition,
-                                 motion_score)
+        return self.forward_clip(latents, timestep, keys, None if text_mask is None else text_mask.bool(), None,
+                                 condition, motion_score)
 
     def scatter(self, tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """(S, B, D) embedded tokens -> this rank's padded rows (its CP chunk, its SP part)."""
@@ -188,14 +190,15 @@ class MfMDiT(MegatronModule):
             x = tensor_parallel.scatter_to_sequence_parallel_region(x)
         return x
 
-    def run_blocks(self, x: torch.Tensor, *args: torch.Tensor | None, packed: PackedAttention | None = None
-                   ) -> torch.Tensor:
+    def run_blocks(self, x: torch.Tensor, *args: torch.Tensor | None, packed: PackedAttention | None = None,
+                   real_rows: RealRows = RealRows()) -> torch.Tensor:
         """The blocks on x; ``args`` = (c, text, text_mask, cos, sin, token_mask); ``packed``: a
-        packed sequence's segments (bound to each layer, as recompute takes only tensors)."""
+        packed sequence's segments, ``real_rows``: a padded clip's real row counts (both bound to
+        each layer, as recompute takes only tensors)."""
         c, text, mask, cos, sin, token_mask = args
         auto = self.auto_recompute if self.training and torch.is_grad_enabled() else None
         for index, block in enumerate(self.layers):
-            layer = block if packed is None else functools.partial(block, packed=packed)
+            layer = functools.partial(block, packed=packed, real_rows=real_rows)
             if self.recomputes(index):
                 # Keep only the block inputs; recompute the block in backward. c goes in as an
                 # argument so its gradient is returned, not recomputed through the embedder.
@@ -335,12 +338,14 @@ FP8_ROW_MULTIPLE = 16
 
 
 def fit_text(text: torch.Tensor, text_mask: torch.Tensor | None,
-             row_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, L, C) text -> (L', B, C) keys for the cross-attention, with the same result.
+             row_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+    """(B, L, C) text -> (L', B, C) keys for the cross-attention, with the same result, their
+    (B, L') mask and, when that mask only covers added rows, how many rows are real.
 
     Trailing tokens masked in every sample are dropped (a masked key adds nothing): with one
     prompt per micro-batch no mask is left, so the cross-attention runs on an unmasked kernel.
-    Then rows are added up to a multiple of ``row_multiple`` (FP8 GEMMs need 16), masked."""
+    Then rows are added up to a multiple of ``row_multiple`` (FP8 GEMMs need 16), masked; the
+    attention may cut them off again after the key projection (``attention.attend``)."""
     mask = None if text_mask is None else text_mask.bool()
     if mask is not None:
         kept = mask.cpu()  # (B, L): the one wait for the device, to choose the keys' shape
@@ -349,11 +354,12 @@ def fit_text(text: torch.Tensor, text_mask: torch.Tensor | None,
         text, mask = text[:, :used], (None if kept[:, :used].all() else mask[:, :used])
     batch, length, _ = text.shape
     extra = -length % row_multiple
+    real_rows = length if extra and mask is None else None
     if extra:
         text = F.pad(text, (0, 0, 0, extra))
         real = torch.ones(batch, length, dtype=torch.bool, device=text.device) if mask is None else mask
         mask = F.pad(real, (0, extra), value=False)
-    return text.transpose(0, 1), mask
+    return text.transpose(0, 1), mask, real_rows
 
 
 @contextlib.contextmanager

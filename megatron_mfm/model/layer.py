@@ -26,7 +26,7 @@ from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from megatron_mfm.model.attention import without_sequence_parallel, xavier_uniform
+from megatron_mfm.model.attention import RealRows, without_sequence_parallel, xavier_uniform
 from megatron_mfm.model.config import MfMConfig
 from megatron_mfm.model.glue import block_glue
 from megatron_mfm.model.norms import RMSNorm
@@ -144,18 +144,20 @@ class TransformerLayer(MegatronModule):
         rope: tuple[torch.Tensor, torch.Tensor],
         token_mask: torch.Tensor | None = None,
         packed: PackedAttention | None = None,
+        real_rows: RealRows = RealRows(),
     ) -> torch.Tensor:
         """x (S/cp/sp, B, D), c (B, D), text (L, B, C_text), text_mask (B, L) True = keep,
-        token_mask (B, S) True for real video tokens when the sequence is padded; ``packed``:
-        a packed sequence's segments (B = 1, c (samples, D), both masks None)."""
+        token_mask (B, S) True for real video tokens when the sequence is padded; ``real_rows``:
+        how many of a clip's padded rows are real; ``packed``: a packed sequence's segments (B =
+        1, c (samples, D), both masks None)."""
         if packed is not None:
             token_mask, text_mask = packed.self_attention, packed.cross_attention
         rows = None if packed is None else packed.modulation_index
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c, rows)
-        attention = self._normed_into(lambda attn_in: self.self_attention(attn_in, rope, token_mask),
+        attention = self._normed_into(lambda attn_in: self.self_attention(attn_in, rope, token_mask, real_rows.tokens),
                                       self._attention_input, x, shift_msa, scale_msa)
         x = self.glue.gated_residual(x, gate_msa, attention)
-        x = x + self._normed_into(lambda cross_in: self.cross_attention(cross_in, text, text_mask, rope),
+        x = x + self._normed_into(lambda cross_in: self.cross_attention(cross_in, text, text_mask, rope, real_rows.text),
                                   self._cross_attention_input, x)
         if self._mlp_recomputed():
             mlp = tensor_parallel.checkpoint(self._modulated_mlp, False, x, shift_mlp, scale_mlp)

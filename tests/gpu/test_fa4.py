@@ -50,11 +50,13 @@ def output_and_grads(attention, q, k, v, mask, real_queries: int):
     return out.detach()[:real_queries], [t.grad.clone() for t in (q, k, v)]
 
 
-@pytest.mark.parametrize("case", ["self", "self-end-padded", "short-keys", "text-keys"])
+@pytest.mark.parametrize("case", ["self", "self-end-padded", "self-cut-padding", "short-keys", "text-keys"])
 def test_fa4_core_attention_matches_cudnn(case):
     """FA4 against cuDNN; ``short-keys``: 80 unmasked keys; ``text-keys``: the cross-attention
     module with 21 unmasked text keys (one prompt with its padding dropped), which runs on FA4
-    with its 4,096 queries folded into the batch as 4 chunks (``fold_query_chunks``)."""
+    with its 4,096 queries folded into the batch as 4 chunks (``fold_query_chunks``);
+    ``self-cut-padding``: FA4 given only the 937 real keys of 1,000 padded rows, unmasked (what
+    ``SelfAttention.attend`` does), against cuDNN's masked keys."""
     from megatron_mfm.model.attention_backends.fa4 import FA4CoreAttention
     from megatron_mfm.model.attention_backends.sdpa import SDPACoreAttention
 
@@ -62,12 +64,17 @@ def test_fa4_core_attention_matches_cudnn(case):
     keys = {"short-keys": 80, "text-keys": 21}.get(case, queries)
     q, k, v = qkv(queries, keys)
     mask, real_queries = None, queries
-    if case == "self-end-padded":  # TokenLayout padding: the last rows of the sequence
+    fa4 = FA4CoreAttention(None, case == "text-keys")
+    if case in ("self-end-padded", "self-cut-padding"):  # TokenLayout padding: the sequence's last rows
         real_queries = 937
         mask = (torch.arange(keys, device="cuda") < real_queries).expand(2, keys).contiguous()
     expected, expected_grads = output_and_grads(SDPACoreAttention(None, False, kernel="cudnn"), q, k, v, mask,
                                                 real_queries)
-    actual, grads = output_and_grads(FA4CoreAttention(None, case == "text-keys"), q, k, v, mask, real_queries)
+    if case == "self-cut-padding":
+        actual, grads = output_and_grads(lambda q, k, v, _: fa4(q, k[:real_queries], v[:real_queries]), q, k, v,
+                                         None, real_queries)
+    else:
+        actual, grads = output_and_grads(fa4, q, k, v, mask, real_queries)
     errors = [relative_error(actual, expected)] + [relative_error(g, e) for g, e in zip(grads, expected_grads)]
     print(f"{case}: out, dq, dk, dv relative errors {[f'{e:.1e}' for e in errors]}")
     assert max(errors) < BF16_TOLERANCE

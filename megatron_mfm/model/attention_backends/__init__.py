@@ -8,7 +8,8 @@
     sdpa   F.scaled_dot_product_attention on the backend timed fastest per shape (``sdpa.py``)
 
 A new backend is one module with a core attention class (``(S, B, heads, D)`` q/k/v and an
-optional (B, S_k) key mask in, ``(S, B, heads*D)`` out, plus ``runs_ring`` and ``ring_kernels``)
+optional (B, S_k) key mask in, ``(S, B, heads*D)`` out, plus ``runs_ring``, ``ring_kernels`` and
+``cuts_padded_keys``)
 and a line in ``core_attention_spec`` and ``unavailable_reason``.
 """
 

@@ -5,8 +5,8 @@ backward. bshd layout, 16-bit inputs, sm90 / sm100 only.
 Padded keys run on cuDNN: FA4 4.0.0b36's backward with a per-sample count of used keys
 (``seqused_k``) is wrong on sm90 (see ``FA4CoreAttention``). Cross-attention runs on FA4 when its
 text keys need no mask (one prompt per micro-batch: ``model/dit.fit_text`` drops the padding),
-self-attention whenever the sequence is not padded (``TokenLayout`` pads only for FP8, SP or CP
-divisibility).
+self-attention always outside the ring: a padded clip's keys are cut to its real tokens
+(``SelfAttention.attend``; ``TokenLayout`` pads for FP8, SP or CP divisibility).
 
 Packed sequences: self-attention is one ``flash_attn_varlen_func`` call over the segments'
 ``cu_seqlens``; cross-attention to the packed text runs on cuDNN with the block mask; ring CP
@@ -75,6 +75,10 @@ class FA4CoreAttention(torch.nn.Module):
         # (2026-11-30); unmasked keys are right (tests/gpu/test_fa4.py).
         self.masked_attention = SDPACoreAttention(config, cross_attention, kernel="cudnn")
         self.ring_kernels = FA4_RING_KERNELS
+
+    cuts_padded_keys = True
+    """A padded clip's self-attention gets only the real keys (``SelfAttention.attend``), so it
+    runs on FA4 unmasked rather than on the masked cuDNN path."""
 
     def runs_ring(self, query: torch.Tensor, key_padding_mask: torch.Tensor | None) -> bool:
         """FA4 sees only local tokens: ring CP goes through ``ring_attention`` (with FA4 kernels)."""

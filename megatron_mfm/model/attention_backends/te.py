@@ -60,6 +60,9 @@ class TECoreAttention(torch.nn.Module):
                              max_seqlen_q=segments.max_seqlen, max_seqlen_kv=segments.max_seqlen)
         return out.reshape(query.shape[0], 1, -1)
 
+    cuts_padded_keys = False
+    """A padded clip's self-attention keeps its mask: TE's fused kernels take it at full speed."""
+
     def runs_ring(self, query: torch.Tensor, key_padding_mask: torch.Tensor | None) -> bool:
         """TE's ring needs an unpadded clip, an even local length and 16-bit inputs."""
         return (self.ring and key_padding_mask is None and query.shape[0] % 2 == 0
