@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tools.evaluate import colour_statistics, frame_difference, psnr, ssim
+from megatron_mfm.encoders.builtin import LowFrequencyVideoCodec
+from tools.evaluate import colour_statistics, frame_difference, psnr, ssim, whole_latent_cells
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.preset=tiny", "model.backend=local", "train.micro_batch_size=2", "train.global_batch_size=2",
@@ -23,6 +24,30 @@ SMALL = ["model.preset=tiny", "model.backend=local", "train.micro_batch_size=2",
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_whole_latent_cells_are_where_a_sample_can_match_the_codec():
+    """A sample that encodes the known pixels exactly and noise in the hole matches the codec's
+    reconstruction of the truth on the known pixels of whole latent cells, and falls far short of
+    it on the known pixels of the cells the hole cuts."""
+    generator = torch.Generator().manual_seed(0)
+    cells = torch.rand(3, 2, 2, 3, generator=generator) * 2 - 1  # one colour a latent cell: the codec keeps it
+    truth = cells.repeat_interleave(torch.tensor([1, 4]), 1).repeat_interleave(8, 2).repeat_interleave(8, 3)
+    known = torch.ones(1, 5, 16, 24, dtype=torch.bool)
+    known[:, :, 4:12, 12:] = False  # cuts the cells of columns 8-23 in both cell rows
+    known[:, 3, 0, 0] = False  # spoils the first cell for frames 1-4 (one latent frame), not frame 0
+    expected = torch.zeros_like(known)
+    expected[:, :, :, :8] = True
+    expected[:, 1:, :8, :8] = False
+    whole = whole_latent_cells(known)
+    assert torch.equal(whole, expected)
+    codec = LowFrequencyVideoCodec()
+    reconstruct = lambda clip: codec.decode(codec.encode(clip[None]))[0]  # noqa: E731
+    filled = torch.where(known, truth, torch.rand(truth.shape, generator=generator) * 2 - 1)
+    sample, reconstructed = reconstruct(filled), reconstruct(truth)
+    assert psnr(sample, truth, whole) == pytest.approx(psnr(reconstructed, truth, whole), abs=1e-3)
+    cut = known & ~whole
+    assert psnr(sample, truth, cut) < psnr(reconstructed, truth, cut) - 10
 
 
 def test_psnr_and_ssim_follow_their_definitions():
@@ -90,7 +115,8 @@ def test_evaluate_tiny_checkpoint(tmp_path):
     assert {"given_frames_psnr", "codec_given_frames_psnr", "loss_zero_condition"} <= set(report["tasks"]["i2v"])
     isr = report["tasks"]["isr"]
     assert isr["input_psnr"] > isr["psnr"]  # two training steps do not beat bicubic
-    assert {"known_psnr", "generated_psnr", "text_only_generated_psnr"} <= set(report["tasks"]["vinp"])
+    assert {"known_psnr", "generated_psnr", "text_only_generated_psnr", "known_whole_cells_share"} <= set(
+        report["tasks"]["vinp"])
     sheet = Image.open(tmp_path / "eval" / "contact_sheet.png")
     assert sheet.height == len(tasks) * (3 * 32 + 2)  # condition, sample, truth per task
 

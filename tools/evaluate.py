@@ -6,7 +6,8 @@ in practice) are turned into that task's condition and sampled, then scored agai
 truth (all PSNRs in dB on pixels in [-1, 1]):
 
 - i2v, itrans, vexd, vtrans: PSNR of the given frames against the condition;
-- iinp, ioutp, vinp, voutp: PSNR of the known and of the generated region against ground truth;
+- iinp, ioutp, vinp, voutp: PSNR of the known and of the generated region against ground truth,
+  and of the known pixels whose whole latent cell is known (where a sample can match the codec);
 - isr, vsr, icolor, vcolor: PSNR and SSIM against ground truth, and those of the degraded input
   (the bicubic upscale, the grey clip): the sample should beat its input;
 - vedit: PSNR against the edited clip;
@@ -40,6 +41,7 @@ from megatron_mfm.data.synthetic import SyntheticConfig, SyntheticVideoDataset
 from megatron_mfm.diffusion.flow_matching import add_noise, per_sample_mse
 from megatron_mfm.diffusion.generation import SCHEDULES, SamplingConfig, generate_batch, task_sample_for
 from megatron_mfm.encoders.interface import FrozenEncoders, builtin_encoders
+from megatron_mfm.model.geometry import SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
 from megatron_mfm.parallel.initialize import destroy_parallel, initialize_parallel
 from megatron_mfm.tasks.builders import GENERATION_TASKS, IMAGE_TASKS, TASKS, TaskSample
 from megatron_mfm.utils.atomic import atomic_write_text
@@ -91,6 +93,19 @@ def known_region(sample: TaskSample) -> torch.Tensor:
     return sample.condition[-1:] > 0.5
 
 
+def whole_latent_cells(region: torch.Tensor) -> torch.Tensor:
+    """(1, F, H, W) True where ``region`` covers the pixel's whole latent cell (8 x 8 pixels of
+    the first frame, or of each later group of 4 frames). Only there can a sample match the codec's
+    encoding of the truth: a cell that mixes known and generated pixels encodes both, and the
+    low frequencies the codec keeps spread the generated part over the known pixels."""
+    first, rest = region[:, :1], region[:, 1:]
+    groups = [first] + ([rest.unflatten(1, (-1, TEMPORAL_COMPRESSION)).all(dim=2)] if rest.shape[1] else [])
+    cells = torch.cat(groups, dim=1).unflatten(2, (-1, SPATIAL_COMPRESSION)).unflatten(4, (-1, SPATIAL_COMPRESSION))
+    cells = cells.all(dim=5).all(dim=3)  # (1, T, H/8, W/8)
+    pixels = cells.repeat_interleave(SPATIAL_COMPRESSION, dim=2).repeat_interleave(SPATIAL_COMPRESSION, dim=3)
+    return torch.cat([pixels[:, :1], pixels[:, 1:].repeat_interleave(TEMPORAL_COMPRESSION, dim=1)], dim=1)
+
+
 def sample_metrics(task: str, sample: TaskSample, generated: torch.Tensor, reconstructed: torch.Tensor) -> dict:
     """The task's metrics of one sample; ``reconstructed`` is the ground truth through the codec."""
     truth, mask = sample.pixels, known_region(sample)
@@ -99,8 +114,14 @@ def sample_metrics(task: str, sample: TaskSample, generated: torch.Tensor, recon
         return {"given_frames_psnr": psnr(generated[:, given], truth[:, given]),
                 "codec_given_frames_psnr": psnr(reconstructed[:, given], truth[:, given])}
     if task in REGION_TASKS:
-        return {"known_psnr": psnr(generated, truth, mask), "generated_psnr": psnr(generated, truth, ~mask),
-                "codec_known_psnr": psnr(reconstructed, truth, mask)}
+        whole = whole_latent_cells(mask)
+        metrics = {"known_psnr": psnr(generated, truth, mask), "generated_psnr": psnr(generated, truth, ~mask),
+                   "codec_known_psnr": psnr(reconstructed, truth, mask),
+                   "known_whole_cells_share": float(whole.sum() / mask.sum().clamp_min(1))}
+        if whole.any():  # else the sample has no such PSNR (the means skip it)
+            metrics |= {"known_whole_cells_psnr": psnr(generated, truth, whole),
+                        "codec_known_whole_cells_psnr": psnr(reconstructed, truth, whole)}
+        return metrics
     if task in RESTORATION_TASKS:
         degraded = sample.condition[:3]
         return {"psnr": psnr(generated, truth), "ssim": ssim(generated, truth),
@@ -135,7 +156,9 @@ def validation_losses(model: torch.nn.Module, encoders: FrozenEncoders, samples:
 
 
 def mean_metrics(rows: list[dict]) -> dict:
-    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
+    """Each metric's mean over the rows that have it."""
+    keys = dict.fromkeys(key for row in rows for key in row)
+    return {key: float(np.mean([row[key] for row in rows if key in row])) for key in keys}
 
 
 def evaluate_task(model: torch.nn.Module, encoders: FrozenEncoders, dataset: SyntheticVideoDataset, task: str,
