@@ -8,6 +8,9 @@
 #   PHASE=tp2cp2 bash benchmarks/gpu/8b_fa4.sh   TP2 x CP2 (sequence parallel): bf16 and FP8 delayed
 #   PHASE=cp2 bash benchmarks/gpu/8b_fa4.sh      2 GPUs: 20 of MfM-8B's 40 blocks at CP2, FA4 bf16 and FP8,
 #                                                 then cuDNN bf16 (recompute=auto's prediction against the peak)
+#   PHASE=one bash benchmarks/gpu/8b_fa4.sh      1 GPU: 10 blocks at 97x720x640 (45,000 tokens, a CP2 rank's
+#                                                 share; FP8 pads it to 45,008): FA4 bf16 and FP8, then FP8 on
+#                                                 cuDNN (the masked path FP8's padded keys took before they were cut)
 # Results under $OUT (8b_<phase>*.json, all logs in 8b_<phase>.log), a summary printed last.
 set -uo pipefail
 PHASE=${PHASE:-cp4}
@@ -34,7 +37,11 @@ case $PHASE in
        profile cp2 330 --layouts cp2 --precision bf16 fp8
        profile cp2_cudnn 200 --layouts cp2 --precision bf16 --attention-backend cudnn
        files=(8b_cp2.json 8b_cp2_cudnn.json) ;;
-  *) echo "PHASE=$PHASE: choose cp4, tp2cp2 or cp2"; exit 2 ;;
+  one) GPUS=1; SET+=(model.num_layers=10); SIZE+=(--width 640)
+       profile one 300 --precision bf16 fp8
+       profile one_cudnn 180 --precision fp8 --attention-backend cudnn
+       files=(8b_one.json 8b_one_cudnn.json) ;;
+  *) echo "PHASE=$PHASE: choose cp4, tp2cp2, cp2 or one"; exit 2 ;;
 esac
 python3 benchmarks/summarise_profile.py "$OUT" "${files[@]}" | tee "$OUT/8b_${PHASE}_summary.txt"
 grep -E "Error|error" "$LOG" | grep -v "^== " | tail -5
