@@ -4,7 +4,9 @@
 #   OUT=/tmp/res bash benchmarks/gpu/quality_ab.sh
 # The convergence recipe (GPU 0) beside a variant (GPU 1, VARIANT_B; default: the recipe with
 # another seed, the spread that every A/B's differences need and no session has measured;
-# COMMON_ARGS: overrides for both), each for TRAIN_SECONDS (default 370) with 12 data
+# COMMON_ARGS: overrides for both, default train.iterations=8000: two runs sharing the host take
+# 51-54 ms a step, so the recipe's 10,000 would stop far from the cosine's end), each for
+# TRAIN_SECONDS (default 370) with 12 data
 # workers and evaluated on every task (examples/convergence_h200.sh), then both evaluated again with
 # POST_EVAL_ARGS (default: without guidance, on the frame-copy, SR and colourisation tasks; the raw
 # weights with --weights raw). Each run profiles two training steps (torch profiler, where the step's host time
@@ -35,7 +37,7 @@ POST_EVAL_ARGS=${POST_EVAL_ARGS:---guidance-scale 1 --tasks i2v itrans isr iinp 
 VARIANT_B="$VARIANT_B logging.profile_dir=$WORK/profile_b" OUT=$OUT/conv WORK=$WORK \
   TRAIN_SECONDS=${TRAIN_SECONDS:-$([ "$STAGE" = train ] && echo 480 || echo 370)} EVAL_SECONDS=${EVAL_SECONDS:-110} EVAL_ARGS="--samples 4" PYTHON=python3 \
   bash examples/convergence_h200.sh data.synthetic.workers=12 "logging.profile_steps=[400,401]" "logging.profile_dir=$WORK/profile_a" \
-  ${COMMON_ARGS:-} >> "$LOG" 2>&1
+  ${COMMON_ARGS:-train.iterations=8000} >> "$LOG" 2>&1
 
 post_eval() {  # $1: GPU, $2: checkpoints, $3: output folder, the rest: evaluate.py flags; with 30 s or more left
   local gpu=$1 checkpoints=$2 out=$3; shift 3
