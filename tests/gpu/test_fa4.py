@@ -56,7 +56,7 @@ def test_fa4_core_attention_matches_cudnn(case):
     module with 21 unmasked text keys (one prompt with its padding dropped), which runs on FA4
     with its 4,096 queries folded into the batch as 4 chunks (``fold_query_chunks``);
     ``self-cut-padding``: FA4 given only the 937 real keys of 1,000 padded rows, unmasked (what
-    ``SelfAttention.attend`` does), against cuDNN's masked keys."""
+    ``attention.attend`` does), against cuDNN's masked keys."""
     from megatron_mfm.model.attention_backends.fa4 import FA4CoreAttention
     from megatron_mfm.model.attention_backends.sdpa import SDPACoreAttention
 

@@ -2,11 +2,12 @@
 CuTe DSL kernels JIT-compiled on first use): 1.25x cuDNN at head dim 64 on an H200, forward and
 backward. bshd layout, 16-bit inputs, sm90 / sm100 only.
 
-Padded keys run on cuDNN: FA4 4.0.0b36's backward with a per-sample count of used keys
-(``seqused_k``) is wrong on sm90 (see ``FA4CoreAttention``). Cross-attention runs on FA4 when its
-text keys need no mask (one prompt per micro-batch: ``model/dit.fit_text`` drops the padding),
-self-attention always outside the ring: a padded clip's keys are cut to its real tokens
-(``SelfAttention.attend``; ``TokenLayout`` pads for FP8, SP or CP divisibility).
+Masked keys run on cuDNN: FA4 4.0.0b36's backward with a per-sample count of used keys
+(``seqused_k``) is wrong on sm90 (see ``FA4CoreAttention``). Padding that ends every sample at
+the same row is cut off instead (``attention.attend``), so FA4 runs the self-attention outside
+the ring (``TokenLayout`` pads for FP8, SP or CP divisibility) and the cross-attention to one
+prompt (``model/dit.fit_text`` drops its padding; FP8 adds rows that are cut again); only
+different prompts in one micro-batch keep a text mask.
 
 Packed sequences: self-attention is one ``flash_attn_varlen_func`` call over the segments'
 ``cu_seqlens``; cross-attention to the packed text runs on cuDNN with the block mask; ring CP
@@ -67,6 +68,10 @@ class FA4CoreAttention(torch.nn.Module):
     ring_kernels: BlockKernels
     """``ring_attention``'s block kernels: FA4's forward with LSE and its backward."""
 
+    cuts_padded_keys = True
+    """End-padded keys come cut off, not masked (``attention.attend``): FA4 runs them unmasked
+    instead of sending them to the masked cuDNN path."""
+
     def __init__(self, config, cross_attention: bool):
         super().__init__()
         # Masked attention runs on cuDNN: FA4 4.0.0b36's backward with ``seqused_k`` gave wrong
@@ -75,10 +80,6 @@ class FA4CoreAttention(torch.nn.Module):
         # (2026-11-30); unmasked keys are right (tests/gpu/test_fa4.py).
         self.masked_attention = SDPACoreAttention(config, cross_attention, kernel="cudnn")
         self.ring_kernels = FA4_RING_KERNELS
-
-    cuts_padded_keys = True
-    """A padded clip's self-attention gets only the real keys (``SelfAttention.attend``), so it
-    runs on FA4 unmasked rather than on the masked cuDNN path."""
 
     def runs_ring(self, query: torch.Tensor, key_padding_mask: torch.Tensor | None) -> bool:
         """FA4 sees only local tokens: ring CP goes through ``ring_attention`` (with FA4 kernels)."""

@@ -42,8 +42,8 @@ class SDPACoreAttention(torch.nn.Module):
     """Block kernels for ``ring_attention`` (None: its aten defaults)."""
 
     cuts_padded_keys = True
-    """A padded clip's self-attention gets only the real keys, unmasked (``SelfAttention.attend``):
-    flash and memory-efficient kernels then run it without a mask."""
+    """End-padded keys come cut off, not masked (``attention.attend``): no mask, so flash and
+    memory-efficient kernels can run them too."""
 
     def forward(self, query, key, value, key_padding_mask: torch.Tensor | Segments | None = None) -> torch.Tensor:
         """``key_padding_mask``: (B, S_k) True for real keys, or a packed sequence's ``Segments``

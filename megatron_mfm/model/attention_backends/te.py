@@ -61,7 +61,8 @@ class TECoreAttention(torch.nn.Module):
         return out.reshape(query.shape[0], 1, -1)
 
     cuts_padded_keys = False
-    """A padded clip's self-attention keeps its mask: TE's fused kernels take it at full speed."""
+    """End-padded keys keep their mask (``attention.attend``): TE's fused kernels take it at full
+    speed."""
 
     def runs_ring(self, query: torch.Tensor, key_padding_mask: torch.Tensor | None) -> bool:
         """TE's ring needs an unpadded clip, an even local length and 16-bit inputs."""
