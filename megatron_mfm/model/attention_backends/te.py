@@ -21,6 +21,10 @@ class TECoreAttention(torch.nn.Module):
     ring_kernels = None
     """Block kernels when the torch ring runs instead of TE's (None: ``ring_attention``'s aten defaults)."""
 
+    cuts_padded_keys = False
+    """End-padded keys keep their mask (``attention.attend``): TE's fused kernels take it at full
+    speed."""
+
     def __init__(self, config, cross_attention: bool):
         super().__init__()
         import transformer_engine.pytorch as te
@@ -59,10 +63,6 @@ class TECoreAttention(torch.nn.Module):
                              cu_seqlens_q=segments.cu_seqlens, cu_seqlens_kv=segments.cu_seqlens,
                              max_seqlen_q=segments.max_seqlen, max_seqlen_kv=segments.max_seqlen)
         return out.reshape(query.shape[0], 1, -1)
-
-    cuts_padded_keys = False
-    """End-padded keys keep their mask (``attention.attend``): TE's fused kernels take it at full
-    speed."""
 
     def runs_ring(self, query: torch.Tensor, key_padding_mask: torch.Tensor | None) -> bool:
         """TE's ring needs an unpadded clip, an even local length and 16-bit inputs."""
