@@ -28,5 +28,7 @@ def test_checkpoint_without_an_extra_state_loads(single_process_world, tmp_path)
         for parameter in loaded.parameters():
             parameter.normal_()
     load_model(loaded, tmp_path)
+    for (name, expected), actual in zip(saved.named_parameters(), loaded.parameters()):
+        assert torch.equal(actual, expected), name  # the output alone would not say: the head starts at zero
     inputs = make_inputs(1)
     assert torch.equal(loaded(**inputs), saved(**inputs))
