@@ -57,7 +57,7 @@ def attend(core_attention: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v:
     unmasked, where a mask would send it to cuDNN (its masked backward is wrong on sm90), and
     FP8 pads most clips and every prompt. Padded query rows attend to the real keys either way
     and are dropped later."""
-    if real_keys is not None and isinstance(key_mask, torch.Tensor) and core_attention.cuts_padded_keys:
+    if real_keys is not None and core_attention.cuts_padded_keys:
         return core_attention(q, k[:real_keys], v[:real_keys])
     return core_attention(q, k, v, key_mask)
 

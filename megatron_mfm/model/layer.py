@@ -157,8 +157,9 @@ class TransformerLayer(MegatronModule):
         attention = self._normed_into(lambda attn_in: self.self_attention(attn_in, rope, token_mask, real_rows.tokens),
                                       self._attention_input, x, shift_msa, scale_msa)
         x = self.glue.gated_residual(x, gate_msa, attention)
-        x = x + self._normed_into(lambda cross_in: self.cross_attention(cross_in, text, text_mask, rope, real_rows.text),
-                                  self._cross_attention_input, x)
+        x = x + self._normed_into(
+            lambda cross_in: self.cross_attention(cross_in, text, text_mask, rope, real_rows.text),
+            self._cross_attention_input, x)
         if self._mlp_recomputed():
             mlp = tensor_parallel.checkpoint(self._modulated_mlp, False, x, shift_mlp, scale_mlp)
         else:
