@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""The condition adapter's forward + backward in NCHW and channels-last, side by side.
+"""The condition adapter's forward + backward in NCHW and channels-last, side by side, and
+channels-last with cuDNN's autotuner (``torch.backends.cudnn.benchmark``: each shape's
+convolution algorithms timed on first use instead of picked by heuristics).
 
 The adapter runs its first convolutions at full pixel resolution (MfM-2B at 97 x 352 x 640: 16
 channels x 22M pixels); in NCHW cuDNN wraps each in layout transposes. Same weights and input
@@ -47,12 +49,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     condition = torch.randn(args.batch, config.condition_channels, args.frames, args.height, args.width,
                             generator=generator).to(device, dtype)
     adapters = {layout: ConditionAdapter(config.condition_channels, config.hidden_size,
-                                         channels_last=layout == "channels_last").to(device, dtype)
-                for layout in ("nchw", "channels_last")}
-    adapters["channels_last"].load_state_dict(adapters["nchw"].state_dict())
+                                         channels_last=layout != "nchw").to(device, dtype)
+                for layout in ("nchw", "channels_last", "channels_last_autotuned")}
+    for adapter in adapters.values():
+        adapter.load_state_dict(adapters["nchw"].state_dict())
     grad = None
     results = {}
+    autotuner = torch.backends.cudnn.benchmark
     for layout, adapter in adapters.items():
+        torch.backends.cudnn.benchmark = layout.endswith("autotuned")
         output = adapter(condition)
         grad = torch.randn(output.shape, generator=generator).to(device, dtype) if grad is None else grad
 
@@ -62,6 +67,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         seconds = timed(step, args.iterations, 2)
         results[layout] = (seconds, adapter(condition).detach(), [p.grad for p in adapter.parameters()])
+    torch.backends.cudnn.benchmark = autotuner
     reference_output, reference_grads = results["nchw"][1:]
     rows = [{"layout": layout, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
              "shape": [args.batch, config.condition_channels, args.frames, args.height, args.width],

@@ -14,7 +14,7 @@
 # CPU smoke test (a minute or two):
 #   EVAL_ARGS="--samples 1 --steps 2" bash examples/convergence_h200.sh model.preset=tiny train.iterations=5 \
 #     train.micro_batch_size=2 train.global_batch_size=2 train.precision=fp32 data.synthetic.workers=1 \
-#     model.cuda_graphs=false
+#     model.cuda_graphs=false model.compile_glue=false
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/convergence}

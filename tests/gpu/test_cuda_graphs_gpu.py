@@ -26,8 +26,9 @@ RUN = ["model.backend=local", "model.attention_backend=sdpa", "model.num_layers=
 TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
 
 
-def _run(precision: str, graphs: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
-    trainer = setup(load_config(overrides=[*RUN, f"train.precision={precision}", f"model.cuda_graphs={graphs}"]))
+def _run(precision: str, graphs: bool, compile_glue: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    trainer = setup(load_config(overrides=[*RUN, f"train.precision={precision}", f"model.cuda_graphs={graphs}",
+                                           f"model.compile_glue={compile_glue}"]))
     losses = [train_step(trainer).task_losses.cpu() for _ in range(STEPS)]
     captured = trainer.model[0].captured_steps
     weights = [p.detach().float().cpu() for p in trainer.model.parameters()]
@@ -35,10 +36,12 @@ def _run(precision: str, graphs: bool) -> tuple[list[torch.Tensor], list[torch.T
     return losses, weights, captured.captures if captured is not None else 0
 
 
+@pytest.mark.parametrize("compile_glue", [False, True], ids=["eager-glue", "compiled-glue"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_captured_steps_train_as_eager(single_process_world, precision):
-    eager_losses, eager_weights, _ = _run(precision, graphs=False)
-    losses, weights, shapes = _run(precision, graphs=True)
+def test_captured_steps_train_as_eager(single_process_world, precision, compile_glue):
+    """The compiled glue's kernels (the convergence recipe's) are captured as they ran in warm-up."""
+    eager_losses, eager_weights, _ = _run(precision, graphs=False, compile_glue=compile_glue)
+    losses, weights, shapes = _run(precision, graphs=True, compile_glue=compile_glue)
     assert shapes == 2, "the run's steps should hold both an image and a video micro-batch"
     tolerance = TOLERANCE[precision]
     for step, (got, want) in enumerate(zip(losses, eager_losses)):
