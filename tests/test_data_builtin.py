@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 import zlib
 
@@ -209,3 +210,18 @@ def test_workers_render_whole_micro_batches_of_steps_ahead():
             assert torch.equal(want.motion_score, got.motion_score) and want.depth_to_estimate == got.depth_to_estimate
     finally:
         ahead.close()
+
+
+def test_loader_receive_benchmark_times_a_gil_holding_consumer_and_restores_the_interval():
+    """``benchmarks/loader_receive.py --consumer busy``: the data wait of a consumer that holds the
+    GIL, at the switch interval asked for, which it gives back to the process afterwards."""
+    from benchmarks.loader_receive import main
+
+    before = sys.getswitchinterval()
+    result = main(["--workers", "1", "--micro-batch-size", "2", "--frames", "5", "--size", "16", "--steps", "3",
+                   "--step-ms", "20", "--consumer", "busy", "--switch-interval-ms", "0.5"])
+    assert sys.getswitchinterval() == before
+    assert (result["consumer"], result["switch_interval_ms"]) == ("busy", 0.5)
+    # the consumer held the CPU for its 20 ms steps; a sleeping one would show ~0 here
+    assert result["main_process_cpu_ms_per_step"] >= 15 and result["wall_ms_per_step"] >= 20
+    assert 0 <= result["data_wait_ms_median"] <= result["wall_ms_per_step"]
