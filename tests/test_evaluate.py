@@ -107,7 +107,7 @@ def test_evaluate_tiny_checkpoint(tmp_path):
     config.write_text("data:\n  synthetic:\n    frames: 5\n    height: 32\n    width: 32\n")
     tasks = ["t2v", "i2v", "isr", "vinp", "vedit"]
     result = _run("tools/evaluate.py", "--load", str(tmp_path / "ckpt"), "--config", str(config), "--tasks", *tasks,
-                  "--samples", "1", "--steps", "2", "--output", str(tmp_path / "eval"))
+                  "--samples", "2", "--steps", "2", "--output", str(tmp_path / "eval"))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert list(report["tasks"]) == tasks
@@ -117,6 +117,13 @@ def test_evaluate_tiny_checkpoint(tmp_path):
     assert isr["input_psnr"] > isr["psnr"]  # two training steps do not beat bicubic
     assert {"known_psnr", "generated_psnr", "text_only_generated_psnr", "known_whole_cells_share"} <= set(
         report["tasks"]["vinp"])
+    # each clip's figures too: the task's means are theirs
+    for task in tasks:
+        for key, mean in report["tasks"][task].items():
+            values = [v for v in report["per_clip"][task][key] if v is not None]
+            assert len(report["per_clip"][task][key]) == 2 and values, (task, key)
+            assert mean == pytest.approx(sum(values) / len(values)), (task, key)
+    assert report["per_clip"]["i2v"]["given_frames_psnr"][0] != report["per_clip"]["i2v"]["given_frames_psnr"][1]
     sheet = Image.open(tmp_path / "eval" / "contact_sheet.png")
     assert sheet.height == len(tasks) * (3 * 32 + 2)  # condition, sample, truth per task
 

@@ -17,6 +17,8 @@ truth (all PSNRs in dB on pixels in [-1, 1]):
   (their ratio says how much the model uses the condition), and the codec's encode-decode
   PSNR over the same region (the ceiling any sample can reach).
 
+``metrics.json`` holds each task's means (``tasks``) and each clip's figures (``per_clip``).
+
   python tools/evaluate.py --load ckpt --config examples/convergence.yaml --output eval/
 """
 
@@ -161,10 +163,17 @@ def mean_metrics(rows: list[dict]) -> dict:
     return {key: float(np.mean([row[key] for row in rows if key in row])) for key in keys}
 
 
+def per_clip_metrics(rows: list[dict]) -> dict:
+    """Each metric's value per clip (None where a clip has none): with a few clips a task's mean
+    moves by tenths of a dB from clip to clip, the size of some goals' margins."""
+    keys = dict.fromkeys(key for row in rows for key in row)
+    return {key: [row.get(key) for row in rows] for key in keys}
+
+
 def evaluate_task(model: torch.nn.Module, encoders: FrozenEncoders, dataset: SyntheticVideoDataset, task: str,
-                  count: int, sampling: SamplingConfig) -> tuple[dict, list[torch.Tensor]]:
-    """(mean metrics over ``count`` held-out clips, [condition, sample, truth] of the first); the
-    clips are sampled together, in one batch."""
+                  count: int, sampling: SamplingConfig) -> tuple[list[dict], list[torch.Tensor]]:
+    """(the metrics of each of ``count`` held-out clips, [condition, sample, truth] of the first);
+    the clips are sampled together, in one batch."""
     seeds = [HELD_OUT_START + number for number in range(count)]
     clips = [dataset.clip(index, is_image=task in IMAGE_TASKS) for index in seeds]
     samples = [task_sample_for(clip, task, seed=index) for clip, index in zip(clips, seeds)]
@@ -182,7 +191,7 @@ def evaluate_task(model: torch.nn.Module, encoders: FrozenEncoders, dataset: Syn
         losses["loss_zero_condition"] = validation_losses(model, encoders, samples, seeds, zero_condition=True)
     for number, row in enumerate(rows):
         row.update({key: values[number] for key, values in losses.items()})
-    return mean_metrics(rows), [samples[0].condition[:3], generated[0], samples[0].pixels]
+    return rows, [samples[0].condition[:3], generated[0], samples[0].pixels]
 
 
 def labelled_sheet(rows: dict[str, list[torch.Tensor]]) -> np.ndarray:
@@ -264,16 +273,17 @@ def main(argv: list[str] | None = None) -> dict:
         dataset = SyntheticVideoDataset(data)
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
-        results, sheets = {}, {}
+        results, per_clip, sheets = {}, {}, {}
         report = {"checkpoint": str(args.load), "weights": args.weights, "samples_per_task": args.samples,
                   "device": str(device), "sampling": vars(sampling), "validation_sigmas": list(VALIDATION_SIGMAS),
-                  "tasks": results}
+                  "tasks": results, "per_clip": per_clip}
         start = time.perf_counter()
         if device.type == "cuda":  # fp32 on the CPU
             model = Bf16Autocast(model)
         for task in args.tasks:
             task_start = time.perf_counter()
-            results[task], sheets[task] = evaluate_task(model, encoders, dataset, task, args.samples, sampling)
+            rows, sheets[task] = evaluate_task(model, encoders, dataset, task, args.samples, sampling)
+            results[task], per_clip[task] = mean_metrics(rows), per_clip_metrics(rows)
             print(f"{task}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[task].items())
                   + f" ({time.perf_counter() - task_start:.1f} s)", flush=True)
             # after every task: a run stopped at its time budget keeps the tasks done so far
