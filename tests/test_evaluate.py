@@ -4,6 +4,7 @@ task's metrics and a contact sheet; a bad checkpoint path fails in one line."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -124,6 +125,7 @@ def test_evaluate_tiny_checkpoint(tmp_path):
             assert len(report["per_clip"][task][key]) == 2 and values, (task, key)
             assert mean == pytest.approx(sum(values) / len(values)), (task, key)
     assert report["per_clip"]["i2v"]["given_frames_psnr"][0] != report["per_clip"]["i2v"]["given_frames_psnr"][1]
+    assert set(report["pooled"]["i2v"]) == {"given_frames_psnr", "codec_given_frames_psnr"}
     sheet = Image.open(tmp_path / "eval" / "contact_sheet.png")
     assert sheet.height == len(tasks) * (3 * 32 + 2)  # condition, sample, truth per task
 
@@ -132,3 +134,17 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path):
     result = _run("tools/evaluate.py", "--load", str(tmp_path / "none"), "--output", str(tmp_path / "eval"))
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"--load {tmp_path / 'none'}" in result.stderr.strip().splitlines()[-1]
+
+
+def test_pooled_psnr_is_the_psnr_of_the_mean_error_and_ignores_an_exact_clip():
+    from tools.evaluate import pooled_psnrs, psnr
+
+    truth = torch.zeros(3, 1, 8, 8)
+    clips = [truth + 0.2, truth + 0.02]  # mean squared errors 0.04 and 0.0004
+    rows = [{"given_frames_psnr": psnr(clip, truth)} for clip in clips]
+    pooled = pooled_psnrs(rows)["given_frames_psnr"]
+    assert pooled == pytest.approx(10 * math.log10(4 / ((0.04 + 0.0004) / 2)), abs=1e-4)
+    # a clip reproduced exactly (106 dB) moves the mean of PSNRs by ~40 dB, the pooled PSNR by 3
+    exact = rows[:1] + [{"given_frames_psnr": psnr(truth, truth)}]
+    half_the_error = psnr(clips[0], truth) + 10 * math.log10(2)
+    assert pooled_psnrs(exact)["given_frames_psnr"] == pytest.approx(half_the_error, abs=1e-3)

@@ -17,7 +17,8 @@ truth (all PSNRs in dB on pixels in [-1, 1]):
   (their ratio says how much the model uses the condition), and the codec's encode-decode
   PSNR over the same region (the ceiling any sample can reach).
 
-``metrics.json`` holds each task's means (``tasks``) and each clip's figures (``per_clip``).
+``metrics.json`` holds each task's means (``tasks``), its PSNRs pooled over the clips (``pooled``:
+the PSNR of their mean squared error) and each clip's figures (``per_clip``).
 
   python tools/evaluate.py --load ckpt --config examples/convergence.yaml --output eval/
 """
@@ -163,6 +164,16 @@ def mean_metrics(rows: list[dict]) -> dict:
     return {key: float(np.mean([row[key] for row in rows if key in row])) for key in keys}
 
 
+def pooled_psnrs(rows: list[dict]) -> dict:
+    """Each PSNR's pooled value: the PSNR of the clips' mean squared error. A mean of PSNRs lets
+    one clip the codec reproduces exactly (a plain background: 106 dB) outweigh the rest; pooled,
+    that clip adds ~nothing, to the ceiling as to a sample."""
+    keys = dict.fromkeys(key for row in rows for key in row if key.endswith("psnr"))
+    # psnr = 10 log10(4 / mse), so 10 ** (-psnr / 10) is mse / 4
+    return {key: float(-10 * np.log10(np.mean([10 ** (-row[key] / 10) for row in rows if key in row])))
+            for key in keys}
+
+
 def per_clip_metrics(rows: list[dict]) -> dict:
     """Each metric's value per clip (None where a clip has none): with a few clips a task's mean
     moves by tenths of a dB from clip to clip, the size of some goals' margins."""
@@ -273,17 +284,17 @@ def main(argv: list[str] | None = None) -> dict:
         dataset = SyntheticVideoDataset(data)
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
-        results, per_clip, sheets = {}, {}, {}
+        results, pooled, per_clip, sheets = {}, {}, {}, {}
         report = {"checkpoint": str(args.load), "weights": args.weights, "samples_per_task": args.samples,
                   "device": str(device), "sampling": vars(sampling), "validation_sigmas": list(VALIDATION_SIGMAS),
-                  "tasks": results, "per_clip": per_clip}
+                  "tasks": results, "pooled": pooled, "per_clip": per_clip}
         start = time.perf_counter()
         if device.type == "cuda":  # fp32 on the CPU
             model = Bf16Autocast(model)
         for task in args.tasks:
             task_start = time.perf_counter()
             rows, sheets[task] = evaluate_task(model, encoders, dataset, task, args.samples, sampling)
-            results[task], per_clip[task] = mean_metrics(rows), per_clip_metrics(rows)
+            results[task], pooled[task], per_clip[task] = mean_metrics(rows), pooled_psnrs(rows), per_clip_metrics(rows)
             print(f"{task}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[task].items())
                   + f" ({time.perf_counter() - task_start:.1f} s)", flush=True)
             # after every task: a run stopped at its time budget keeps the tasks done so far
