@@ -10,7 +10,8 @@ recipe's), so the threads that receive the batches wait for the GIL, at most
 ``--switch-interval-ms`` each time (``sys.setswitchinterval``; Python's default 5). Prints JSON.
 
   python benchmarks/loader_receive.py --workers 2 --micro-batch-size 64 --steps 20
-  python benchmarks/loader_receive.py --workers 2 --micro-batch-size 16 --step-ms 60 --consumer busy --switch-interval-ms 5
+  python benchmarks/loader_receive.py --workers 2 --micro-batch-size 16 --step-ms 60 --consumer busy \
+      --switch-interval-ms 5
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ RUN = ["model.backend=local", "model.attention_backend=sdpa", "model.num_layers=
 TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
 
 
-def _run(precision: str, graphs: bool, compile_glue: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+def _run(precision: str, graphs: bool,
+         compile_glue: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
     trainer = setup(load_config(overrides=[*RUN, f"train.precision={precision}", f"model.cuda_graphs={graphs}",
                                            f"model.compile_glue={compile_glue}"]))
     losses = [train_step(trainer).task_losses.cpu() for _ in range(STEPS)]
