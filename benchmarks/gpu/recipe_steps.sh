@@ -6,6 +6,8 @@
 # $OUT/recipe_steps.jsonl. PROFILE_STEPS="[700,701]" also profiles those steps and writes where the
 # GPU idled (benchmarks/trace_gaps.py) to $OUT/gaps_<variant>.json:
 #   OUT=/tmp/res bash benchmarks/gpu/recipe_steps.sh "model.backend=te" "model.backend=local" ...
+# PYTHON (default python3) is the command that runs pretrain_mfm.py (a wrapper that sets up the
+# process first, as benchmarks/gpu/conv_autotune.sh's).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STEP_SECONDS=${STEP_SECONDS:-70}
@@ -13,7 +15,7 @@ for variant in "$@"; do
   name=$(echo "${variant:-recipe}" | sed 's/[^A-Za-z0-9.]/_/g' | cut -c1-80)
   work=/tmp/recipe_steps/$name; rm -rf "$work"; mkdir -p "$work"
   # shellcheck disable=SC2086  # a variant is a list of overrides
-  timeout --signal=TERM --kill-after=15 "$STEP_SECONDS" python3 pretrain_mfm.py --config examples/convergence.yaml \
+  timeout --signal=TERM --kill-after=15 "$STEP_SECONDS" ${PYTHON:-python3} pretrain_mfm.py --config examples/convergence.yaml \
     checkpoint.save= logging.interval=25 logging.tensorboard_dir= logging.metrics_file="$work/metrics.jsonl" \
     data.synthetic.workers="${WORKERS:-12}" ${PROFILE_STEPS:+"logging.profile_steps=$PROFILE_STEPS"} \
     ${PROFILE_STEPS:+"logging.profile_dir=$work/profile"} $variant > "$OUT/steps_$name.log" 2>&1
