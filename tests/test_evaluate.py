@@ -126,6 +126,12 @@ def test_evaluate_tiny_checkpoint(tmp_path):
             assert mean == pytest.approx(sum(values) / len(values)), (task, key)
     assert report["per_clip"]["i2v"]["given_frames_psnr"][0] != report["per_clip"]["i2v"]["given_frames_psnr"][1]
     assert set(report["pooled"]["i2v"]) == {"given_frames_psnr", "codec_given_frames_psnr"}
+    # the goals of the tasks evaluated, from the pooled PSNRs: two steps reach none of them
+    assert set(report["goals"]) == {"i2v: given_frames_psnr - codec_given_frames_psnr", "isr: psnr - input_psnr"}
+    sr = report["goals"]["isr: psnr - input_psnr"]
+    assert sr["margin_db"] == pytest.approx(report["pooled"]["isr"]["psnr"] - report["pooled"]["isr"]["input_psnr"])
+    assert not sr["met"] and not report["goals"]["i2v: given_frames_psnr - codec_given_frames_psnr"]["met"]
+    assert "goal isr: psnr - input_psnr" in result.stdout
     sheet = Image.open(tmp_path / "eval" / "contact_sheet.png")
     assert sheet.height == len(tasks) * (3 * 32 + 2)  # condition, sample, truth per task
 
@@ -148,3 +154,20 @@ def test_pooled_psnr_is_the_psnr_of_the_mean_error_and_ignores_an_exact_clip():
     exact = rows[:1] + [{"given_frames_psnr": psnr(truth, truth)}]
     half_the_error = psnr(clips[0], truth) + 10 * math.log10(2)
     assert pooled_psnrs(exact)["given_frames_psnr"] == pytest.approx(half_the_error, abs=1e-3)
+
+
+def test_goal_checks_compare_pooled_psnrs_with_their_margins():
+    from tools.evaluate import goal_checks
+
+    pooled = {"i2v": {"given_frames_psnr": 20.2, "codec_given_frames_psnr": 21.1},
+              "isr": {"psnr": 20.6, "input_psnr": 19.7},
+              "iinp": {"known_psnr": 19.9, "codec_known_psnr": 21.0, "generated_psnr": 16.0,
+                       "text_only_generated_psnr": 8.0}}
+    checks = goal_checks(pooled)
+    assert {goal: check["met"] for goal, check in checks.items()} == {
+        "i2v: given_frames_psnr - codec_given_frames_psnr": True,  # 0.9 dB below the codec
+        "iinp: known_psnr - codec_known_psnr": False,  # 1.1 dB below
+        "iinp: generated_psnr - text_only_generated_psnr": True,
+        "isr: psnr - input_psnr": False,  # 0.9 dB above bicubic, not 1
+    }
+    assert checks["isr: psnr - input_psnr"]["margin_db"] == pytest.approx(0.9)

@@ -1,16 +1,13 @@
 """The training loop waits for the device once per step (the skip decision) and otherwise only
-at logging intervals: every such wait goes through observability.to_host / StepTimer. Its other
-threads wait for the GIL at most ``train.gil_switch_interval_ms``."""
+at logging intervals: every such wait goes through observability.to_host / StepTimer."""
 
 from __future__ import annotations
 
 import json
-import sys
 
-import pytest
 import torch
 
-from megatron_mfm.config import ConfigError, load_config
+from megatron_mfm.config import load_config
 from megatron_mfm.training.loop import setup, train, train_step
 from megatron_mfm.training.observability import HostReads
 
@@ -60,16 +57,3 @@ def test_the_next_batch_is_fetched_before_the_steps_host_read(single_process_wor
     assert trainer.batches.loader_state() == {"consumed_samples": 4}
     train_step(trainer)  # trains the batch fetched ahead: the loader has not moved
     assert trainer.batches.loader_state() == trainer.loader.state_dict() == {"consumed_samples": 8}
-
-
-def test_the_training_process_switches_threads_at_the_configured_interval(single_process_world):
-    """The loader's receiving and pinning threads get the GIL within the interval (Python's default
-    5 ms made a busy consumer's data wait ~2x longer: benchmarks/loader_receive.py)."""
-    default = sys.getswitchinterval()
-    try:
-        setup(load_config(overrides=[*TINY, "train.gil_switch_interval_ms=0.25"])).loader.close()
-        assert sys.getswitchinterval() == pytest.approx(0.00025)
-    finally:
-        sys.setswitchinterval(default)
-    with pytest.raises(ConfigError, match="train.gil_switch_interval_ms"):
-        load_config(overrides=[*TINY, "train.gil_switch_interval_ms=0"])

@@ -230,12 +230,6 @@ class TrainConfig:
     (for job time limits); 0 runs to ``iterations``."""
     max_skipped_steps: int = 10
     """Stop after this many steps skipped for non-finite loss or gradients."""
-    gil_switch_interval_ms: float = 0.5
-    """The training process's thread switch interval (``sys.setswitchinterval``; Python's default
-    is 5 ms): the longest its other threads (receiving and pinning the data workers' batches,
-    writing async checkpoints) wait for the GIL while the training thread runs Python, as a
-    host-bound step does throughout. At 5 ms such a consumer waited ~2x as long for its data as a
-    sleeping one; at 0.5 ms as long (``benchmarks/loader_receive.py --consumer busy``)."""
 
     def precision_options(self) -> dict:
         """megatron TransformerConfig fields for fp32, bf16 or bf16 + FP8 GEMMs."""
@@ -262,8 +256,6 @@ class TrainConfig:
             raise ConfigError(f"train.fp8_recipe={self.fp8_recipe!r}: choose one of {sorted(FP8_RECIPES)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay={self.ema_decay} must be within [0, 1)")
-        if self.gil_switch_interval_ms <= 0:
-            raise ConfigError(f"train.gil_switch_interval_ms={self.gil_switch_interval_ms} must be > 0")
 
 
 @dataclass

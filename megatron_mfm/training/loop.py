@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import signal
-import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -77,7 +76,6 @@ class Trainer:
 
 def setup(config: RunConfig) -> Trainer:
     """Validate, create process groups, build every component, resume if asked."""
-    sys.setswitchinterval(config.train.gil_switch_interval_ms / 1000)
     model_config, model = build_model(config)
     device = next(model[0].parameters()).device
     ddp = wrap_ddp(config, model_config, model)
