@@ -26,6 +26,8 @@ demo finished in $(( $(date +%s) - start )) s
   official export:   $OUT/export/transformer (config.json + diffusion_pytorch_model.safetensors)
   samples:           $OUT/samples/t2v.mp4, $OUT/samples/i2v.mp4
   contact sheet:     $OUT/samples/contact_sheet.png
-  evaluation:        $OUT/eval/metrics.json, $OUT/eval/contact_sheet.png (condition, sample, truth)
+  evaluation:        $OUT/eval/metrics.json, $OUT/eval/contact_sheet.png (condition, sample, truth);
+                     its goal lines are the 8-minute GPU recipe's, which a few CPU minutes do
+                     not reach (README, "What the demo shows")
   metrics:           $OUT/metrics.jsonl, TensorBoard: $OUT/tensorboard
 TXT
