@@ -41,6 +41,7 @@ from megatron_mfm.training import loop
 from megatron_mfm.training.observability import IntervalMeter
 from megatron_mfm.training.schedule import reduce_task_losses
 from megatron_mfm.training.step import _condition, _latents, _loss, _text, noise_and_sigma
+from megatron_mfm.training.step_batches import StepBatch
 from megatron_mfm.utils.atomic import atomic_write_text
 
 DEFAULT_OVERRIDES = ("model.preset=tiny", "model.backend=local", "model.cuda_graphs=false", "train.precision=fp32",
@@ -86,7 +87,7 @@ def measure(trainer: loop.Trainer, repeats: int) -> dict[str, float]:
         "add_noise": lambda: add_noise(latents, noise, sigmas),
         "loss_and_report": lambda: _loss(target, batch.tasks, 1.0, output)[1]["task_loss"],
         "reduce_task_losses": lambda: reduce_task_losses(reports, device),
-        "step_totals": lambda: loop._step_totals(trainer, [batch]),
+        "step_totals": lambda: loop._step_totals(trainer, StepBatch([batch], 0.0, {}, 0, 0)),
         "finite_and_stop": lambda: loop.finite_and_stop(reduce_task_losses(reports, device),
                                                          torch.ones((), device=device), False),
         "ema_update": lambda: trainer.ema.update(trainer.state.iteration),

@@ -1,7 +1,14 @@
-"""The training step's host-side helpers give exactly what their per-sample definitions give."""
+"""The training step's host-side helpers give exactly what their per-sample definitions give, and
+the benchmark that times them runs."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from benchmarks.op_counts import KernelCounter
@@ -9,6 +16,8 @@ from megatron_mfm.data.rng import Stream, sample_generator
 from megatron_mfm.diffusion.flow_matching import FlowMatchingConfig, resolution_shift, sigma_of_draw
 from megatron_mfm.tasks.builders import TASKS
 from megatron_mfm.training.step import noise_and_sigma, task_loss_report
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_noise_and_sigma_are_each_samples_own_streams_bit_for_bit():
@@ -56,3 +65,19 @@ def test_task_loss_report_sums_in_sample_order_bit_for_bit():
         expected[0, TASKS.index(task)] += loss
         expected[1, TASKS.index(task)] += 1
     assert torch.equal(task_loss_report(per_sample, tasks).view(torch.int32), expected.view(torch.int32))
+
+
+def test_step_overhead_benchmark_times_each_part_of_a_real_step(tmp_path):
+    """benchmarks/step_overhead.py drives the training loop's own helpers, so it breaks when
+    their signatures move (it once passed ``_step_totals`` a list for its StepBatch)."""
+    output = tmp_path / "step_overhead.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_overhead.py"), "--config",
+                          str(ROOT / "examples" / "tiny_cpu.yaml"), "--repeats", "1", "--output", str(output)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads(output.read_text())["ms_per_micro_batch"]
+    parts = {name: ms for name, ms in figures.items() if name not in ("sum_of_parts", "train_step", "render_micro_batch")}
+    assert {"step_totals", "ema_update", "loss_and_report"} <= parts.keys()
+    assert all(ms >= 0 for ms in parts.values())
+    assert figures["sum_of_parts"] == pytest.approx(sum(parts.values()), abs=0.01 * len(parts))
+    assert 0 < figures["sum_of_parts"] < figures["train_step"], "the parts are pieces of one whole step"
