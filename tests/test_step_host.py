@@ -72,7 +72,8 @@ def test_step_overhead_benchmark_times_each_part_of_a_real_step(tmp_path):
     their signatures move (it once passed ``_step_totals`` a list for its StepBatch)."""
     output = tmp_path / "step_overhead.json"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_overhead.py"), "--config",
-                          str(ROOT / "examples" / "tiny_cpu.yaml"), "--repeats", "1", "--output", str(output)],
+                          str(ROOT / "examples" / "tiny_cpu.yaml"), "--repeats", "1", "--output", str(output),
+                          f"checkpoint.save={tmp_path / 'checkpoints'}", f"logging.tensorboard_dir={tmp_path / 'tb'}"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     figures = json.loads(output.read_text())["ms_per_micro_batch"]
