@@ -75,6 +75,7 @@ def measure(trainer: loop.Trainer, repeats: int) -> dict[str, float]:
     _, target = add_noise(latents, noise, sigmas)
     output = torch.randn_like(target)
     reports = [_loss(target, batch.tasks, 1.0, output)[1]]
+    step_batch = StepBatch([batch], fetch_seconds=0.0, loader_state={}, skipped_samples=0, sidecar_misses=0)
     meter = IntervalMeter(seconds=1.0)
     meter.add(loop.train_step(trainer))
     parts = {
@@ -87,7 +88,7 @@ def measure(trainer: loop.Trainer, repeats: int) -> dict[str, float]:
         "add_noise": lambda: add_noise(latents, noise, sigmas),
         "loss_and_report": lambda: _loss(target, batch.tasks, 1.0, output)[1]["task_loss"],
         "reduce_task_losses": lambda: reduce_task_losses(reports, device),
-        "step_totals": lambda: loop._step_totals(trainer, StepBatch([batch], 0.0, {}, 0, 0)),
+        "step_totals": lambda: loop._step_totals(trainer, step_batch),
         "finite_and_stop": lambda: loop.finite_and_stop(reduce_task_losses(reports, device),
                                                          torch.ones((), device=device), False),
         "ema_update": lambda: trainer.ema.update(trainer.state.iteration),
